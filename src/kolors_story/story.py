@@ -1,0 +1,66 @@
+"""The 8-scene story: prompts, negatives and seeds, resolved from the ``story``/``sampler`` configs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+STORY_LENGTH = 8
+
+
+@dataclass(frozen=True)
+class Scene:
+    index: int  # 1-based, as the images are named 1.png..8.png
+    description: str
+    prompt: str
+    negative: str
+    seed: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pick(value, language: str, where: str) -> str:
+    """A story text is either one string or a {zh: ..., en: ...} mapping."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if language in value:
+        return str(value[language])
+    raise KeyError(f"{where} has no '{language}' text (has: {sorted(value)}); set story.language to one of those")
+
+
+def scene_seeds(n: int, seeds=None, base_seed: int = 0) -> list[int]:
+    if seeds is None:
+        return [int(base_seed) + i for i in range(n)]
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != n:
+        raise ValueError(f"sampler.seeds has {len(seeds)} seeds for {n} scenes; give one per scene or null")
+    return seeds
+
+
+def scenes_from_config(story_cfg, sampler_cfg=None) -> list[Scene]:
+    language = str(story_cfg.get("language", "zh"))
+    trigger = str(story_cfg.get("trigger") or "")
+    raw = list(story_cfg.scenes)
+    if not raw:
+        raise ValueError("story.scenes is empty: a story needs its scenes (8 for the competition)")
+    seeds_cfg = sampler_cfg.get("seeds") if sampler_cfg is not None else story_cfg.get("seeds")
+    base = int(sampler_cfg.get("base_seed", 0)) if sampler_cfg is not None else 0
+    seeds = scene_seeds(len(raw), seeds_cfg, base)
+    scenes = []
+    for i, (item, seed) in enumerate(zip(raw, seeds), start=1):
+        where = f"story.scenes[{i - 1}]"
+        prompt = _pick(item.get("prompt"), language, f"{where}.prompt")
+        if not prompt.strip():
+            raise ValueError(f"{where}.prompt is empty")
+        scenes.append(
+            Scene(
+                index=i,
+                description=_pick(item.get("description"), language, f"{where}.description"),
+                prompt=trigger + prompt,
+                negative=_pick(item.get("negative"), language, f"{where}.negative"),
+                seed=seed,
+            )
+        )
+    return scenes

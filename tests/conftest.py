@@ -1,0 +1,73 @@
+"""Shared fixtures: an offline, CPU-only environment and one tiny Kolors per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_env(tmp_path_factory):
+    """No network, W&B offline into a temp dir, the tiny model cache in a temp dir."""
+    root = tmp_path_factory.mktemp("env")
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(root / "wandb"),
+        "WANDB_DATA_DIR": str(root / "wandb-data"),
+        "WANDB_CACHE_DIR": str(root / "wandb-cache"),
+        "WANDB_CONFIG_DIR": str(root / "wandb-config"),
+        "WANDB_SILENT": "true",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "KOLORS_STORY_CACHE": os.environ.get("KOLORS_STORY_TEST_CACHE", str(root / "cache")),
+    }
+    for key in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        Path(env[key]).mkdir(parents=True, exist_ok=True)
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield env
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(offline_env) -> Path:
+    """The tiny Kolors in the Kwai-Kolors/Kolors layout, where `model=tiny` looks for it."""
+    from kolors_story.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-kolors-seed0", seed=0, layout="kolors")
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusers_dir(offline_env) -> Path:
+    """The same tiny Kolors in the Kolors-diffusers layout (model_index.json, tokenizer/, fp16 files)."""
+    from kolors_story.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-kolors-diffusers", seed=0, layout="diffusers")
+
+
+@pytest.fixture()
+def tiny_pipe(tiny_model_dir):
+    """A fresh tiny pipeline (fp32, CPU) per test: tests may add LoRAs to it."""
+    from kolors_story.models import load_pipeline
+
+    return load_pipeline(tiny_model_dir)
+
+
+def compose(config_name: str, overrides: list[str] | None = None):
+    """Compose a Hydra config from conf/ the way the entry points do (no run dir, no chdir)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=True)

@@ -1,0 +1,45 @@
+from pathlib import Path
+
+import pytest
+
+from kolors_story.download import DownloadError, download, main, target_paths
+
+
+def test_targets_match_config_defaults():
+    from tests.conftest import compose
+
+    cfg = compose("generate", ["model=kolors"])
+    paths = target_paths(["kolors", "vae"], "models")
+    assert paths["kolors"] == Path(cfg.model.path)
+    assert paths["vae"] == Path(cfg.model.vae_path)
+
+
+def test_unknown_name_is_rejected():
+    with pytest.raises(DownloadError, match="choose from"):
+        target_paths(["kolorz"], "models")
+
+
+def test_download_calls_snapshot_into_target(tmp_path):
+    calls = []
+
+    def fake_snapshot(model_id, local_dir):
+        calls.append((model_id, local_dir))
+        return local_dir
+
+    out = download(["vae"], tmp_path, snapshot_download=fake_snapshot)
+    assert calls == [("AI-ModelScope/sdxl-vae-fp16-fix", str(tmp_path / "sdxl-vae-fp16-fix"))]
+    assert out["vae"] == tmp_path / "sdxl-vae-fp16-fix"
+
+
+def test_network_failure_is_a_clear_message(tmp_path, capsys, monkeypatch):
+    def offline(model_id, local_dir):
+        raise ConnectionError("Name or service not known")
+
+    with pytest.raises(DownloadError, match="Could not download Kwai-Kolors/Kolors") as err:
+        download(["kolors"], tmp_path, snapshot_download=offline)
+    assert "ConnectionError" in str(err.value) and str(tmp_path / "kolors" / "Kolors") in str(err.value)
+    import modelscope
+
+    monkeypatch.setattr(modelscope, "snapshot_download", offline, raising=False)
+    assert main(["scorer", "--dir", str(tmp_path)]) == 2
+    assert "Could not download" in capsys.readouterr().err
