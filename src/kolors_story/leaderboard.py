@@ -1,0 +1,202 @@
+"""Rank every (run, checkpoint) of a sweep by its story scores and point at the best one.
+
+Reads only the run folders (each job's ``metrics.jsonl`` and ``.hydra/``), so it needs no W&B
+server: ``python evaluate.py sweep=multirun/2026-11-21/10-00-00``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from kolors_story.io import atomic_write_text
+
+OBJECTIVES = ("mean", "min", "coherence")
+
+
+@dataclass
+class Row:
+    """One checkpoint of one run, or one run that produced no checkpoint (failed)."""
+
+    run: Path
+    overrides: list[str]
+    status: str  # finished | failed | interrupted | running | unknown
+    error: str | None = None
+    step: int | None = None
+    checkpoint: str | None = None  # folder relative to the run
+    mean: float | None = None
+    min: float | None = None
+    coherence: float | None = None
+    passed: bool | None = None
+    panel: str | None = None
+    scores: list[float] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return ",".join(self.overrides) or self.run.name
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl lines; a torn last line (job killed mid-write) is skipped, not fatal."""
+    records = []
+    if not path.exists():
+        return records
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _overrides(run: Path) -> list[str]:
+    f = run / ".hydra" / "overrides.yaml"
+    if f.exists():
+        return [str(o) for o in (yaml.safe_load(f.read_text()) or [])]
+    return []
+
+
+def find_runs(sweep_dir: Path) -> list[Path]:
+    """Job folders of a multirun: every folder holding a .hydra/ or a metrics.jsonl."""
+    runs = {p.parent.parent for p in sweep_dir.glob("*/.hydra/config.yaml")}
+    runs |= {p.parent for p in sweep_dir.glob("*/metrics.jsonl")}
+    return sorted(runs, key=lambda p: (_job_num(p), p.name))
+
+
+def _job_num(run: Path) -> int:
+    head = run.name.split("_", 1)[0]
+    return int(head) if head.isdigit() else 1 << 30
+
+
+def rows_for_run(run: Path) -> list[Row]:
+    records = read_metrics(run / "metrics.jsonl")
+    overrides = _overrides(run)
+    status_rec = next((r for r in reversed(records) if r.get("type") == "status"), None)
+    status = status_rec.get("status", "unknown") if status_rec else ("unknown" if records else "failed")
+    error = status_rec.get("error") if status_rec else (None if records else "no metrics.jsonl: the job died before training started")
+    rows = []
+    for r in records:
+        if r.get("type") != "checkpoint":
+            continue
+        rows.append(
+            Row(
+                run=run, overrides=overrides, status=status, error=error, step=r.get("step"),
+                checkpoint=r.get("dir"), mean=r.get("mean"), min=r.get("min"),
+                coherence=r.get("coherence"), passed=r.get("passed"), panel=r.get("panel"),
+                scores=list(r.get("scores") or []),
+            )
+        )
+    if not rows:
+        rows.append(Row(run=run, overrides=overrides, status=status, error=error))
+    return rows
+
+
+def _num(x) -> float:
+    return float(x) if isinstance(x, (int, float)) and not math.isnan(float(x)) else -math.inf
+
+
+def sort_key(row: Row, objective: str = "mean", require_pass: bool = True):
+    """Higher is better. Checkpoints that pass the gate come first (when required), then the
+    objective, then coherence, then the minimum score (the competition's weakest image)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"leaderboard.objective={objective!r}: choose one of {OBJECTIVES}")
+    scored = row.mean is not None
+    gate = bool(row.passed) if require_pass else True
+    return (scored, gate, _num(getattr(row, objective)), _num(row.coherence), _num(row.min))
+
+
+def build_leaderboard(sweep_dir: str | Path, objective: str = "mean", require_pass: bool = True) -> list[Row]:
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep folder {sweep_dir} does not exist (give the multirun/<date>/<time> folder)")
+    runs = find_runs(sweep_dir)
+    if not runs:
+        raise FileNotFoundError(
+            f"{sweep_dir} holds no job folders (no */.hydra/config.yaml or */metrics.jsonl); "
+            "give the folder `python train.py -m ...` printed"
+        )
+    rows = [row for run in runs for row in rows_for_run(run)]
+    rows.sort(key=lambda r: sort_key(r, objective, require_pass), reverse=True)
+    return rows
+
+
+def _fmt(x, nd=3) -> str:
+    return "" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+COLUMNS = ("rank", "run", "overrides", "checkpoint", "step", "mean", "min", "coherence", "passed", "status", "error")
+
+
+def _table(rows: list[Row], sweep_dir: Path) -> list[list[str]]:
+    out = []
+    for i, r in enumerate(rows, 1):
+        out.append([
+            str(i), str(r.run.relative_to(sweep_dir)), " ".join(r.overrides), r.checkpoint or "", _fmt(r.step),
+            _fmt(r.mean), _fmt(r.min), _fmt(r.coherence), _fmt(r.passed), r.status, (r.error or "").splitlines()[0] if r.error else "",
+        ])
+    return out
+
+
+def to_csv(rows: list[Row], sweep_dir: Path) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    w.writerows(_table(rows, sweep_dir))
+    return buf.getvalue()
+
+
+def to_markdown(rows: list[Row], sweep_dir: Path, thumbnails: int = 5) -> str:
+    lines = [f"# Leaderboard: {sweep_dir}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in _table(rows, sweep_dir)]
+    shown = [r for r in rows if r.panel][:thumbnails]
+    if shown:
+        lines += ["", "## Panels of the top checkpoints", ""]
+        for i, r in enumerate(shown, 1):
+            rel = (r.run / r.panel).relative_to(sweep_dir)
+            lines += [f"**{i}. {r.name} @ {r.checkpoint}** (mean {_fmt(r.mean)})", "", f'<img src="{rel}" width="256">', ""]
+    return "\n".join(lines) + "\n"
+
+
+def best_record(rows: list[Row]) -> dict | None:
+    """What `generate.py` needs to render the winner: run, checkpoint, scores, exact config."""
+    top = next((r for r in rows if r.mean is not None), None)
+    if top is None:
+        return None
+    config_file = top.run / ".hydra" / "config.yaml"
+    return {
+        "run": str(top.run.resolve()),
+        "checkpoint": top.checkpoint,
+        "checkpoint_dir": str((top.run / top.checkpoint).resolve()) if top.checkpoint else None,
+        "step": top.step,
+        "mean": top.mean,
+        "min": top.min,
+        "coherence": top.coherence,
+        "passed": top.passed,
+        "overrides": top.overrides,
+        "config": yaml.safe_load(config_file.read_text()) if config_file.exists() else None,
+    }
+
+
+def write_leaderboard(sweep_dir: str | Path, objective: str = "mean", require_pass: bool = True,
+                      out_dir: str | Path | None = None) -> dict:
+    """Write leaderboard.csv, leaderboard.md and best.yaml (into the sweep folder by default)."""
+    sweep_dir = Path(sweep_dir)
+    out_dir = Path(out_dir) if out_dir else sweep_dir
+    rows = build_leaderboard(sweep_dir, objective, require_pass)
+    paths = {
+        "csv": atomic_write_text(out_dir / "leaderboard.csv", to_csv(rows, sweep_dir)),
+        "md": atomic_write_text(out_dir / "leaderboard.md", to_markdown(rows, sweep_dir)),
+    }
+    best = best_record(rows)
+    if best is not None:
+        paths["best"] = atomic_write_text(out_dir / "best.yaml", yaml.safe_dump(best, sort_keys=False, allow_unicode=True))
+    return {"rows": rows, "best": best, "paths": paths}

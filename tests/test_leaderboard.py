@@ -1,0 +1,87 @@
+"""Leaderboard over a sweep folder, from the jobs' own files (no W&B server)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kolors_story.leaderboard import build_leaderboard, write_leaderboard
+
+
+def _job(sweep: Path, name: str, overrides: list[str], checkpoints: list[dict], status="finished", error=None):
+    run = sweep / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"lora": {"rank": int(overrides[0].split("=")[1])}}))
+    lines = [{"type": "train", "step": 1, "epoch": 0, "loss": 0.5, "lr": 1e-4, "time": 0.1}]
+    for c in checkpoints:
+        d = f"checkpoints/step-{c['step']:06d}"
+        lines.append({"type": "checkpoint", "dir": d, "panel": f"{d}/panel.png", "epoch": 0, **c})
+    if status:
+        lines.append({"type": "status", "status": status, "error": error, "step": 2})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return run
+
+
+def _ck(step, mean, coherence=0.5, mn=None, passed=None):
+    return {"step": step, "mean": mean, "min": mean - 0.5 if mn is None else mn, "coherence": coherence,
+            "passed": mean >= 6.0 if passed is None else passed, "scores": [mean] * 8}
+
+
+def test_ranks_passing_checkpoints_by_mean_then_coherence(tmp_path):
+    _job(tmp_path, "0_lora.rank=4", ["lora.rank=4"], [_ck(10, 5.9), _ck(20, 6.2, coherence=0.4)])
+    _job(tmp_path, "1_lora.rank=16", ["lora.rank=16"], [_ck(10, 6.2, coherence=0.8), _ck(20, 7.5, passed=False)])
+    _job(tmp_path, "2_lora.rank=32", ["lora.rank=32"], [], status="failed", error="RuntimeError: NaN loss at step 3")
+    rows = build_leaderboard(tmp_path)
+    top = rows[0]
+    # 7.5 does not pass the gate (flag says so) -> the passing 6.2 with the better coherence wins
+    assert (top.run.name, top.step, top.mean, top.coherence) == ("1_lora.rank=16", 10, 6.2, 0.8)
+    assert (rows[1].run.name, rows[1].step) == ("0_lora.rank=4", 20)
+    failed = [r for r in rows if r.status == "failed"]
+    assert len(failed) == 1 and "NaN" in failed[0].error and failed[0].mean is None
+    assert rows[-1].status == "failed"  # unscored rows sink to the bottom
+
+
+def test_without_gate_the_highest_mean_wins(tmp_path):
+    _job(tmp_path, "0_lora.rank=4", ["lora.rank=4"], [_ck(10, 6.2)])
+    _job(tmp_path, "1_lora.rank=16", ["lora.rank=16"], [_ck(10, 7.5, passed=False)])
+    assert build_leaderboard(tmp_path, require_pass=False)[0].mean == 7.5
+    assert build_leaderboard(tmp_path, objective="coherence")[0].run.name == "0_lora.rank=4"
+    with pytest.raises(ValueError, match="objective"):
+        build_leaderboard(tmp_path, objective="loss")
+
+
+def test_writes_csv_markdown_and_best(tmp_path):
+    _job(tmp_path, "0_lora.rank=4", ["lora.rank=4"], [_ck(10, 6.1)])
+    _job(tmp_path, "1_lora.rank=16", ["lora.rank=16"], [_ck(10, 6.3)])
+    (tmp_path / "2_lora.rank=8" / ".hydra").mkdir(parents=True)  # died before writing metrics
+    (tmp_path / "2_lora.rank=8" / ".hydra" / "config.yaml").write_text("{}")
+    out = write_leaderboard(tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "leaderboard.csv")))
+    assert [r["run"] for r in rows] == ["1_lora.rank=16", "0_lora.rank=4", "2_lora.rank=8"]
+    assert rows[2]["status"] == "failed" and "died before" in rows[2]["error"]
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert best["run"].endswith("1_lora.rank=16") and best["checkpoint"] == "checkpoints/step-000010"
+    assert best["config"] == {"lora": {"rank": 16}} and best["mean"] == 6.3
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "1_lora.rank=16/checkpoints/step-000010/panel.png" in md
+    assert out["best"]["mean"] == 6.3
+
+
+def test_torn_metrics_line_is_skipped(tmp_path):
+    run = _job(tmp_path, "0_lora.rank=4", ["lora.rank=4"], [_ck(10, 6.1)], status=None)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"type": "checkpoint", "step": 20, "mea')
+    rows = build_leaderboard(tmp_path)
+    assert len(rows) == 1 and rows[0].step == 10 and rows[0].status == "unknown"
+
+
+def test_bad_sweep_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_leaderboard(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no job folders"):
+        build_leaderboard(tmp_path)
