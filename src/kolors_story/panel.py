@@ -30,8 +30,12 @@ def _drawable(text: str, cjk: bool) -> str:
 
 
 def make_panel(images: list[Image.Image], captions: list[str] | None = None, columns: int = 2,
-               tile: int | None = None, title: str | None = None) -> Image.Image:
-    """Tile images row-major into ``columns`` columns; each tile gets ``"<n>. <caption>"`` under it."""
+               tile: int | None = None, title: str | None = None,
+               ascii_captions: list[str] | None = None) -> Image.Image:
+    """Tile images row-major into ``columns`` columns; each tile gets ``"<n>. <caption>"`` under it.
+
+    ``ascii_captions`` (e.g. the English descriptions) replace captions the font cannot draw.
+    """
     if not images:
         raise ValueError("make_panel needs at least one image")
     tile = tile or max(256, images[0].width)
@@ -48,7 +52,10 @@ def make_panel(images: list[Image.Image], captions: list[str] | None = None, col
         x, y = c * tile, title_h + r * (tile + cap_h)
         panel.paste(img.convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS), (x, y))
         if captions is not None:
-            text = _drawable(f"{i + 1}. {captions[i]}", cjk)
+            caption = captions[i]
+            if not cjk and not caption.isascii() and ascii_captions and ascii_captions[i]:
+                caption = ascii_captions[i]
+            text = _drawable(f"{i + 1}. {caption}", cjk)
             draw.text((x + 4, y + tile + 2), text, fill="black", font=font)
     return panel
 

@@ -14,6 +14,7 @@ class Scene:
     prompt: str
     negative: str
     seed: int
+    caption_ascii: str = ""  # English description, for panels drawn without a CJK font
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -28,6 +29,14 @@ def _pick(value, language: str, where: str) -> str:
     if language in value:
         return str(value[language])
     raise KeyError(f"{where} has no '{language}' text (has: {sorted(value)}); set story.language to one of those")
+
+
+def _ascii_caption(value) -> str:
+    if isinstance(value, str):
+        return value if value.isascii() else ""
+    if value is not None and "en" in value:
+        return str(value["en"])
+    return ""
 
 
 def scene_seeds(n: int, seeds=None, base_seed: int = 0) -> list[int]:
@@ -61,6 +70,7 @@ def scenes_from_config(story_cfg, sampler_cfg=None) -> list[Scene]:
                 prompt=trigger + prompt,
                 negative=_pick(item.get("negative"), language, f"{where}.negative"),
                 seed=seed,
+                caption_ascii=_ascii_caption(item.get("description")),
             )
         )
     return scenes
