@@ -1,0 +1,284 @@
+"""Sources: turn ``cfg.dataset`` into a list of (image file, caption) candidates.
+
+- ``folder``: images with same-name ``.txt`` captions, or a ``metadata.csv`` / ``metadata.jsonl``
+  with ``file_name,text`` (the DiffSynth-Studio layout). Nothing is judged here except what only
+  the listing can see (a row naming no file, a caption with no image); preflight judges the rest.
+- ``lowres_anime``: the baseline's ModelScope dataset, written once into ``dataset.path`` as a
+  folder with ``metadata.jsonl``, then listed like ``folder``.
+- ``demo``: generated offline by code (see ``demo.py``) into ``dataset.path``, then listed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from kolors_story.data.records import IMAGE_EXTS, Candidate, DataError, Dropped, SourceListing
+from kolors_story.io import atomic_write_json, atomic_write_text
+
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+# Files our own sources write beside the images (not reported as ignored).
+MARKER_FILES = ("download.json", "demo.json")
+
+
+def normalise_caption(text: str) -> str:
+    """One line, single spaces: captions end up in a CSV cell and a 256-token prompt."""
+    return " ".join(str(text).replace("\ufeff", "").split())
+
+
+def _read_caption_file(path: Path) -> tuple[str | None, str | None]:
+    """(caption, problem) of a ``.txt`` caption."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        return None, f"caption file unreadable: {path.name}: {exc}"
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None, f"caption file is not UTF-8 text: {path.name}"
+    text = normalise_caption(text)
+    if not text:
+        return None, f"empty caption: {path.name} has no text"
+    return text, None
+
+
+def _read_metadata(path: Path) -> list[tuple[int, str | None, str | None, str | None]]:
+    """Rows of a metadata file as (row number, file_name, text, problem). Raises on an unusable file."""
+    rows: list[tuple[int, str | None, str | None, str | None]] = []
+    try:
+        raw = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; save the metadata file as UTF-8", step="source") from None
+    if path.suffix == ".csv":
+        reader = csv.DictReader(raw.splitlines())
+        fields = [f.strip() for f in (reader.fieldnames or [])]
+        if fields and not {"file_name", "text"} <= set(fields):
+            raise DataError(
+                f"{path}: needs the columns file_name,text (found {','.join(fields)}); "
+                "the first line must be the header `file_name,text`",
+                step="source",
+            )
+        for n, row in enumerate(reader, start=2):  # row 1 is the header
+            row = {(k or "").strip(): v for k, v in row.items()}
+            if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                continue  # blank line
+            rows.append((n, (row.get("file_name") or "").strip() or None, row.get("text"), None))
+    else:
+        for n, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                rows.append((n, None, None, f"invalid JSON on line {n}: {exc}"))
+                continue
+            name = obj.get("file_name")
+            text = obj.get("text")
+            rows.append((n, str(name).strip() if name not in (None, "") else None,
+                         None if text is None else str(text), None))
+    return rows
+
+
+def list_folder(path: str | Path, *, caption_prefix: str = "", default_caption: str | None = None) -> SourceListing:
+    """Candidates of a folder of images (non-recursive for ``.txt`` captions; metadata rows may name
+    files in sub-folders)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"dataset folder not found: {root} (dataset.path). Point dataset.path at a folder of images "
+            "with same-name .txt captions or a metadata.csv (file_name,text)",
+            step="source",
+        )
+    prefix = str(caption_prefix or "")
+    default = normalise_caption(default_caption) if default_caption else None
+
+    def with_prefix(text: str | None) -> str | None:
+        return None if text is None else normalise_caption(prefix + text)
+
+    present = [m for m in METADATA_FILES if (root / m).is_file()]
+    if len(present) > 1:
+        raise DataError(f"{root} has both metadata.csv and metadata.jsonl: keep one of them", step="source")
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in MARKER_FILES)
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTS]
+    candidates: list[Candidate] = []
+
+    if present:
+        meta = root / present[0]
+        rows = _read_metadata(meta)
+        if not rows:
+            report = {"dropped": [Dropped(meta.name, "source", f"empty metadata: {meta.name} has no rows").as_dict()]}
+            raise DataError(
+                f"empty metadata: {meta} has no rows. Add `file_name,text` rows (one per image), "
+                "or delete it to caption images with same-name .txt files",
+                step="source",
+                report=report,
+            )
+        seen: dict[Path, int] = {}
+        for n, name, text, problem in rows:
+            where = f"{meta.name} {'row' if meta.suffix == '.csv' else 'line'} {n}"
+            if problem or not name:
+                candidates.append(Candidate(where, None, None, problem or f"{where}: empty file_name"))
+                continue
+            file = (root / name)
+            key = file.resolve()
+            if key in seen:
+                candidates.append(Candidate(name, None, None, f"duplicate: {name} is listed again in {where} (first on {seen[key]})"))
+                continue
+            seen[key] = n
+            caption = normalise_caption(text) if text is not None else ""
+            if not file.exists():
+                candidates.append(Candidate(name, None, with_prefix(caption) if caption else None,
+                                            f"missing file: {where} names {name}, which is not in {root}"))
+            elif not caption:
+                candidates.append(Candidate(name, file, None, f"empty caption: {where} has no text for {name}"))
+            else:
+                candidates.append(Candidate(name, file, with_prefix(caption)))
+        listed = set(seen)
+        for img in images:
+            if img.resolve() in listed:
+                continue
+            if default:
+                candidates.append(Candidate(img.name, img, with_prefix(default)))
+            else:
+                candidates.append(Candidate(img.name, img, None, f"caption missing: {img.name} is not listed in {meta.name}"))
+        ignored = [p.name for p in files if p not in images and p != meta and p.suffix.lower() != ".txt"]
+        return SourceListing(root, candidates, meta.name, ignored)
+
+    stems = {p.stem for p in images}
+    for img in images:
+        txt = img.with_suffix(".txt")
+        if txt.is_file():
+            caption, problem = _read_caption_file(txt)
+            candidates.append(Candidate(img.name, img, with_prefix(caption), problem))
+        elif default:
+            candidates.append(Candidate(img.name, img, with_prefix(default)))
+        else:
+            candidates.append(Candidate(img.name, img, None, f"caption missing: no {txt.name} beside {img.name}"))
+    for txt in (p for p in files if p.suffix.lower() == ".txt" and p.stem not in stems):
+        candidates.append(Candidate(txt.name, None, None, f"missing file: caption {txt.name} has no image named {txt.stem}.*"))
+    ignored = [p.name for p in files if p not in images and p.suffix.lower() != ".txt"]
+    return SourceListing(root, candidates, ".txt files", ignored)
+
+
+# --------------------------------------------------------------------------- ModelScope source
+
+def _save_ms_image(image, folder: Path, index: int) -> str:
+    """Write one dataset image losslessly; returns its file name."""
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):  # some loaders yield file paths
+        src = Path(image)
+        name = f"{index:06d}{src.suffix.lower() or '.img'}"
+        shutil.copyfile(src, folder / name)
+        return name
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"row has no PIL image (got {type(image).__name__})")
+    name = f"{index:06d}.png"
+    img = image if image.mode in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA") else image.convert("RGB")
+    img.save(folder / name, format="PNG")
+    return name
+
+
+def fetch_modelscope(ds_cfg, raw_dir: str | Path) -> Path:
+    """Write the ModelScope dataset ``ds_cfg.repo`` into ``raw_dir`` (images/ + metadata.jsonl) once;
+    later calls reuse it. Network or import problems raise a DataError that says what to do."""
+    raw_dir = Path(raw_dir)
+    spec = {
+        "repo": str(ds_cfg.repo),
+        "subset": str(ds_cfg.get("subset", "default")),
+        "split": str(ds_cfg.get("split", "train")),
+        "limit": ds_cfg.get("limit"),
+        "caption": ds_cfg.get("caption"),
+    }
+    marker = raw_dir / "download.json"
+    if marker.is_file() and (raw_dir / "metadata.jsonl").is_file():
+        try:
+            if json.loads(marker.read_text(encoding="utf-8")).get("spec") == spec:
+                return raw_dir
+        except ValueError:
+            pass  # a damaged marker: download again
+    what = f"ModelScope dataset {spec['repo']} (subset {spec['subset']}, split {spec['split']})"
+    try:
+        from modelscope.msdatasets import MsDataset
+    except Exception as exc:  # noqa: BLE001 - any import failure gets the same advice
+        raise DataError(
+            f"cannot load {what}: modelscope's dataset loader does not import ({type(exc).__name__}: {exc}). "
+            "Install its dataset extras (`pip install \"modelscope[datasets]\"`, which brings addict), "
+            "or download the images elsewhere and use dataset=folder dataset.path=<folder>",
+            step="source",
+        ) from exc
+    advice = (
+        "This source downloads from modelscope.cn on first use: check the network/proxy, "
+        "or download it on a connected machine and use dataset=folder dataset.path=<folder>"
+    )
+    try:
+        ds = MsDataset.load(spec["repo"], subset_name=spec["subset"], split=spec["split"],
+                            cache_dir=str(raw_dir / "modelscope_cache"))
+    except Exception as exc:  # noqa: BLE001 - network/hub errors come in many types
+        raise DataError(f"could not download {what}: {type(exc).__name__}: {exc}. {advice}", step="source") from exc
+
+    images = raw_dir / "images"
+    if images.exists():
+        shutil.rmtree(images)
+    images.mkdir(parents=True)
+    rows, errors = [], []
+    limit = spec["limit"]
+    try:
+        for i, row in enumerate(tqdm(ds, desc=f"{spec['repo']}: writing images", unit="img", dynamic_ncols=True)):
+            if limit is not None and i >= int(limit):
+                break
+            try:
+                name = _save_ms_image(row["image"], images, i)
+            except Exception as exc:  # noqa: BLE001 - one bad row must not stop the download
+                errors.append({"file": f"{spec['repo']} row {i}", "reason": f"image not readable: {type(exc).__name__}: {exc}"})
+                continue
+            text = spec["caption"] if spec["caption"] is not None else row.get("text")
+            rows.append({"file_name": f"images/{name}", "text": "" if text is None else str(text)})
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - lazy loaders fetch while iterating
+        raise DataError(f"download of {what} failed part-way: {type(exc).__name__}: {exc}. {advice}", step="source") from exc
+    if not rows:
+        raise DataError(f"{what} yielded no images ({len(errors)} unreadable rows)", step="source")
+    atomic_write_text(raw_dir / "metadata.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_json(marker, {"spec": spec, "images": len(rows), "errors": errors})
+    return raw_dir
+
+
+def _download_errors(raw_dir: Path) -> list[Candidate]:
+    try:
+        errors = json.loads((raw_dir / "download.json").read_text(encoding="utf-8")).get("errors", [])
+    except (OSError, ValueError):
+        return []
+    return [Candidate(e["file"], None, None, e["reason"]) for e in errors]
+
+
+# --------------------------------------------------------------------------- dispatch
+
+SOURCES = ("folder", "lowres_anime", "demo")
+
+
+def list_source(ds_cfg) -> SourceListing:
+    """Materialise (lowres_anime, demo) and list the configured source."""
+    source = str(ds_cfg.source)
+    prefix = ds_cfg.get("caption_prefix", "") or ""
+    default = ds_cfg.get("default_caption")
+    if source == "folder":
+        return list_folder(ds_cfg.path, caption_prefix=prefix, default_caption=default)
+    if source == "demo":
+        from kolors_story.data.demo import make_demo_dataset
+
+        folder = make_demo_dataset(ds_cfg.path, seed=int(ds_cfg.get("seed", 0)))
+        return list_folder(folder, caption_prefix=prefix, default_caption=default)
+    if source == "lowres_anime":
+        folder = fetch_modelscope(ds_cfg, ds_cfg.path)
+        listing = list_folder(folder, caption_prefix=prefix, default_caption=default)
+        listing.candidates.extend(_download_errors(folder))
+        return listing
+    raise DataError(f"dataset.source={source!r} is not known: use one of {', '.join(SOURCES)}", step="source")
