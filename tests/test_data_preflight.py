@@ -281,3 +281,16 @@ def test_bad_policy_value_and_forbidden_op_fail_early(tmp_path, zoo):
     cfg = _cfg(tmp_path, root, "filter.process=[{image_deduplicator: {}}]")
     with pytest.raises(DataError, match="image_deduplicator is not allowed"):
         prepare_dataset(cfg, progress=False)
+
+
+def test_a_run_killed_mid_swap_leaves_a_usable_dataset(tmp_path, zoo):
+    root, _, _ = zoo
+    first = prepare_dataset(_cfg(tmp_path, root), progress=False)
+    data = tmp_path / "data"
+    # Killed between "train -> .train.old-N" and ".train.tmp-N -> train", with a half-built temp dir.
+    (data / "train").rename(data / ".train.old-4242")
+    (data / ".train.tmp-4242").mkdir()
+    (data / ".train.tmp-4242" / "0.jpg").write_bytes(b"half")
+    again = prepare_dataset(_cfg(tmp_path, root), progress=False)
+    assert again.reused and again.dataset_hash == first.dataset_hash
+    assert sorted(p.name for p in data.iterdir() if p.name.startswith(".train")) == []

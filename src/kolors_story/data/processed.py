@@ -67,8 +67,13 @@ def read_metadata_csv(path: str | Path) -> list[tuple[str, str]]:
 
 
 def clean_leftovers(data_dir: Path) -> None:
-    """Remove temp folders of runs that were killed mid-write."""
-    for p in data_dir.glob(".train.*-*"):
+    """Tidy up after a run killed mid-write: a half-built ``.train.tmp-*`` is removed; a run killed
+    between its two renames left no ``train/`` but a complete ``.train.old-*``, which is put back."""
+    train = data_dir / "train"
+    olds = sorted(data_dir.glob(".train.old-*"), key=lambda p: p.stat().st_mtime_ns)
+    if not train.exists() and olds:
+        os.replace(olds.pop(), train)
+    for p in [*data_dir.glob(".train.tmp-*"), *olds]:
         shutil.rmtree(p, ignore_errors=True)
 
 
