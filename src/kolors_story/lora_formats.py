@@ -1,0 +1,286 @@
+"""Key names of a UNet LoRA in each file format, derived from the UNet architecture itself.
+
+One LoRA, four key spaces (``<m>`` is a module path of the diffusers ``UNet2DConditionModel``):
+
+- peft (what ``get_peft_model_state_dict`` returns; :class:`~kolors_story.lora.LoraFile` uses it):
+  ``<m>.lora_A.weight`` / ``<m>.lora_B.weight``
+- diffusers file (``KolorsPipeline.load_lora_weights``): ``unet.<m>.lora_A.weight`` ...
+- kohya (ComfyUI, A1111): ``lora_unet_<m with . -> _>.lora_down.weight`` / ``.lora_up.weight`` /
+  ``.alpha``
+- DiffSynth-Studio (the competition's ``load_lora`` and trainer ``.ckpt``):
+  ``<d>.lora_A.default.weight`` where ``<d>`` is the same module in diffsynth's ``SDXLUNet``
+  (``blocks.N. ...``, ``to_out`` instead of ``to_out.0``).
+
+The diffusers -> DiffSynth module map is not typed by hand: it is what diffsynth's own
+``SDXLUNetStateDictConverter.from_diffusers`` does to the parameter names of a UNet built from the
+same config on the meta device (no weights are allocated, even for the 2.6 B-parameter Kolors UNet).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import torch
+
+
+class LoraFormatError(ValueError):
+    """A LoRA file that cannot be read or does not fit the UNet; the message names file and key."""
+
+
+# Top-level module names of each UNet flavour (used to recognise a key space and strip prefixes).
+DIFFUSERS_TOP = (
+    "down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "conv_norm_out",
+    "time_embedding", "add_embedding", "encoder_hid_proj",
+)
+DIFFSYNTH_TOP = (
+    "blocks", "conv_in", "conv_out", "conv_norm_out", "time_embedding", "add_time_embedding",
+    "text_intermediate_proj",
+)
+KOHYA_PREFIX = "lora_unet_"
+DIFFUSERS_PREFIX = "unet."
+# The adapter name DiffSynth's trainer and the competition's load_lora() use (peft's default).
+DIFFSYNTH_ADAPTER = "default"
+
+_PRIVATE_CONFIG_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+
+
+def clean_unet_config(config) -> dict:
+    """A JSON-able copy of a UNet config without diffusers' bookkeeping keys."""
+    out = {}
+    for k, v in dict(config).items():
+        if k in _PRIVATE_CONFIG_KEYS or k.startswith("_"):
+            continue
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_key(config) -> str:
+    return json.dumps(clean_unet_config(config), sort_keys=True, default=list)
+
+
+class ArchIndex:
+    """Module names of one UNet architecture and their names in the other key spaces."""
+
+    def __init__(self, weight_shapes: dict[str, tuple], param_names: list[str]):
+        self.weight_shapes = weight_shapes  # diffusers module path -> shape of its .weight
+        self.param_names = param_names
+        # kohya module name (without the lora_unet_ prefix) -> diffusers module path
+        self.kohya_names = {m.replace(".", "_"): m for m in weight_shapes}
+        if len(self.kohya_names) != len(weight_shapes):
+            raise LoraFormatError("two UNet modules share one kohya name; kohya keys would be ambiguous")
+
+    @functools.cached_property
+    def to_diffsynth(self) -> dict[str, str]:
+        """diffusers module path -> DiffSynth SDXLUNet module path (built on first use)."""
+        return _diffsynth_module_map(list(self.weight_shapes), self.param_names)
+
+    @functools.cached_property
+    def from_diffsynth(self) -> dict[str, str]:
+        return {v: k for k, v in self.to_diffsynth.items()}
+
+
+class _Name(str):
+    """A parameter name standing in for its tensor: diffsynth's converter only calls .squeeze()."""
+
+    def squeeze(self, *args):
+        return self
+
+
+def _diffsynth_module_map(modules: list[str], param_names: list[str]) -> dict[str, str]:
+    """diffusers module path -> DiffSynth SDXLUNet module path, by diffsynth's own converter."""
+    try:
+        from diffsynth.models.sdxl_unet import SDXLUNetStateDictConverter
+    except ImportError as e:  # pragma: no cover - diffsynth is a dependency
+        raise LoraFormatError(f"diffsynth==1.1.9 is needed for the DiffSynth LoRA format: {e}") from e
+    try:
+        out = SDXLUNetStateDictConverter().from_diffusers({p: _Name(p) for p in param_names})
+    except (ValueError, KeyError) as e:
+        raise LoraFormatError(
+            f"This UNet is not an SDXL/Kolors UNet that DiffSynth-Studio understands ({e}); "
+            "the DiffSynth LoRA format cannot be used with it."
+        ) from e
+    renamed = out[0] if isinstance(out, tuple) else out
+    param_map = {str(src): dst for dst, src in renamed.items()}
+    mapping = {}
+    for module in modules:
+        dst = param_map.get(module + ".weight")
+        if dst is None or not dst.endswith(".weight"):
+            raise LoraFormatError(f"diffsynth's converter gave no name for module {module!r}")
+        mapping[module] = dst[: -len(".weight")]
+    if len(set(mapping.values())) != len(mapping):
+        raise LoraFormatError("diffsynth's converter maps two modules of this UNet to one name")
+    return mapping
+
+
+@functools.lru_cache(maxsize=8)
+def _arch_index_cached(config_json: str) -> ArchIndex:
+    from diffusers import UNet2DConditionModel
+
+    config = json.loads(config_json)
+    with torch.device("meta"):  # names and shapes only: nothing is allocated
+        unet = UNet2DConditionModel.from_config(config)
+    params = dict(unet.named_parameters())
+    shapes = {n[: -len(".weight")]: tuple(p.shape) for n, p in params.items() if n.endswith(".weight")}
+    return ArchIndex(shapes, sorted(params))
+
+
+def arch_index(unet_config) -> ArchIndex:
+    """The (cached) :class:`ArchIndex` of a UNet config (``unet.config`` or a plain dict)."""
+    return _arch_index_cached(config_key(unet_config))
+
+
+# ---------------------------------------------------------------------------------------------
+# peft key helpers
+
+
+def split_lora_key(key: str) -> tuple[str, str, str]:
+    """``<module>.lora_A[.<adapter>].weight`` -> (module, "lora_A"|"lora_B", "weight"|"bias")."""
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        if p in ("lora_A", "lora_B"):
+            tail = parts[i + 1 :]
+            if len(tail) == 2:  # adapter name present: lora_A.default.weight
+                tail = tail[1:]
+            if len(tail) != 1:
+                break
+            return ".".join(parts[:i]), p, tail[0]
+    raise LoraFormatError(f"key {key!r} is not a LoRA weight (<module>.lora_A/lora_B.weight)")
+
+
+def peft_modules(state_dict: dict) -> list[str]:
+    return sorted({split_lora_key(k)[0] for k in state_dict})
+
+
+def short_target(module: str) -> str:
+    """The target_modules entry for a module path: last name, or last two when it ends in an index."""
+    parts = module.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def normalise_peft(state_dict: dict, what: str) -> dict:
+    """Drop adapter names from peft keys (``lora_A.default.weight`` -> ``lora_A.weight``)."""
+    out = {}
+    for k, v in state_dict.items():
+        module, ab, kind = split_lora_key(k)
+        if kind != "weight":
+            raise LoraFormatError(f"{what}: LoRA bias {k!r} is not supported")
+        out[f"{module}.{ab}.weight"] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# conversions between the key spaces (all take/return peft-keyed dicts on the diffusers side)
+
+
+def peft_to_diffusers(state_dict: dict) -> dict:
+    return {DIFFUSERS_PREFIX + k: v for k, v in state_dict.items()}
+
+
+def peft_to_kohya(state_dict: dict, alpha: float) -> dict:
+    out = {}
+    for module in peft_modules(state_dict):
+        name = KOHYA_PREFIX + module.replace(".", "_")
+        down = state_dict[f"{module}.lora_A.weight"]
+        out[f"{name}.lora_down.weight"] = down
+        out[f"{name}.lora_up.weight"] = state_dict[f"{module}.lora_B.weight"]
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return out
+
+
+def kohya_to_peft(state_dict: dict, index: ArchIndex, what: str) -> tuple[dict, dict[str, float]]:
+    """kohya keys -> peft keys, plus the per-module alphas found in the file."""
+    out, alphas = {}, {}
+    for key, value in state_dict.items():
+        if not key.startswith(KOHYA_PREFIX):
+            continue
+        name, _, rest = key.partition(".")
+        module = index.kohya_names.get(name[len(KOHYA_PREFIX) :])
+        if module is None:
+            raise LoraFormatError(
+                f"{what}: kohya key {key!r} names no module of this UNet "
+                "(a LoRA for another base model, or kohya's SGM block names which are not supported)"
+            )
+        if rest == "lora_down.weight":
+            out[f"{module}.lora_A.weight"] = value
+        elif rest == "lora_up.weight":
+            out[f"{module}.lora_B.weight"] = value
+        elif rest == "alpha":
+            alphas[module] = float(value.item())
+        else:
+            raise LoraFormatError(f"{what}: unsupported kohya key {key!r} (only lora_down/lora_up/alpha)")
+    return out, alphas
+
+
+def peft_to_diffsynth(state_dict: dict, index: ArchIndex) -> dict:
+    to_ds = index.to_diffsynth
+    out = {}
+    for k, v in state_dict.items():
+        module, ab, kind = split_lora_key(k)
+        if module not in to_ds:
+            raise LoraFormatError(f"LoRA module {module!r} is not a module of this UNet")
+        out[f"{to_ds[module]}.{ab}.{DIFFSYNTH_ADAPTER}.{kind}"] = v
+    return out
+
+
+def strip_to_top(key: str, tops: tuple[str, ...]) -> tuple[str, str] | None:
+    """Split ``key`` into (prefix, rest) where rest starts at the first top-level UNet module name."""
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        if p in tops:
+            return ".".join(parts[:i]), ".".join(parts[i:])
+    return None
+
+
+def diffsynth_to_peft(state_dict: dict, index: ArchIndex, what: str) -> dict:
+    """DiffSynth keys (optionally under one module prefix, e.g. ``pipe.unet.``) -> peft keys."""
+    from_ds = index.from_diffsynth
+    out, prefixes = {}, set()
+    for key, value in state_dict.items():
+        split = strip_to_top(key, DIFFSYNTH_TOP)
+        if split is None:
+            raise LoraFormatError(f"{what}: key {key!r} is not a DiffSynth UNet LoRA key")
+        prefix, rest = split
+        prefixes.add(prefix)
+        module, ab, kind = split_lora_key(rest)
+        if module not in from_ds:
+            raise LoraFormatError(
+                f"{what}: {key!r} names no module of this UNet (made for another base model?)"
+            )
+        out[f"{from_ds[module]}.{ab}.{kind}"] = value
+    if len(prefixes) > 1:
+        raise LoraFormatError(f"{what}: LoRA keys sit under several module prefixes {sorted(prefixes)}")
+    return normalise_peft(out, what)
+
+
+def detect_key_space(keys: list[str]) -> str:
+    """'kohya', 'diffusers' (unet.-prefixed), 'peft' (bare diffusers names) or 'diffsynth'."""
+    lora_keys = [k for k in keys if ".lora_" in k or k.startswith(KOHYA_PREFIX)]
+    if not lora_keys:
+        return "none"
+    if any(k.startswith(KOHYA_PREFIX) for k in lora_keys):
+        return "kohya"
+    if any(k.startswith(DIFFUSERS_PREFIX) for k in lora_keys):
+        return "diffusers"
+    first = {k.split(".")[0] for k in lora_keys}
+    if first & {"down_blocks", "mid_block", "up_blocks"}:
+        return "peft"
+    if any(strip_to_top(k, ("blocks",)) for k in lora_keys):
+        return "diffsynth"
+    if first <= set(DIFFUSERS_TOP):
+        return "peft"
+    return "unknown"
+
+
+def check_shapes(state_dict: dict, index: ArchIndex, what: str) -> None:
+    """Every LoRA module exists in the UNet and its A/B shapes fit the module's weight."""
+    for k, v in state_dict.items():
+        module, ab, _ = split_lora_key(k)
+        shape = index.weight_shapes.get(module)
+        if shape is None:
+            raise LoraFormatError(f"{what}: LoRA module {module!r} is not in this UNet (another base model?)")
+        ok = v.shape[1] == shape[1] if ab == "lora_A" else v.shape[0] == shape[0]
+        if not ok:
+            raise LoraFormatError(
+                f"{what}: {k} has shape {tuple(v.shape)} but the UNet's {module}.weight is {shape}: "
+                "the LoRA was made for a different base model"
+            )
