@@ -85,3 +85,25 @@ def test_bad_sweep_folder_is_a_clear_error(tmp_path):
         build_leaderboard(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="no job folders"):
         build_leaderboard(tmp_path)
+
+
+def test_evaluate_sweep_cli_writes_leaderboard_and_wandb_table(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    sweep = tmp_path / "sweep"
+    _job(sweep, "0_lora.rank=4", ["lora.rank=4"], [_ck(10, 6.1)])
+    _job(sweep, "1_lora.rank=16", ["lora.rank=16"], [_ck(10, 6.4)])
+    out = subprocess.run([sys.executable, "evaluate.py", f"sweep={sweep}", f"hydra.run.dir={tmp_path / 'ev'}"],
+                         cwd=REPO, capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "1_lora.rank=16" in out.stdout and "best.yaml" in out.stdout
+    assert (sweep / "leaderboard.csv").exists() and (sweep / "best.yaml").exists()
+    runs = list(sweep.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, "the leaderboard is mirrored as one offline W&B run"
+    bad = subprocess.run([sys.executable, "evaluate.py", f"sweep={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'ev2'}"],
+                         cwd=REPO, capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr

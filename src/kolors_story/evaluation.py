@@ -219,9 +219,21 @@ def evaluate_folder_from_config(cfg) -> dict:
 
 def evaluate_from_config(cfg) -> dict:
     """The `evaluate.py` job, dispatched on what was asked for (``images=`` today; ``sweep=`` later)."""
+    if cfg.get("images") and cfg.get("sweep"):
+        raise EvaluationError("Give either images=<folder> or sweep=<multirun folder>, not both")
     if cfg.get("images"):
         return evaluate_folder_from_config(cfg)
-    raise EvaluationError("Nothing to evaluate: pass images=<folder with the story images or a generate run folder>")
+    if cfg.get("sweep"):
+        from kolors_story.leaderboard import leaderboard_from_config
+
+        try:
+            return leaderboard_from_config(cfg)
+        except (FileNotFoundError, ValueError) as exc:
+            raise EvaluationError(str(exc)) from exc
+    raise EvaluationError(
+        "Nothing to evaluate: pass images=<folder with the story images or a generate run folder> "
+        "or sweep=<multirun folder of python train.py -m>"
+    )
 
 
 __all__ = [

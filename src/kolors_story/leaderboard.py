@@ -200,3 +200,62 @@ def write_leaderboard(sweep_dir: str | Path, objective: str = "mean", require_pa
     if best is not None:
         paths["best"] = atomic_write_text(out_dir / "best.yaml", yaml.safe_dump(best, sort_keys=False, allow_unicode=True))
     return {"rows": rows, "best": best, "paths": paths}
+
+
+def print_leaderboard(rows: list[Row], sweep_dir: Path, top: int = 10) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Leaderboard {sweep_dir} (top {min(top, len(rows))} of {len(rows)})")
+    for col in ("rank", "run", "checkpoint", "mean", "min", "coherence", "passed", "status"):
+        table.add_column(col, justify="right" if col in ("rank", "mean", "min", "coherence") else "left")
+    for cells in _table(rows[:top], sweep_dir):
+        rank, run, _, ckpt, _, mean, mn, coh, passed, status, error = cells
+        table.add_row(rank, run, ckpt, mean, mn, coh, passed, status if not error else f"{status}: {error[:60]}")
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: don't squeeze run names into an 80-column box
+        console = Console(width=200)
+    console.print(table)
+
+
+def log_leaderboard_to_wandb(rows: list[Row], sweep_dir: Path, logger_cfg) -> bool:
+    """Mirror the leaderboard as a W&B table + summary in the sweep's group; never raises."""
+    mode = str(logger_cfg.get("mode", "offline")) if logger_cfg is not None else "disabled"
+    if mode == "disabled":
+        return False
+    try:
+        import wandb
+
+        run = wandb.init(
+            project=logger_cfg.get("project", "kolors-story"), entity=logger_cfg.get("entity"), mode=mode,
+            group=logger_cfg.get("group") or sweep_dir.name, name=f"leaderboard-{sweep_dir.name}",
+            job_type="leaderboard", dir=str(sweep_dir), reinit="finish_previous",
+        )
+        table = wandb.Table(columns=list(COLUMNS), data=_table(rows, sweep_dir))
+        run.log({"leaderboard": table})
+        best = next((r for r in rows if r.mean is not None), None)
+        if best is not None:
+            run.summary.update({"best_mean": best.mean, "best_min": best.min, "best_coherence": best.coherence,
+                                "best_run": best.name, "best_checkpoint": best.checkpoint})
+        run.finish()
+        return True
+    except Exception as exc:  # the dashboard is a mirror: files on disk are the result
+        print(f"warning: W&B logging of the leaderboard failed ({type(exc).__name__}: {exc}); files are written")
+        return False
+
+
+def leaderboard_from_config(cfg) -> dict:
+    """The `evaluate.py sweep=<dir>` job."""
+    lb = cfg.get("leaderboard") or {}
+    sweep_dir = Path(str(cfg.sweep))
+    result = write_leaderboard(sweep_dir, objective=str(lb.get("objective", "mean")),
+                               require_pass=bool(lb.get("require_pass", True)), out_dir=cfg.get("output_dir"))
+    print_leaderboard(result["rows"], sweep_dir, top=int(lb.get("top", 10)))
+    for kind, path in result["paths"].items():
+        print(f"{kind}: {path}")
+    if result["best"] is None:
+        print("No run produced a scored checkpoint: see the status/error columns.")
+    else:
+        print(f"Render the winner: python generate.py best={result['paths']['best']}")
+    log_leaderboard_to_wandb(result["rows"], sweep_dir, cfg.get("logger"))
+    return result
