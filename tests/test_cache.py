@@ -1,0 +1,386 @@
+"""The latent / prompt-embedding cache: equal to generation, reused without loading encoders,
+recomputed exactly where something changed or a file cannot be trusted."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import weakref
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from safetensors.torch import save_file
+
+from kolors_story import cache as cache_mod
+from kolors_story import models
+from kolors_story.cache import (
+    CacheError,
+    build_cache,
+    crop_geometry,
+    load_cached_item,
+    load_story_embeddings,
+    read_cache_metadata,
+)
+from kolors_story.story import scenes_from_config
+from tests.conftest import REPO, compose
+
+# (width, height) of the training images: landscape, portrait, exact size, wide, duplicate caption
+SIZES = [(128, 96), (96, 128), (64, 64), (200, 100), (80, 120)]
+CAPTIONS = ["二次元，一个紫色短发小女孩", "a watercolor dragon over misty mountains", "二次元，一个紫色短发小女孩",
+            "ink painting of a lone boat", "a red lantern at night"]
+
+
+def _image(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x / w, y / h, (x + y) / (w + h)], axis=-1) * 200
+    return Image.fromarray(np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype("uint8"))
+
+
+def _write_dataset(data_dir: Path, captions=CAPTIONS) -> Path:
+    train = data_dir / "train"
+    train.mkdir(parents=True, exist_ok=True)
+    for i, (w, h) in enumerate(SIZES):
+        _image(w, h, i).save(train / f"{i}.jpg", quality=95)
+    _write_metadata(train, captions)
+    return train
+
+
+def _write_metadata(train: Path, captions) -> None:
+    with open(train / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "text"])
+        w.writerows((f"{i}.jpg", c) for i, c in enumerate(captions))
+
+
+def _cfg(data_dir: Path, *overrides: str, batch_size: int = 2):
+    cfg = compose("train", ["model=tiny", f"data_dir={data_dir}", *overrides])
+    OmegaConf.update(cfg, "cache.batch_size", batch_size, force_add=True)
+    return cfg
+
+
+def _copy(base: Path, dst: Path) -> Path:
+    shutil.copytree(base, dst)
+    return dst
+
+
+def _snapshot(paths) -> dict[Path, tuple[int, bytes]]:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in paths}
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model_dir, tmp_path_factory):
+    """One dataset cached once (text encoder and VAE constructed), shared read-only by the tests."""
+    data_dir = tmp_path_factory.mktemp("cache-base") / "data"
+    train = _write_dataset(data_dir)
+    cfg = _cfg(data_dir)
+    assert Path(cfg.model.path) == tiny_model_dir
+    scenes = scenes_from_config(cfg.story, cfg.sampler)
+    prepared = SimpleNamespace(  # a PreparedDataset, duck-typed as the data stage returns it
+        data_dir=data_dir, train_dir=train, dataset_hash="abc123",
+        items=[(train / f"{i}.jpg", c) for i, c in enumerate(CAPTIONS)],
+    )
+    encoders = []
+    real = models.load_text_encoder
+
+    def recording(layout, dtype):
+        model = real(layout, dtype)
+        encoders.append(weakref.ref(model))
+        return model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "load_text_encoder", recording)
+        result = build_cache(cfg, prepared, scenes)
+    return SimpleNamespace(cfg=cfg, data_dir=data_dir, scenes=scenes, cache=result, encoders=encoders)
+
+
+def test_contract_shapes_order_and_text_encoder_released(built, tiny_model_dir):
+    c = built.cache
+    assert c.cache_dir == built.data_dir / "cache"
+    assert c.model_hash == models.model_hash(tiny_model_dir)
+    assert len(c.items) == len(CAPTIONS) and all(p.suffix == ".safetensors" and p.is_file() for p in c.items)
+    # metadata.csv order, one file per image (same caption, different image -> different file)
+    assert [read_cache_metadata(p)["caption"] for p in c.items] == CAPTIONS
+    assert [read_cache_metadata(p)["image_file"] for p in c.items] == [f"{i}.jpg" for i in range(len(SIZES))]
+    assert len(set(c.items)) == len(CAPTIONS)
+    assert c.stats["embeds_computed"] == len(set(CAPTIONS)), "a repeated caption is encoded once"
+    for p, (w, h) in zip(c.items, SIZES):
+        t = load_cached_item(p)
+        assert set(t) == {"latents", "prompt_embeds", "pooled_prompt_embeds", "add_time_ids"}
+        assert all(v.dtype == torch.float32 for v in t.values())
+        assert t["latents"].shape == (4, 8, 8)
+        assert t["prompt_embeds"].shape == (256, 32) and t["pooled_prompt_embeds"].shape == (32,)
+        ids = t["add_time_ids"].tolist()
+        assert ids[:2] == [h, w] and ids[4:] == [64, 64], "original (h, w) ... target (h, w)"
+    # center crop of the 128x96 image: resized to 85x64, crop left (85-64)//2 = 10
+    assert load_cached_item(c.items[0])["add_time_ids"].tolist() == [96, 128, 0, 10, 64, 64]
+    assert load_cached_item(c.items[1])["add_time_ids"].tolist() == [128, 96, 10, 0, 64, 64]
+    assert load_cached_item(c.items[2])["add_time_ids"].tolist() == [64, 64, 0, 0, 64, 64]
+    story = load_story_embeddings(c.story)
+    assert story["prompt_embeds"].shape == (8, 256, 32) and story["negative_pooled_prompt_embeds"].shape == (8, 32)
+    # the text encoder was built once and is gone once build_cache returned
+    import gc
+
+    gc.collect()
+    assert len(built.encoders) == 1 and built.encoders[0]() is None, "text encoder still referenced"
+
+
+def test_cached_embeddings_equal_generation_exactly(built, tiny_pipe):
+    for path, caption in zip(built.cache.items, CAPTIONS):
+        t = load_cached_item(path)
+        # the call KolorsPipeline.__call__ makes for a prompt at generation time
+        embeds, _, pooled, _ = tiny_pipe.encode_prompt(caption, torch.device("cpu"), 1, True, negative_prompt="丑陋")
+        assert (t["prompt_embeds"] - embeds[0]).abs().max().item() == 0.0
+        assert (t["pooled_prompt_embeds"] - pooled[0]).abs().max().item() == 0.0
+    from kolors_story.generation import encode_scenes
+
+    want = encode_scenes(tiny_pipe, built.scenes)
+    got = load_story_embeddings(built.cache.story)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].shape == want[k].shape
+        assert (got[k] - want[k]).abs().max().item() == 0.0, k
+
+
+def test_latents_are_scaled_posterior_mean_and_decode_like_the_image(built, tiny_pipe):
+    vae = tiny_pipe.vae
+    train = built.data_dir / "train"
+    for i, path in enumerate(built.cache.items):
+        t = load_cached_item(path)
+        oh, ow, top, left, th, tw = (int(v) for v in t["add_time_ids"].tolist())
+        # the crop, rebuilt independently from the recorded geometry
+        im = Image.open(train / f"{i}.jpg").convert("RGB")
+        scale = max(th / oh, tw / ow)
+        size = (max(tw, round(ow * scale)), max(th, round(oh * scale)))
+        im = im.resize(size, Image.Resampling.LANCZOS) if size != im.size else im
+        crop = np.asarray(im.crop((left, top, left + tw, top + th)), dtype=np.float32) / 127.5 - 1
+        x = torch.from_numpy(crop).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            mean = vae.encode(x).latent_dist.mean
+            want = mean * vae.config.scaling_factor
+            # generation decodes latents / scaling_factor: that must give the VAE's reconstruction
+            decoded = vae.decode(t["latents"][None] / vae.config.scaling_factor).sample
+            recon = vae.decode(mean).sample
+        torch.testing.assert_close(t["latents"][None], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(decoded, recon, rtol=1e-4, atol=1e-4)
+        assert decoded.shape == x.shape and torch.isfinite(decoded).all()
+    # (the tiny VAE is random, so its reconstruction does not look like the image; with real
+    # weights the same path decodes back to the picture)
+
+
+def test_second_run_constructs_no_encoder_and_rewrites_nothing(built, tmp_path, monkeypatch):
+    data_dir = _copy(built.data_dir, tmp_path / "data")
+
+    def forbidden(*a, **k):
+        raise AssertionError("nothing is missing: no model part may be constructed")
+
+    for name in ("load_text_encoder", "load_vae", "load_unet", "load_tokenizer", "load_pipeline"):
+        monkeypatch.setattr(models, name, forbidden)
+    items = [data_dir / "cache" / "items" / p.name for p in built.cache.items]
+    before = _snapshot(items)
+    again = build_cache(_cfg(data_dir), data_dir, built.scenes)
+    assert again.items == items and again.story == data_dir / "cache" / "story" / built.cache.story.name
+    assert again.stats["files_reused"] == len(set(items)) and again.stats["story"] == "reused"
+    assert _snapshot(items) == before, "reused files must not be rewritten"
+
+
+def test_changing_one_caption_recomputes_exactly_that_one(built, tmp_path, monkeypatch, tiny_pipe, capfd):
+    from diffusers import KolorsPipeline
+
+    data_dir = _copy(built.data_dir, tmp_path / "data")
+    captions = list(CAPTIONS)
+    captions[3] = "ink painting of two boats under the moon"
+    _write_metadata(data_dir / "train", captions)
+
+    def no_vae(*a, **k):
+        raise AssertionError("only a caption changed: the VAE must not be loaded")
+
+    encoded = []
+    real_encode = KolorsPipeline.encode_prompt
+
+    def recording(self, prompt=None, *a, **k):
+        encoded.append(prompt)
+        return real_encode(self, prompt, *a, **k)
+
+    monkeypatch.setattr(models, "load_vae", no_vae)
+    monkeypatch.setattr(KolorsPipeline, "encode_prompt", recording)
+    old = [data_dir / "cache" / "items" / p.name for p in built.cache.items]
+    keep = [p for i, p in enumerate(old) if i != 3]
+    before = _snapshot(keep)
+    capfd.readouterr()
+    result = build_cache(_cfg(data_dir), data_dir, built.scenes)
+    err = capfd.readouterr().err
+    assert encoded == [[captions[3]]], "only the changed caption is encoded (story reused)"
+    assert "cache: prompt embeddings" in err and "1/1" in err, "progress with counts"
+    assert result.stats["embeds_computed"] == 1 and result.stats["latents_computed"] == 0
+    assert result.stats["latents_reused"] == 1
+    assert [p for i, p in enumerate(result.items) if i != 3] == keep
+    assert _snapshot(keep) == before
+    assert result.items[3] != old[3]
+    new, prev = load_cached_item(result.items[3]), load_cached_item(old[3])
+    assert torch.equal(new["latents"], prev["latents"]) and torch.equal(new["add_time_ids"], prev["add_time_ids"])
+    embeds, _, pooled, _ = tiny_pipe.encode_prompt(captions[3], torch.device("cpu"), 1, True)
+    assert (new["prompt_embeds"] - embeds[0]).abs().max().item() == 0.0
+    assert (new["pooled_prompt_embeds"] - pooled[0]).abs().max().item() == 0.0
+    assert read_cache_metadata(result.items[3])["caption"] == captions[3]
+
+
+def test_changing_one_image_or_the_crop_recomputes_only_latents(built, tmp_path, monkeypatch):
+    data_dir = _copy(built.data_dir, tmp_path / "data")
+    _image(*SIZES[1], seed=99).save(data_dir / "train" / "1.jpg", quality=95)
+
+    def no_text(*a, **k):
+        raise AssertionError("captions are unchanged: the text encoder must not be loaded")
+
+    monkeypatch.setattr(models, "load_text_encoder", no_text)
+    old = [data_dir / "cache" / "items" / p.name for p in built.cache.items]
+    result = build_cache(_cfg(data_dir), data_dir, built.scenes)
+    assert result.stats["latents_computed"] == 1 and result.stats["embeds_computed"] == 0
+    assert [p == q for p, q in zip(result.items, old)] == [True, False, True, True, True]
+    assert not torch.equal(load_cached_item(result.items[1])["latents"], load_cached_item(old[1])["latents"])
+
+    # random crop: a new image key for every image, still no text encoder; offsets are per image
+    # (seeded by trainer.seed + image hash), inside the resized image, and stable across runs
+    rand = build_cache(_cfg(data_dir, "dataset.crop=random", "trainer.seed=7"), data_dir, built.scenes)
+    assert rand.stats["latents_computed"] == len(SIZES) and rand.stats["embeds_reused"] == len(set(CAPTIONS))
+    for p, (w, h) in zip(rand.items, SIZES):
+        meta = read_cache_metadata(p)
+        ids = load_cached_item(p)["add_time_ids"].tolist()
+        (rh, rw), (top, left) = crop_geometry((h, w), (64, 64), "random", 7, meta["image_sha256"])
+        assert ids == [h, w, top, left, 64, 64] and 0 <= top <= rh - 64 and 0 <= left <= rw - 64
+    monkeypatch.setattr(models, "load_vae", no_text)
+    assert build_cache(_cfg(data_dir, "dataset.crop=random", "trainer.seed=7"), data_dir).items == rand.items
+    offsets = {
+        seed: [crop_geometry((h, w), (64, 64), "random", seed, read_cache_metadata(p)["image_sha256"])[1]
+               for p, (w, h) in zip(rand.items, SIZES)]
+        for seed in (7, 8, 9)
+    }
+    assert offsets[7] != offsets[8] or offsets[7] != offsets[9], "the seed must move the random crops"
+
+
+def test_corrupt_partial_or_wrong_files_are_recomputed_not_trusted(built, tmp_path):
+    data_dir = _copy(built.data_dir, tmp_path / "data")
+    items = [data_dir / "cache" / "items" / p.name for p in built.cache.items]
+    good = [load_cached_item(p) for p in items]
+    # 0: a write cut off half way; 1: garbage; 2: valid file, wrong shapes; 3: NaN latents
+    data = items[0].read_bytes()
+    items[0].write_bytes(data[: len(data) // 2])
+    items[1].write_bytes(b"\x00not a safetensors file")
+    wrong = dict(good[2], latents=torch.zeros(4, 4, 4))
+    save_file(wrong, str(items[2]))
+    nan = dict(good[3], latents=torch.full((4, 8, 8), float("nan")))
+    save_file(nan, str(items[3]))
+    story = data_dir / "cache" / "story" / built.cache.story.name
+    story.write_bytes(story.read_bytes()[:100])
+
+    with pytest.raises(CacheError, match=items[0].name):
+        load_cached_item(items[0])
+    with pytest.raises(CacheError, match="NaN"):
+        load_cached_item(items[3])
+    with pytest.raises(CacheError, match=story.name):
+        load_story_embeddings(story)
+
+    result = build_cache(_cfg(data_dir, batch_size=3), data_dir, built.scenes)
+    assert len(result.stats["bad_files"]) == 5, result.stats["bad_files"]
+    assert result.stats["files_reused"] == 1 and result.stats["story"] == "computed"
+    assert result.items == items
+    for p, want in zip(result.items, good):
+        got = load_cached_item(p)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    want_story = load_story_embeddings(built.cache.story)
+    got_story = load_story_embeddings(result.story)
+    assert all(torch.equal(got_story[k], want_story[k]) for k in want_story)
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from omegaconf import OmegaConf
+    import kolors_story.cache as cache
+    from tests.conftest import compose
+
+    real = cache.save_file
+
+    def dying(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)  # a complete file at the temp path ...
+        data = Path(filename).read_bytes()
+        Path(filename).write_bytes(data[: len(data) // 2])  # ... then cut, as a kill mid-write leaves it
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    cache.save_file = dying
+    data_dir = Path(sys.argv[1])
+    cfg = compose("train", ["model=tiny", f"data_dir={data_dir}"])
+    cache.build_cache(cfg, data_dir)
+    """
+)
+
+
+@pytest.mark.slow
+def test_killed_write_leaves_no_corrupt_file_in_use(built, tmp_path):
+    data_dir = _copy(built.data_dir, tmp_path / "data")
+    _image(*SIZES[4], seed=123).save(data_dir / "train" / "4.jpg", quality=95)
+    items_dir = data_dir / "cache" / "items"
+    before = set(items_dir.iterdir())
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(data_dir)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    left = set(items_dir.iterdir()) - before
+    assert len(left) == 1 and next(iter(left)).name.endswith(".tmp"), left  # only the half temp file
+    assert all(p.suffix == ".safetensors" for p in before), "no finished file was written by the killed run"
+
+    result = build_cache(_cfg(data_dir), data_dir)
+    assert result.stats["latents_computed"] == 1 and result.stats["files_reused"] == len(SIZES) - 1
+    assert all(p.suffix == ".safetensors" for p in result.items)
+    for p in result.items:
+        load_cached_item(p)  # every file in use loads and has the right shapes
+    # the killed writer's temp file is never read, and is cleaned up once it is old
+    tmp = next(iter(left))
+    assert tmp.exists()
+    old = time.time() - 2 * cache_mod.STALE_TMP_SECONDS
+    os.utime(tmp, (old, old))
+    build_cache(_cfg(data_dir), data_dir)
+    assert not tmp.exists()
+
+
+def test_bad_input_gives_clear_errors(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CacheError, match=r"metadata\.csv.*stage=data"):
+        build_cache(_cfg(empty), empty)
+
+    data_dir = tmp_path / "data"
+    train = _write_dataset(data_dir)
+    (train / "2.jpg").unlink()
+    with pytest.raises(CacheError, match=r"2\.jpg"):
+        build_cache(_cfg(data_dir), data_dir)
+    with pytest.raises(ValueError, match="dataset.crop='diagonal'"):
+        build_cache(_cfg(data_dir, "dataset.crop=diagonal"), data_dir)
+    with pytest.raises(ValueError, match="dataset.resolution=60"):
+        build_cache(_cfg(data_dir, "dataset.resolution=60"), data_dir)
+    (train / "metadata.csv").write_text("file,caption\n0.jpg,x\n", encoding="utf-8")
+    with pytest.raises(CacheError, match=r"lacks column.*file_name"):
+        build_cache(_cfg(data_dir), data_dir)
+
+
+def test_crop_geometry_covers_target_and_is_deterministic():
+    assert crop_geometry((96, 128), (64, 64), "center", 0, "x") == ((64, 85), (0, 10))
+    assert crop_geometry((64, 64), (64, 64), "random", 0, "x") == ((64, 64), (0, 0))
+    a = crop_geometry((100, 300), (64, 64), "random", 1, "abc")
+    assert a == crop_geometry((100, 300), (64, 64), "random", 1, "abc")
+    (rh, rw), (top, left) = a
+    assert (rh, rw) == (64, 192) and top == 0 and 0 <= left <= 128
+    lefts = {crop_geometry((100, 300), (64, 64), "random", s, "abc")[1][1] for s in range(20)}
+    assert len(lefts) > 5, "random crops must vary with the seed"
+    assert crop_geometry((300, 100), (64, 32), "center", 0, "x") == ((300 * 32 // 100, 32), ((96 - 64) // 2, 0))
