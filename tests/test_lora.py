@@ -199,6 +199,21 @@ def test_competition_ckpt_reads_and_gives_the_same_image(made, caplog):
     assert maxdiff(render(pipe, made.embeds), made.lora_img) < TOL
 
 
+def test_plain_peft_state_dicts_are_read(made, tmp_path, caplog):
+    """get_peft_model_state_dict saved as-is, bare or under PeftModel's prefix, with no alpha recorded."""
+    from safetensors.torch import save_file
+
+    for prefix in ("", "base_model.model."):
+        path = tmp_path / f"peft{len(prefix)}.safetensors"
+        save_file({prefix + k: v.contiguous() for k, v in made.peft_sd.items()}, str(path))
+        with caplog.at_level(logging.WARNING, logger="kolors_story.lora"):
+            lf = read_lora(path)
+        assert lf.format == "peft" and lf.rank == 4
+        assert (lf.alpha, lf.alpha_source) == (4.0, "fallback default")  # diffusers' rule: alpha = rank
+        assert all(torch.equal(lf.state_dict[k], v) for k, v in made.peft_sd.items())
+        assert read_lora(path, default_alpha=2.0).alpha == 2.0
+
+
 def test_file_sha256(made):
     path = made.files["kohya"]
     assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -37,6 +37,7 @@ import torch
 from kolors_story.io import atomic_path
 from kolors_story.lora_formats import (
     DIFFUSERS_PREFIX,
+    DIFFUSERS_TOP,
     KOHYA_PREFIX,
     LoraFormatError,
     arch_index,
@@ -51,6 +52,7 @@ from kolors_story.lora_formats import (
     peft_to_diffusers,
     peft_to_kohya,
     short_target,
+    strip_to_top,
 )
 
 log = logging.getLogger(__name__)
@@ -220,7 +222,9 @@ def save_lora(unet, folder, metadata: dict | None = None, adapter_name: str = "d
     folder = Path(folder)
     cfg, sd = _adapter_state(unet, adapter_name)
     rank, alpha = int(cfg.r), float(cfg.lora_alpha)
-    targets = sorted(cfg.target_modules) if not isinstance(cfg.target_modules, str) else [cfg.target_modules]
+    # Short names of the modules that really carry the LoRA (also right for adapters loaded with
+    # exact module paths as targets).
+    targets = sorted({short_target(m) for m in peft_modules(sd)})
     info = {
         "format_version": FORMAT_VERSION,
         "rank": rank,
@@ -365,6 +369,14 @@ def read_lora(path, unet_config=None, default_alpha: float | None = None) -> Lor
             if others:
                 log.warning("%s: ignoring LoRA weights of %s; only the UNet LoRA is loaded", path, others)
             lora = {k[len(DIFFUSERS_PREFIX):]: v for k, v in lora.items() if k.startswith(DIFFUSERS_PREFIX)}
+        else:  # peft names, possibly under a wrapper prefix such as PeftModel's base_model.model.
+            stripped = {}
+            for k, v in lora.items():
+                split = strip_to_top(k, DIFFUSERS_TOP)
+                if split is None:
+                    raise LoraFormatError(f"{path}: key {k!r} names no diffusers UNet module")
+                stripped[split[1]] = v
+            lora = stripped
         sd = normalise_peft(lora, what)
     elif space == "diffsynth":
         lora = {k: v for k, v in tensors.items() if ".lora_A." in k or ".lora_B." in k}

@@ -261,12 +261,11 @@ def detect_key_space(keys: list[str]) -> str:
         return "kohya"
     if any(k.startswith(DIFFUSERS_PREFIX) for k in lora_keys):
         return "diffusers"
-    first = {k.split(".")[0] for k in lora_keys}
-    if first & {"down_blocks", "mid_block", "up_blocks"}:
-        return "peft"
+    if any(strip_to_top(k, ("down_blocks", "mid_block", "up_blocks")) for k in lora_keys):
+        return "peft"  # diffusers module names, bare or under a wrapper prefix
     if any(strip_to_top(k, ("blocks",)) for k in lora_keys):
         return "diffsynth"
-    if first <= set(DIFFUSERS_TOP):
+    if all(strip_to_top(k, DIFFUSERS_TOP) for k in lora_keys):
         return "peft"
     return "unknown"
 
