@@ -1,0 +1,182 @@
+"""Memory modes (conf/memory): each gives the same story images as the default mode on the tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kolors_story.generation import encode_scenes, render_scenes
+from kolors_story.memory import (
+    MemoryConfigError,
+    MemoryModes,
+    after_prompt_encoding,
+    apply_memory_modes,
+    execution_device,
+    load_device,
+    release_text_encoder,
+)
+from kolors_story.story import Scene
+from tests.conftest import compose
+
+SCENES = [
+    Scene(1, "cat", "a cat on a sofa, ink painting", "ugly, blurry", 11),
+    Scene(2, "dragon", "a dragon above the sea at dawn", "low contrast", 12),
+]
+# The images are uint8: fp reordering (other attention kernels, memory layouts) may flip a pixel
+# by one level, never more.
+PIXEL_TOL = 1
+
+
+def _render(pipe, memory: dict | None = None, size: int = 64) -> np.ndarray:
+    apply_memory_modes(pipe, memory or {}, device="cpu")
+    embeds = encode_scenes(pipe, SCENES, device=execution_device(pipe))
+    after_prompt_encoding(pipe, memory or {})
+    images = render_scenes(pipe, SCENES, embeds, steps=2, cfg=5.0, height=size, width=size, batch_size=2)
+    return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+
+
+@pytest.fixture(scope="module")
+def default_images(tiny_model_dir):
+    from kolors_story.models import load_pipeline
+
+    return _render(load_pipeline(tiny_model_dir))
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape
+    return int(np.abs(a - b).max())
+
+
+@pytest.mark.parametrize(
+    "memory",
+    [
+        {"attention": "eager"},
+        {"attention": "sliced", "attention_slice_size": "max"},
+        {"attention": "sliced"},
+        {"channels_last": True},
+        {"vae_slicing": True},
+        {"vae_tiling": True},
+        {"release_text_encoder": True},
+        {"offload": "model", "offload_device": "cpu"},
+    ],
+    ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()),
+)
+def test_mode_gives_default_images(tiny_pipe, default_images, memory):
+    images = _render(tiny_pipe, memory)
+    assert _max_diff(images, default_images) <= PIXEL_TOL
+
+
+def test_default_mode_is_sdpa_and_changes_nothing(tiny_pipe, default_images):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    applied = apply_memory_modes(tiny_pipe, None, device="cpu")
+    assert applied["attention"] == "sdpa" and applied["offload"] == "none"
+    assert all(isinstance(p, AttnProcessor2_0) for p in tiny_pipe.unet.attn_processors.values())
+    assert _max_diff(_render(tiny_pipe), default_images) == 0
+
+
+def test_every_preset_in_the_group_applies(tiny_model_dir, default_images):
+    """conf/memory presets validate; on this CPU-only machine offloading is skipped, images unchanged."""
+    from kolors_story.models import load_pipeline
+
+    assert MemoryModes.from_config(_memory_cfg("default")) == MemoryModes()
+    for preset in ("low_vram",):
+        cfg = _memory_cfg(preset)
+        pipe = load_pipeline(tiny_model_dir, device=load_device("cpu", cfg))
+        if not torch.cuda.is_available():
+            assert apply_memory_modes(pipe, cfg, device="cpu")["offload"] == "none"
+        assert _max_diff(_render(pipe, cfg), default_images) <= PIXEL_TOL
+    assert MemoryModes.from_config(_memory_cfg("min_vram")).offload == "sequential"
+
+
+def _memory_cfg(preset: str):
+    """The memory group as generate.py composes it (added with + until generate.yaml lists it)."""
+    listed = "memory" in compose("generate", ["model=tiny"])
+    return compose("generate", [f"{'' if listed else '+'}memory={preset}", "model=tiny"]).memory
+
+
+def test_vae_tiling_exact_at_native_size_and_bounded_above(tiny_pipe):
+    """Up to the VAE's native size (Kolors: 1024x1024) the image is one tile: tiling changes nothing.
+    Above it, tiles are decoded one by one and blended at the seams (approximate by design: the
+    VAE's mid-block attention is global), with peak memory bounded by a tile instead of the image."""
+    from kolors_story.memory import PeakTensorMemory
+
+    vae = tiny_pipe.vae
+    native = vae.config.sample_size // tiny_pipe.vae_scale_factor
+    gen = torch.Generator().manual_seed(0)
+    small = torch.randn(1, 4, native, native, generator=gen)
+    large = torch.randn(1, 4, 2 * native, 2 * native, generator=gen)
+    peaks = {}
+    with torch.no_grad():
+        for tiled in (False, True):
+            vae.enable_tiling() if tiled else vae.disable_tiling()
+            peaks[tiled] = [vae.decode(small).sample]
+            with PeakTensorMemory() as mem:
+                out = vae.decode(large).sample
+            peaks[tiled] += [out.shape, mem.peak]
+    assert torch.equal(peaks[True][0], peaks[False][0])
+    assert peaks[True][1] == peaks[False][1] == (1, 3, 2 * vae.config.sample_size, 2 * vae.config.sample_size)
+    assert peaks[True][2] < 0.6 * peaks[False][2]
+
+
+def test_release_text_encoder_frees_it_and_generation_still_works(tiny_pipe, default_images):
+    n_params = sum(p.numel() for p in tiny_pipe.text_encoder.parameters())
+    embeds = encode_scenes(tiny_pipe, SCENES)
+    assert release_text_encoder(tiny_pipe) == 4 * n_params  # fp32
+    assert tiny_pipe.text_encoder is None and release_text_encoder(tiny_pipe) == 0
+    images = render_scenes(tiny_pipe, SCENES, embeds, steps=2, cfg=5.0, height=64, width=64, batch_size=2)
+    assert _max_diff(np.stack([np.asarray(im, dtype=np.int16) for im in images]), default_images) == 0
+
+
+def test_model_offload_moves_models_through_hooks(tiny_pipe):
+    apply_memory_modes(tiny_pipe, {"offload": "model", "offload_device": "cpu"})
+    assert len(tiny_pipe._all_hooks) >= 3  # text encoder -> unet -> vae chain
+    release_text_encoder(tiny_pipe)
+    assert all(getattr(h, "model", None) is not None for h in tiny_pipe._all_hooks)
+    assert not any(type(h.model).__name__ == "ChatGLMModel" for h in tiny_pipe._all_hooks)
+
+
+def test_offload_without_gpu_is_skipped_or_explained(tiny_pipe):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert apply_memory_modes(tiny_pipe, {"offload": "model"}, device="cpu")["offload"] == "none"
+    with pytest.raises(MemoryConfigError, match="sequential"):
+        apply_memory_modes(tiny_pipe, {"offload": "sequential", "offload_device": "cpu"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="sequential offload streams weights to a GPU")
+def test_sequential_offload_on_gpu_gives_default_images(tiny_model_dir):
+    from kolors_story.models import load_pipeline
+
+    ref = _render(load_pipeline(tiny_model_dir, device="cuda"))
+    out = _render(load_pipeline(tiny_model_dir, device="cpu"), {"offload": "sequential", "offload_device": "cuda"})
+    assert _max_diff(out, ref) <= PIXEL_TOL
+
+
+@pytest.mark.slow
+def test_compile_gives_default_images(tiny_pipe, default_images):
+    # aot_eager runs dynamo's graph capture + AOTAutograd, the parts that can change results,
+    # without inductor's C++ codegen (10+ minutes on this 2-core CPU).
+    images = _render(tiny_pipe, {"compile": True, "compile_backend": "aot_eager"})
+    assert _max_diff(images, default_images) <= PIXEL_TOL
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"offload": "gpu"}, r"memory.offload='gpu' is not one of"),
+        ({"attention": "flash"}, r"memory.attention='flash'"),
+        ({"vae_tiling": "yes"}, r"memory.vae_tiling='yes' must be true or false"),
+        ({"attention_slice_size": 0}, r"memory.attention_slice_size=0"),
+        ({"offlaod": "model"}, r"unknown key\(s\) \['offlaod'\]"),
+    ],
+)
+def test_bad_values_are_named(bad, match):
+    with pytest.raises(MemoryConfigError, match=match):
+        MemoryModes.from_config(bad)
+
+
+def test_load_device_is_cpu_when_offloading():
+    assert load_device("cuda", {"offload": "model"}) == "cpu"
+    assert load_device("cuda", {}) == "cuda"
