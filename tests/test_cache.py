@@ -19,7 +19,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from kolors_story import cache as cache_mod
 from kolors_story import models
@@ -301,6 +302,44 @@ def test_corrupt_partial_or_wrong_files_are_recomputed_not_trusted(built, tmp_pa
     want_story = load_story_embeddings(built.cache.story)
     got_story = load_story_embeddings(result.story)
     assert all(torch.equal(got_story[k], want_story[k]) for k in want_story)
+
+
+def test_same_size_retrained_vae_is_not_mistaken_for_the_cached_one(built, tmp_path, tiny_model_dir, monkeypatch):
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    vae_file = model / "vae" / "diffusion_pytorch_model.safetensors"
+    with safe_open(str(vae_file), framework="pt") as f:
+        meta = f.metadata()
+    size = vae_file.stat().st_size
+    save_file({k: v * 1.05 for k, v in load_file(str(vae_file)).items()}, str(vae_file), metadata=meta)
+    assert vae_file.stat().st_size == size
+    # models.model_hash sees names + sizes only, so it cannot tell these two VAEs apart ...
+    assert models.model_hash(model) == models.model_hash(tiny_model_dir)
+
+    def no_text(*a, **k):
+        raise AssertionError("the text encoder files are unchanged: embeddings must be reused")
+
+    monkeypatch.setattr(models, "load_text_encoder", no_text)
+    data_dir = _copy(built.data_dir, tmp_path / "data")
+    result = build_cache(_cfg(data_dir, f"model.path={model}"), data_dir, built.scenes)
+    # ... the cache does: new latents, reused embeddings and story
+    assert result.stats["latents_computed"] == len(SIZES) and result.stats["embeds_reused"] == len(set(CAPTIONS))
+    assert result.stats["story"] == "reused"
+    for new, old in zip(result.items, built.cache.items):
+        a, b = load_cached_item(new), load_cached_item(old)
+        assert not torch.equal(a["latents"], b["latents"]) and torch.equal(a["prompt_embeds"], b["prompt_embeds"])
+
+
+def test_undecodable_image_stops_with_its_name_and_finished_batches_are_kept(built, tmp_path):
+    data_dir = _copy(built.data_dir, tmp_path / "data")
+    good = (data_dir / "train" / "3.jpg").read_bytes()
+    (data_dir / "train" / "3.jpg").write_bytes(good[:200])  # truncated JPEG
+    cfg = _cfg(data_dir, "dataset.crop=random", "trainer.seed=3", batch_size=2)
+    with pytest.raises(CacheError, match=r"3\.jpg.*stage=data"):
+        build_cache(cfg, data_dir)
+    (data_dir / "train" / "3.jpg").write_bytes(good)
+    result = build_cache(cfg, data_dir)
+    # the first batch (images 0, 1) was written before the failure and is reused now
+    assert result.stats["files_reused"] == 2 and result.stats["latents_computed"] == len(SIZES) - 2
 
 
 KILL_SCRIPT = textwrap.dedent(

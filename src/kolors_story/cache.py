@@ -12,15 +12,22 @@ Design choices (why):
   do every step) adds noise of std ~exp(logvar/2), which for the SDXL VAE is tiny next to the
   diffusion noise; the trainer is free to treat the latents as fixed.
 - An item file is named ``<image_key>-<text_key>.safetensors``. The image key hashes the image
-  bytes, the resize/crop policy, the model hash and dtype; the text key hashes the caption, the
-  model hash and dtype. A changed caption therefore only needs a new text part: its latents are
-  taken from the file that still carries the old caption (same image key), and vice versa.
+  bytes, the resize/crop policy, ``models.model_hash``, the dtype and a sampled fingerprint of the
+  VAE weights; the text key hashes the caption, the model hash, the dtype and a fingerprint of the
+  text encoder + tokenizer files (``model_hash`` alone sees only names and sizes, so a retrained
+  model of the same shape would otherwise reuse stale entries). A changed caption therefore only
+  needs a new text part: its latents are taken from the file that still carries the old caption
+  (same image key), and vice versa. Superseded files are left in place (cheap to keep, and
+  switching back to an old caption is then free); delete ``<data_dir>/cache`` to reclaim space.
 - Nothing on disk is trusted: a file that fails to load, lacks a key, has a wrong shape or dtype
   or holds NaN/inf is deleted and recomputed. Writes go through ``io.atomic_path`` (temp + rename),
   so a killed run leaves either no file or a complete one.
 - The text encoder (the largest part of Kolors) is only constructed when some embedding is
-  missing, the VAE only when some latent is missing, and both are released (del + gc) before
-  ``build_cache`` returns, i.e. before the trainer loads the UNet.
+  missing, the VAE only when some latent is missing (never the UNet), and both are released
+  (del + gc) before ``build_cache`` returns, i.e. before the trainer loads the UNet. Files are
+  written as soon as both their parts exist (batch by batch), so an interrupted run keeps its work.
+- Embeddings are computed on ``model.device`` in ``model.dtype`` and stored as float32; the key
+  includes the dtype but not the device (CPU and GPU kernels may differ in the last bits).
 
 Resize/crop: the image is scaled (Lanczos) so it covers the target size (short side = resolution
 for a square target), then cropped to it: ``center`` or ``random`` (one offset per image, drawn
@@ -150,6 +157,10 @@ def read_cache_metadata(path: str | Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------- the dataset
 
 
+def _resolve(train: Path, p: Path) -> Path:
+    return p if p.is_absolute() or not (train / p).exists() and p.exists() else train / p
+
+
 def _dataset_items(prepared, data_dir) -> tuple[list[tuple[Path, str]], str | None]:
     """(image path, caption) pairs from a PreparedDataset (duck-typed) or a processed folder."""
     if prepared is None:
@@ -172,8 +183,8 @@ def _dataset_items(prepared, data_dir) -> tuple[list[tuple[Path, str]], str | No
         dataset_hash = None
     else:
         train = Path(prepared.train_dir)
-        items = [(p if Path(p).is_absolute() else train / p, str(t)) for p, t in prepared.items]
-        items = [(Path(p), t) for p, t in items]
+        # paths may be absolute, relative to train_dir, or relative to the working directory
+        items = [(_resolve(train, Path(p)), str(t)) for p, t in prepared.items]
         dataset_hash = getattr(prepared, "dataset_hash", None)
     if not items:
         raise CacheError(f"The processed dataset in {train} has no images: nothing to cache.")
@@ -227,8 +238,11 @@ def crop_geometry(orig_hw: tuple[int, int], target_hw: tuple[int, int], crop: st
 def preprocess_image(path: Path, target_hw, crop: str, seed: int, image_sha: str):
     """Pixels in [-1, 1] as [3, h, w] float32, and the 6 add_time_ids of this crop
     (original h, w of the file after EXIF rotation; crop top, left; target h, w)."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+    except Exception as e:
+        raise CacheError(f"Training image {path} cannot be decoded ({e}); re-run `python train.py stage=data`.") from e
     orig_hw = (im.height, im.width)
     (rh, rw), (top, left) = crop_geometry(orig_hw, target_hw, crop, seed, image_sha)
     th, tw = target_hw
@@ -245,6 +259,47 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+FINGERPRINT_CHUNK = 1 << 20
+
+
+def _file_fingerprint(path: Path) -> str:
+    """Size + hash of the first, middle and last MiB: cheap on multi-GB weights, yet different
+    for two checkpoints of the same architecture (whose names and sizes are identical)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        for offset in sorted({0, max(0, size // 2 - FINGERPRINT_CHUNK // 2), max(0, size - FINGERPRINT_CHUNK)}):
+            f.seek(offset)
+            h.update(f.read(FINGERPRINT_CHUNK))
+    return h.hexdigest()
+
+
+def component_fingerprint(layout: models.KolorsLayout, part: str) -> str:
+    """Identity of the files that produce a cache part: ``vae`` (latents) or ``text`` (embeddings).
+
+    ``models.model_hash`` only sees file names, sizes and configs, so a fine-tuned or re-seeded
+    model with the same shapes has the same model hash; this samples the weights' bytes too.
+    """
+    if part == "vae":
+        if layout.vae_file is not None:  # a single fp16-fix file; its config sits beside it or in vae/
+            files = [layout.vae_file]
+            config = layout.vae / "config.json"
+            files.append(config if config.exists() else layout.root / "vae" / "config.json")
+        else:
+            files = [p for p in sorted(layout.vae.iterdir())
+                     if p.is_file() and (p.name.endswith(models.WEIGHT_SUFFIXES) or p.name == "config.json")]
+    elif part == "text":
+        files = [p for p in sorted(layout.text_encoder.iterdir())
+                 if p.is_file() and (p.name.endswith(models.WEIGHT_SUFFIXES) or p.name == "config.json")]
+        files += [layout.tokenizer / name for name in models.TOKENIZER_FILES]
+    else:
+        raise ValueError(f"part={part!r}: use 'vae' or 'text'")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(_file_fingerprint(f).encode())
+    return h.hexdigest()[:16]
 
 
 def _key(material: dict) -> str:
@@ -412,6 +467,11 @@ def _encode_text(layout, dtype, device, captions: list[str], scenes, batch_size:
                         prompt=part, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
                         max_sequence_length=MAX_SEQUENCE_LENGTH,
                     )
+                    if not (torch.isfinite(embeds).all() and torch.isfinite(pooled).all()):
+                        raise CacheError(
+                            f"The text encoder produced NaN/inf embeddings for captions {part} "
+                            f"(model.dtype={dtype}); try model.dtype=float32 or bfloat16."
+                        )
                     for i, caption in enumerate(part):
                         out[caption] = (embeds[i].float().cpu().clone(), pooled[i].float().cpu().clone())
                     bar.update(len(part))
@@ -428,11 +488,11 @@ def _encode_text(layout, dtype, device, captions: list[str], scenes, batch_size:
 
 
 @torch.no_grad()
-def _encode_images(layout, dtype, device, todo: list[_Item], target_hw, crop, seed, batch_size: int):
-    """Latents (posterior mean x scaling_factor) and add_time_ids of each distinct image; VAE released after."""
+def _encode_images(layout, dtype, device, todo: list[_Item], target_hw, crop, seed, batch_size: int, on_batch):
+    """Latents (posterior mean x scaling_factor) and add_time_ids of each distinct image, handed to
+    ``on_batch({image_key: (latents, add_time_ids)})`` batch by batch; the VAE is released after."""
     vae = models.load_vae(layout, dtype).to(device).eval()
     scale = float(vae.config.scaling_factor)
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         with _bar(len(todo), "cache: VAE latents", "img") as bar:
             for start in range(0, len(todo), batch_size):
@@ -446,12 +506,12 @@ def _encode_images(layout, dtype, device, todo: list[_Item], target_hw, crop, se
                             f"The VAE produced NaN/inf latents for {it.image} (model.dtype={dtype}). The stock SDXL "
                             "VAE overflows in float16: use the sdxl-vae-fp16-fix (model.vae_path) or model.dtype=float32."
                         )
-                    out[it.image_key] = (latents[i].clone(), torch.tensor(ids[i], dtype=torch.float32))
+                on_batch({it.image_key: (latents[i].clone(), torch.tensor(ids[i], dtype=torch.float32))
+                          for i, it in enumerate(part)})
                 bar.update(len(part))
     finally:
         del vae
         _release()
-    return out
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -494,12 +554,14 @@ def build_cache(cfg, prepared=None, scenes=None) -> TrainingCache:
     _remove_stale_tmp(cache_dir, items_dir, story_dir)
 
     common = {"v": CACHE_VERSION, "model": mhash, "dtype": dtype_name}
-    image_policy = {"size": list(target_hw), "crop": crop, "resample": "lanczos", **({"seed": seed} if crop == "random" else {})}
+    vae_fp, text_fp = component_fingerprint(layout, "vae"), component_fingerprint(layout, "text")
+    image_policy = {"size": list(target_hw), "crop": crop, "resample": "lanczos", "vae": vae_fp,
+                    **({"seed": seed} if crop == "random" else {})}
     items: list[_Item] = []
     for image, caption in tqdm(pairs, desc="cache: hashing images", unit="img", dynamic_ncols=True):
         sha = _sha256_file(image)
         ik = _key({**common, **image_policy, "image": sha})
-        tk = _key({**common, "text": caption, "max_len": MAX_SEQUENCE_LENGTH})
+        tk = _key({**common, "text": caption, "max_len": MAX_SEQUENCE_LENGTH, "text_encoder": text_fp})
         items.append(_Item(image, caption, sha, ik, tk, items_dir / f"{ik}-{tk}.safetensors"))
 
     disk = _Disk(expected)
@@ -544,9 +606,26 @@ def build_cache(cfg, prepared=None, scenes=None) -> TrainingCache:
     story_tensors = None
     scenes = list(scenes) if scenes else []
     if scenes:
-        sk = _key({**common, "scenes": [[s.prompt, s.negative] for s in scenes], "max_len": MAX_SEQUENCE_LENGTH})
+        sk = _key({**common, "scenes": [[s.prompt, s.negative] for s in scenes], "max_len": MAX_SEQUENCE_LENGTH,
+                   "text_encoder": text_fp})
         story_path = story_dir / f"{sk}.safetensors"
         stats["story"] = "reused" if disk.story(story_path, len(scenes)) is not None else "computed"
+
+    def write_ready() -> None:
+        """Write every missing file whose two parts are known (called as parts arrive, so an
+        interrupted run keeps what it finished)."""
+        for path in [p for p, it in todo.items() if it.image_key in latents and it.text_key in texts]:
+            it = todo.pop(path)
+            lat, ids = latents[it.image_key]
+            emb, pooled = texts[it.text_key]
+            meta = {
+                "cache_version": str(CACHE_VERSION), "kind": "item", "image_file": it.image.name,
+                "image_sha256": it.sha, "caption": it.caption, "resolution": json.dumps(list(target_hw)),
+                "crop": crop, "crop_top_left": json.dumps([int(ids[2]), int(ids[3])]), "model_hash": mhash,
+                "dtype": dtype_name, "image_key": it.image_key, "text_key": it.text_key,
+            }
+            _write(path, {"latents": lat, "prompt_embeds": emb, "pooled_prompt_embeds": pooled, "add_time_ids": ids},
+                   meta)
 
     # 4. Text encoder only if some embedding is missing; released before the VAE is loaded.
     need_text = sorted({it.text_key: it.caption for it in todo.values() if it.text_key not in texts}.items())
@@ -559,31 +638,25 @@ def build_cache(cfg, prepared=None, scenes=None) -> TrainingCache:
             texts[tk] = encoded[caption]
         stats["embeds_computed"] = len(need_text)
         del encoded
+        if story_tensors is not None:
+            _write(story_path, story_tensors, {
+                "cache_version": str(CACHE_VERSION), "kind": "story", "model_hash": mhash, "dtype": dtype_name,
+                "prompts": json.dumps([s.prompt for s in scenes], ensure_ascii=False),
+                "negatives": json.dumps([s.negative for s in scenes], ensure_ascii=False),
+            })
+    write_ready()
 
-    # 5. VAE only if some latent is missing.
+    # 5. VAE only if some latent is missing; files are written batch by batch.
     need_images = list({it.image_key: it for it in todo.values() if it.image_key not in latents}.values())
     if need_images:
-        latents.update(_encode_images(layout, dtype, device, need_images, target_hw, crop, seed, batch_size))
-        stats["latents_computed"] = len(need_images)
+        def on_batch(done: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+            latents.update(done)
+            write_ready()
 
-    # 6. Write what was missing.
-    for path, it in todo.items():
-        lat, ids = latents[it.image_key]
-        emb, pooled = texts[it.text_key]
-        meta = {
-            "cache_version": str(CACHE_VERSION), "kind": "item", "image_file": it.image.name,
-            "image_sha256": it.sha, "caption": it.caption, "resolution": json.dumps(list(target_hw)),
-            "crop": crop, "crop_top_left": json.dumps([int(ids[2]), int(ids[3])]), "model_hash": mhash,
-            "dtype": dtype_name, "image_key": it.image_key, "text_key": it.text_key,
-        }
-        _write(path, {"latents": lat, "prompt_embeds": emb, "pooled_prompt_embeds": pooled, "add_time_ids": ids}, meta)
-    if story_tensors is not None:
-        meta = {
-            "cache_version": str(CACHE_VERSION), "kind": "story", "model_hash": mhash, "dtype": dtype_name,
-            "prompts": json.dumps([s.prompt for s in scenes], ensure_ascii=False),
-            "negatives": json.dumps([s.negative for s in scenes], ensure_ascii=False),
-        }
-        _write(story_path, story_tensors, meta)
+        _encode_images(layout, dtype, device, need_images, target_hw, crop, seed, batch_size, on_batch)
+        stats["latents_computed"] = len(need_images)
+    if todo:  # cannot happen: every part was found or computed
+        raise CacheError(f"internal error: {len(todo)} cache file(s) were not written, e.g. {next(iter(todo))}")
 
     result = TrainingCache(cache_dir=cache_dir, items=[it.file for it in items], story=story_path,
                            model_hash=mhash, stats=stats)
