@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# MKL picks matmul kernels by memory layout; fixing the code path makes CPU results bit-exact
+# across otherwise-equal computations (e.g. a LoRA at scale 0 vs no LoRA).
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
