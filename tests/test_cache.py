@@ -190,7 +190,11 @@ def test_second_run_constructs_no_encoder_and_rewrites_nothing(built, tmp_path, 
     items = [data_dir / "cache" / "items" / p.name for p in built.cache.items]
     before = _snapshot(items)
     again = build_cache(_cfg(data_dir), data_dir, built.scenes)
-    assert again.items == items and again.story == data_dir / "cache" / "story" / built.cache.story.name
+    assert again.items == items
+    # a PreparedDataset whose item paths are relative to train_dir finds the same files
+    prepared = SimpleNamespace(train_dir=data_dir / "train", dataset_hash="h",
+                               items=[(f"{i}.jpg", c) for i, c in enumerate(CAPTIONS)])
+    assert build_cache(_cfg(data_dir), prepared, built.scenes).items == items and again.story == data_dir / "cache" / "story" / built.cache.story.name
     assert again.stats["files_reused"] == len(set(items)) and again.stats["story"] == "reused"
     assert _snapshot(items) == before, "reused files must not be rewritten"
 
