@@ -1,0 +1,240 @@
+"""LoRA training (issue 4): the LightningModule, checkpoints, resume, NaN guard, Ctrl-C, W&B mirror.
+
+In-process tests train the tiny Kolors on in-memory batches built the way the cache builds them
+(VAE latent mean x scaling factor, the pipeline's own encode_prompt, micro-conditioning ids).
+"""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+
+from kolors_story.lightning_module import KolorsLoraModule, NonFiniteLossError, lr_lambda
+from kolors_story.metrics import read_metrics
+from kolors_story.training import (
+    StreamBatchSampler, make_loader, resolve_precision, run_training, last_checkpoint,
+)
+from tests.conftest import compose
+
+CAPTIONS = ["a red square", "a blue circle", "a green field", "a yellow sun"]
+
+
+def _image(i: int) -> Image.Image:
+    g = torch.Generator().manual_seed(i)
+    base = torch.rand(3, 1, 1, generator=g)
+    noise = torch.rand(3, 64, 64, generator=g) * 0.3
+    arr = ((base * 0.7 + noise).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(arr)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to gain from threads; on a shared 2-core box a second
+    thread per process mostly adds contention."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny_batches(tiny_model_dir):
+    """Four training items with the cache's keys, computed from the tiny pipeline itself."""
+    from kolors_story.models import load_pipeline
+
+    pipe = load_pipeline(tiny_model_dir)
+    with torch.no_grad():
+        pixels = torch.stack([torch.from_numpy(__import__("numpy").asarray(_image(i))).permute(2, 0, 1).float()
+                              / 127.5 - 1 for i in range(len(CAPTIONS))])
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=CAPTIONS, device="cpu", do_classifier_free_guidance=False)
+    time_ids = torch.tensor([64.0, 64.0, 0.0, 0.0, 64.0, 64.0])
+    return [
+        {"latents": latents[i].clone(), "prompt_embeds": embeds[i].clone(), "pooled_prompt_embeds": pooled[i].clone(),
+         "add_time_ids": time_ids.clone()}
+        for i in range(len(CAPTIONS))
+    ]
+
+
+def _cfg(tmp_path, *extra):
+    return compose("train", ["model=tiny", "logger=none", "validate=false", f"output_dir={tmp_path}",
+                             "trainer.progress_bar=false", *extra])
+
+
+def _lora_state(run_dir):
+    from kolors_story.lora import read_lora
+
+    return read_lora(last_checkpoint(run_dir) / "lora.safetensors").state_dict
+
+
+# ------------------------------------------------------------------------------- the module
+
+
+def test_overfit_fixed_batch_lora_changes_base_frozen(tiny_model_dir, tiny_batches):
+    from kolors_story.lora import add_lora
+    from kolors_story.models import load_pipeline
+
+    L.seed_everything(0, verbose=False)
+    pipe = load_pipeline(tiny_model_dir, text_encoder=False)
+    assert pipe.text_encoder is None  # never resident while training
+    unet = pipe.unet
+    unet.requires_grad_(False)
+    add_lora(unet, rank=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    module = KolorsLoraModule(unet, dict(pipe.scheduler.config), {"lr": 2e-2, "weight_decay": 0.0})
+    assert module.noise_scheduler.config.num_train_timesteps == 1100
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    trainable = set(n.removeprefix("unet.") for n in module.trainable_names())
+    assert trainable and all("lora_" in n for n in trainable)
+
+    # A truly fixed batch: same two items, same noise and timesteps at every step.
+    fixed = {k: torch.stack([b[k] for b in tiny_batches[:2]]) for k in tiny_batches[0]}
+    fixed["noise_seed"] = torch.tensor([11, 12])
+    steps = 20
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    trainer.fit(module, torch.utils.data.DataLoader([fixed] * steps, batch_size=None))
+    losses = [float(x) for x in module.step_losses]
+    assert len(losses) == steps and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.75 * losses[0], losses
+
+    after = unet.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all("lora_" in k for k in changed)
+    assert set(changed) == {k for k in before if "lora_B" in k or "lora_A" in k}
+
+
+def test_min_snr_noise_offset_and_schedule(tiny_model_dir, tiny_batches):
+    from kolors_story.lora import add_lora
+    from kolors_story.models import load_pipeline
+
+    pipe = load_pipeline(tiny_model_dir, text_encoder=False)
+    add_lora(pipe.unet, rank=2, alpha=2)
+    batch = {k: torch.stack([b[k] for b in tiny_batches]) for k in tiny_batches[0]}
+    batch["noise_seed"] = torch.arange(4)
+    plain = KolorsLoraModule(pipe.unet, dict(pipe.scheduler.config), {"lr": 1e-4})
+    snr = KolorsLoraModule(pipe.unet, dict(pipe.scheduler.config), {"lr": 1e-4}, min_snr_gamma=5.0)
+    off = KolorsLoraModule(pipe.unet, dict(pipe.scheduler.config), {"lr": 1e-4}, noise_offset=0.1)
+    with torch.no_grad():
+        a, b, c = (m.compute_loss(batch).item() for m in (plain, snr, off))
+        again = plain.compute_loss(batch).item()
+    assert a == again  # noise + timesteps come from the per-sample seeds only
+    assert b != a and c != a
+    _, t = plain.noise_and_timesteps(batch["latents"], batch["noise_seed"])
+    w = snr.snr_weights(t)
+    assert torch.all(w <= 1.0 + 1e-6) and torch.all(w > 0)
+    f = lr_lambda("cosine", 2, 10)
+    assert [round(f(s), 3) for s in (0, 1, 2, 10)] == [0.333, 0.667, 1.0, 0.0]
+    assert lr_lambda("constant", 0, 10)(7) == 1.0
+    with pytest.raises(ValueError, match="optim.schedule"):
+        lr_lambda("linear", 0, 10)
+
+
+def test_sampler_cycles_dataset_and_shards_ranks():
+    s = StreamBatchSampler(n_items=3, batch_size=2, batches_per_epoch=5, seed=1)
+    assert len(s) == 5
+    idx = [i for b in s.batches(0) for i, _ in b]
+    assert len(idx) == 10 and {idx.count(i) for i in range(3)} <= {3, 4}  # cycled, not random with gaps
+    assert s.batches(0) == s.batches(0) and s.batches(0) != s.batches(1)
+    r0, r1 = s.batches(0, 0, 2), s.batches(0, 1, 2)
+    seeds = [x for b in r0 + r1 for _, x in b]
+    assert len(set(seeds)) == len(seeds)  # every sample of every rank has its own noise
+    assert StreamBatchSampler(n_items=7, batch_size=2, batches_per_epoch=None, seed=0).__len__() == 4
+
+
+def test_precision_fallback_on_cpu(capsys):
+    with pytest.warns(RuntimeWarning, match="needs a GPU"):
+        assert resolve_precision("16-mixed", "auto") == "32"
+    assert "precision 32" in capsys.readouterr().out
+    assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    with pytest.raises(ValueError, match="trainer.precision"):
+        resolve_precision("8-bit", "cpu")
+
+
+# ------------------------------------------------------------------------- run, resume, NaN
+
+
+class _InterruptAt(L.Callback):
+    """Ctrl-C as Lightning sees it: a KeyboardInterrupt raised inside fit()."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+class _NanAt(L.Callback):
+    """Injects a NaN into the batch about to be trained at ``step`` (what an fp16 overflow gives)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            batch["latents"][0, 0, 0, 0] = float("nan")
+
+
+RUN = ["trainer.batch_size=2", "trainer.steps_per_epoch=3", "trainer.max_epochs=null", "optim.lr=1e-3",
+       "lora.rank=4", "lora.dropout=0.1"]
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_resume_equals_straight_run_at_epoch_boundary_and_mid_epoch_after_ctrl_c(tmp_path, tiny_batches):
+    n = 8
+    straight = run_training(_cfg(tmp_path / "a", *RUN, f"trainer.max_steps={n}", "trainer.checkpoint_every_n_steps=100"),
+                            tmp_path / "a", tiny_batches)
+    assert straight.status == "finished" and straight.step == n
+    want = _lora_state(tmp_path / "a")
+
+    # 1. stop at an epoch boundary (3 batches/epoch), resume with the full budget
+    b = tmp_path / "b"
+    first = run_training(_cfg(b, *RUN, "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=100"), b, tiny_batches)
+    assert first.status == "finished" and last_checkpoint(b).name == "step-000003"
+    resumed = run_training(_cfg(b, *RUN, f"trainer.max_steps={n}", "trainer.checkpoint_every_n_steps=100"), b,
+                           tiny_batches, resume_from=last_checkpoint(b) / "trainer_state.ckpt")
+    assert resumed.status == "finished" and resumed.step == n
+    assert _max_diff(_lora_state(b), want) <= 1e-6
+
+    # 2. Ctrl-C in the middle of epoch 2 saves a checkpoint; resuming from it gives the same LoRA
+    c = tmp_path / "c"
+    cfg = _cfg(c, *RUN, f"trainer.max_steps={n}", "trainer.checkpoint_every_n_steps=100")
+    stopped = run_training(cfg, c, tiny_batches, extra_callbacks=[_InterruptAt(4)])
+    assert stopped.status == "interrupted" and last_checkpoint(c).name == "step-000004"
+    assert (last_checkpoint(c) / "trainer_state.ckpt").exists() and (last_checkpoint(c) / "lora_kohya.safetensors").exists()
+    resumed = run_training(cfg, c, tiny_batches, resume_from=last_checkpoint(c) / "trainer_state.ckpt")
+    assert resumed.status == "finished" and resumed.step == n
+    assert _max_diff(_lora_state(c), want) <= 1e-6
+
+    records = read_metrics(c)
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, n + 1))
+    assert [r["status"] for r in records if r["type"] == "status"] == ["interrupted", "finished"]
+    ckpts = [r for r in records if r["type"] == "checkpoint"]
+    assert [r["step"] for r in ckpts] == [4, 8] and ckpts[0]["interrupted"] is True
+    # the loss curve of the resumed run is the straight run's, step for step
+    straight_loss = [r["loss"] for r in read_metrics(tmp_path / "a") if r["type"] == "train"]
+    assert [r["loss"] for r in records if r["type"] == "train"] == pytest.approx(straight_loss, abs=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_batches, capsys):
+    cfg = _cfg(tmp_path, *RUN, "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=1")
+    result = run_training(cfg, tmp_path, tiny_batches, extra_callbacks=[_NanAt(2)])
+    assert result.status == "failed" and result.step == 2
+    assert "not finite" in result.error and "fp16-fix VAE" in result.error and "bf16" in result.error
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["step-000001", "step-000002"]
+    assert last_checkpoint(tmp_path).name == "step-000002"
+    status = read_metrics(tmp_path)[-1]
+    assert status["type"] == "status" and status["status"] == "failed" and "fp16" in status["error"]
+    assert "last good checkpoint is kept" in capsys.readouterr().out
+    # nothing half-written is left behind
+    assert not list((tmp_path / "checkpoints").glob(".*"))
