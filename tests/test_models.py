@@ -138,3 +138,14 @@ def test_separate_vae_file_replaces_release_vae(tiny_model_dir, tmp_path):
     ref = load_vae(resolve_layout(tiny_model_dir), torch.float32)
     sd, rd = vae.state_dict(), ref.state_dict()
     assert all(torch.equal(sd[k], rd[k]) for k in rd)
+
+
+def test_model_hash_tells_same_shape_models_apart(tiny_model_dir, tmp_path):
+    from kolors_story.models import model_hash
+    from kolors_story.tiny import ensure_tiny_model
+
+    other = ensure_tiny_model(tmp_path / "seed1", seed=1, layout="kolors")
+    assert model_hash(tiny_model_dir) == model_hash(tiny_model_dir)
+    assert model_hash(tiny_model_dir) != model_hash(other), "same names and sizes, different weights"
+    vae_file = tiny_model_dir / "vae" / "diffusion_pytorch_model.safetensors"
+    assert model_hash(tiny_model_dir, other / "vae") != model_hash(tiny_model_dir, vae_file)

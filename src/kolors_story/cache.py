@@ -261,44 +261,17 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-FINGERPRINT_CHUNK = 1 << 20
-
-
-def _file_fingerprint(path: Path) -> str:
-    """Size + hash of the first, middle and last MiB: cheap on multi-GB weights, yet different
-    for two checkpoints of the same architecture (whose names and sizes are identical)."""
-    size = path.stat().st_size
-    h = hashlib.sha256(f"{path.name}:{size}".encode())
-    with open(path, "rb") as f:
-        for offset in sorted({0, max(0, size // 2 - FINGERPRINT_CHUNK // 2), max(0, size - FINGERPRINT_CHUNK)}):
-            f.seek(offset)
-            h.update(f.read(FINGERPRINT_CHUNK))
-    return h.hexdigest()
 
 
 def component_fingerprint(layout: models.KolorsLayout, part: str) -> str:
-    """Identity of the files that produce a cache part: ``vae`` (latents) or ``text`` (embeddings).
-
-    ``models.model_hash`` only sees file names, sizes and configs, so a fine-tuned or re-seeded
-    model with the same shapes has the same model hash; this samples the weights' bytes too.
-    """
-    if part == "vae":
-        if layout.vae_file is not None:  # a single fp16-fix file; its config sits beside it or in vae/
-            files = [layout.vae_file]
-            config = layout.vae / "config.json"
-            files.append(config if config.exists() else layout.root / "vae" / "config.json")
-        else:
-            files = [p for p in sorted(layout.vae.iterdir())
-                     if p.is_file() and (p.name.endswith(models.WEIGHT_SUFFIXES) or p.name == "config.json")]
-    elif part == "text":
-        files = [p for p in sorted(layout.text_encoder.iterdir())
-                 if p.is_file() and (p.name.endswith(models.WEIGHT_SUFFIXES) or p.name == "config.json")]
-        files += [layout.tokenizer / name for name in models.TOKENIZER_FILES]
-    else:
+    """Identity of the files that produce a cache part: ``vae`` (latents) or ``text`` (embeddings),
+    so a new text encoder does not invalidate latents and a new VAE does not invalidate embeddings."""
+    if part not in ("vae", "text"):
         raise ValueError(f"part={part!r}: use 'vae' or 'text'")
+    files = models.component_files(layout, "vae" if part == "vae" else "text_encoder")
     h = hashlib.sha256()
     for f in files:
-        h.update(_file_fingerprint(f).encode())
+        h.update(models.file_fingerprint(f).encode())
     return h.hexdigest()[:16]
 
 
@@ -553,7 +526,9 @@ def build_cache(cfg, prepared=None, scenes=None) -> TrainingCache:
     story_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(cache_dir, items_dir, story_dir)
 
-    common = {"v": CACHE_VERSION, "model": mhash, "dtype": dtype_name}
+    # Each part is keyed by the component that produces it (VAE -> latents, text encoder ->
+    # embeddings), not by the whole model, so swapping one component keeps the other part's cache.
+    common = {"v": CACHE_VERSION, "dtype": dtype_name}
     vae_fp, text_fp = component_fingerprint(layout, "vae"), component_fingerprint(layout, "text")
     image_policy = {"size": list(target_hw), "crop": crop, "resample": "lanczos", "vae": vae_fp,
                     **({"seed": seed} if crop == "random" else {})}

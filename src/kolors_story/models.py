@@ -196,23 +196,47 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def model_hash(path: str | Path, vae_path: str | Path | None = None) -> str:
-    """A short, cheap identity of a model folder: hashes config files and weight file names+sizes.
+FINGERPRINT_CHUNK = 1 << 20
 
-    Weights are multi-GB, so their bytes are not read; name + size + config changes are enough to
-    key caches and to record in manifests which base model a LoRA was trained on.
+
+def file_fingerprint(path: str | Path) -> str:
+    """Size + hash of the first, middle and last MiB: cheap on multi-GB weights, yet different
+    for two checkpoints of the same architecture (whose names and sizes are identical)."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        for offset in sorted({0, max(0, size // 2 - FINGERPRINT_CHUNK // 2), max(0, size - FINGERPRINT_CHUNK)}):
+            f.seek(offset)
+            h.update(f.read(FINGERPRINT_CHUNK))
+    return h.hexdigest()
+
+
+def component_files(layout: KolorsLayout, component: str) -> list[Path]:
+    """The config + weight files that define one component (``vae`` honours a separate VAE file)."""
+    if component == "vae" and layout.vae_file is not None:
+        config = layout.vae / "config.json"
+        return [layout.vae_file, config if config.exists() else layout.root / "vae" / "config.json"]
+    folder = {"unet": layout.unet, "vae": layout.vae, "text_encoder": layout.text_encoder,
+              "scheduler": layout.scheduler}[component]
+    files = [p for p in sorted(folder.iterdir())
+             if p.is_file() and (p.suffix == ".json" or p.name.endswith(WEIGHT_SUFFIXES))]
+    if component == "text_encoder":
+        files += [layout.tokenizer / name for name in TOKENIZER_FILES]
+    return files
+
+
+def model_hash(path: str | Path, vae_path: str | Path | None = None) -> str:
+    """A short identity of a model: configs plus a sampled fingerprint of every weight file.
+
+    Weights are multi-GB, so not every byte is read; names, sizes and three 1 MiB samples per file
+    tell apart any two releases or fine-tunes, which is what caches and manifests need.
     """
     layout = resolve_layout(path, vae_path)
     h = hashlib.sha256()
-    folders = [layout.unet, layout.vae, layout.text_encoder, layout.scheduler]
-    for folder in folders:
-        for p in sorted(folder.iterdir()):
-            if p.is_file() and (p.suffix == ".json" or p.name.endswith(WEIGHT_SUFFIXES)):
-                if layout.vae_file is not None and folder == layout.vae and p != layout.vae_file and p.suffix != ".json":
-                    continue
-                h.update(f"{folder.name}/{p.name}:{p.stat().st_size}\n".encode())
-                if p.suffix == ".json":
-                    h.update(p.read_bytes())
+    for component in ("unet", "vae", "text_encoder", "scheduler"):
+        for f in component_files(layout, component):
+            h.update(f"{component}/{file_fingerprint(f)}\n".encode())
     return h.hexdigest()[:16]
 
 
