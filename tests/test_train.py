@@ -238,3 +238,139 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_batches, c
     assert "last good checkpoint is kept" in capsys.readouterr().out
     # nothing half-written is left behind
     assert not list((tmp_path / "checkpoints").glob(".*"))
+
+
+# ------------------------------------------------------------------------------------- W&B
+
+
+@pytest.fixture(scope="module")
+def story(tiny_model_dir):
+    """The configured story's scenes and their embeddings, as the cache stage stores them."""
+    from kolors_story.generation import encode_scenes
+    from kolors_story.models import load_pipeline
+    from kolors_story.story import scenes_from_config
+
+    cfg = compose("train", ["model=tiny"])
+    scenes = scenes_from_config(cfg.story, cfg.sampler)
+    return scenes, encode_scenes(load_pipeline(tiny_model_dir), scenes)
+
+
+def test_wandb_offline_run_holds_loss_panels_and_score_table(tmp_path, tiny_batches, story):
+    from kolors_story.metrics import read_wandb_run
+
+    scenes, embeds = story
+    cfg = compose("train", ["model=tiny", "logger=wandb", "logger.mode=offline", f"output_dir={tmp_path}",
+                            "trainer.progress_bar=false", *RUN, "trainer.max_steps=4",
+                            "trainer.checkpoint_every_n_steps=2", "sampler.steps=2"])
+    result = run_training(cfg, tmp_path, tiny_batches, scenes=scenes, story_embeds=embeds, dataset_hash="d" * 64)
+    assert result.status == "finished"
+    records = read_metrics(tmp_path)
+    ckpts = [r for r in records if r["type"] == "checkpoint"]
+    assert [c["step"] for c in ckpts] == [2, 4]
+    for c in ckpts:  # images, panel and scores on disk, as recorded
+        assert len(c["scores"]) == 8 and c["mean"] == pytest.approx(sum(c["scores"]) / 8)
+        assert c["min"] == min(c["scores"]) and c["passed"] is False  # the tiny scorer gives ~0
+        assert (tmp_path / c["panel"]).exists() and all((tmp_path / p).exists() for p in c["images"])
+        scores = json.loads((tmp_path / c["dir"] / "scores.json").read_text())
+        assert scores["scores"] == c["scores"] and len(scores["scenes"]) == 8
+        for name in ("lora.safetensors", "lora_kohya.safetensors", "lora_diffsynth.ckpt", "trainer_state.ckpt"):
+            assert (tmp_path / c["dir"] / name).exists()
+    from kolors_story.lora import read_lora
+
+    lora = read_lora(tmp_path / ckpts[-1]["dir"] / "lora_diffsynth.ckpt")
+    assert (lora.rank, lora.metadata["dataset_hash"], lora.metadata["step"]) == (4, "d" * 64, 4)
+    assert lora.metadata["base_model_hash"] and lora.metadata["config"]["lora"]["rank"] == 4
+
+    run = read_wandb_run(result.wandb_dir)
+    assert run["config"]["lora"]["rank"] == 4 and run["config"]["trainer"]["max_steps"] == 4
+    train = [r for r in records if r["type"] == "train"]
+    history = {row["_step"]: row for row in run["history"]}
+    assert sorted(history) == [r["step"] for r in train]
+    for r in train:  # metrics.jsonl and W&B agree, step by step
+        assert history[r["step"]]["train/loss"] == pytest.approx(r["loss"], rel=1e-9)
+        assert history[r["step"]]["train/lr"] == pytest.approx(r["lr"], rel=1e-9)
+    files = result.wandb_dir / "files"
+    for c in ckpts:
+        row = history[c["step"]]
+        assert row["val/mean"] == pytest.approx(c["mean"])
+        panel = files / row["val/panel"]["path"]
+        assert panel.exists() and Image.open(panel).size == Image.open(tmp_path / c["panel"]).size
+        table = json.loads((files / row["val/scores"]["path"]).read_text())
+        score_col = table["columns"].index("score")
+        assert [r[score_col] for r in table["data"]] == pytest.approx(c["scores"])
+        assert [r[table["columns"].index("scene")] for r in table["data"]] == list(range(1, 9))
+
+
+def test_wandb_init_failure_does_not_stop_training(tmp_path, tiny_batches, monkeypatch, capsys):
+    import wandb
+
+    def broken_init(*args, **kwargs):
+        raise wandb.errors.CommError("no route to api.wandb.ai")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    cfg = compose("train", ["model=tiny", "logger=wandb", "logger.mode=online", "validate=false",
+                            f"output_dir={tmp_path}", "trainer.progress_bar=false", *RUN, "trainer.max_steps=2"])
+    with pytest.warns(RuntimeWarning, match="W&B init failed"):
+        result = run_training(cfg, tmp_path, tiny_batches)
+    assert result.status == "finished" and result.step == 2 and "no route" in result.wandb_error
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]
+    assert records[-1] == {"type": "status", "status": "finished", "error": None, "step": 2}
+    assert "continuing with metrics.jsonl only" in capsys.readouterr().out
+
+
+def test_wandb_each_job_gets_its_own_run_grouped_by_sweep(tmp_path, tiny_batches):
+    """In a multirun every job finishes its W&B run: job 2 must not log into job 1's run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from kolors_story.metrics import read_wandb_run
+
+    runs = []
+    for num, rank in enumerate((2, 4)):
+        job = tmp_path / f"{num}_rank{rank}"
+        cfg = compose("train", ["model=tiny", "logger=wandb", "logger.mode=offline", "validate=false",
+                                f"output_dir={job}", "trainer.progress_bar=false", *RUN, "trainer.max_steps=2",
+                                f"lora.rank={rank}"])
+        with open_dict(cfg):
+            cfg.hydra.mode = RunMode.MULTIRUN
+            cfg.hydra.sweep.dir = str(tmp_path)
+            cfg.hydra.job.override_dirname = f"lora.rank={rank}"
+        HydraConfig.instance().set_config(cfg)
+        try:
+            runs.append(run_training(cfg, job, tiny_batches))
+        finally:
+            HydraConfig.instance().cfg = None
+    read = [read_wandb_run(r.wandb_dir) for r in runs]
+    assert read[0]["run"]["id"] != read[1]["run"]["id"]
+    assert [r["run"]["group"] for r in read] == [str(tmp_path)] * 2
+    assert [r["run"]["name"] for r in read] == ["lora.rank=2", "lora.rank=4"]
+    assert [[h["_step"] for h in r["history"]] for r in read] == [[1, 2], [1, 2]]
+    assert [r["config"]["lora"]["rank"] for r in read] == [2, 4]
+
+
+def test_accumulation_counts_optimizer_steps(tmp_path, tiny_batches):
+    class Count(L.Callback):
+        batches = 0
+
+        def on_train_batch_end(self, *a):
+            Count.batches += 1
+
+    cfg = _cfg(tmp_path, *RUN, "trainer.accumulate_grad_batches=2", "trainer.steps_per_epoch=4",
+               "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=2")
+    result = run_training(cfg, tmp_path, tiny_batches, extra_callbacks=[Count()])
+    assert result.status == "finished" and result.step == 3 and Count.batches == 6
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in records if r["type"] == "checkpoint"] == [2, 3]
+
+
+def test_resume_errors_name_the_problem(tmp_path):
+    from kolors_story.training import TrainingError, resume_config
+
+    with pytest.raises(TrainingError, match="no such folder"):
+        resume_config(compose("train", [f"resume={tmp_path / 'nope'}"]))
+    (tmp_path / "run").mkdir()
+    with pytest.raises(TrainingError, match="saved no checkpoint"):
+        resume_config(compose("train", [f"resume={tmp_path / 'run'}"]))

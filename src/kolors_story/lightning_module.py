@@ -89,6 +89,7 @@ class KolorsLoraModule(L.LightningModule):
         self.strict_loading = False
         self.step_losses: list[torch.Tensor] = []  # micro-batch losses since the last optimizer step
         self.current_lr: float | None = None
+        self.total_steps: int | None = None  # optimizer steps of the whole run (cosine schedule length)
         self.describe_sample: Callable[[int], str] | None = None  # names a dataset item in errors
 
     # ------------------------------------------------------------------------------ parameters
@@ -190,7 +191,11 @@ class KolorsLoraModule(L.LightningModule):
             eps=float(o.get("eps", 1e-8)),
             weight_decay=float(o.get("weight_decay", 0.0)),
         )
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        total = self.total_steps
+        if total is None:
+            # Note: with a finite max_epochs this sets up the dataloader before a checkpoint's
+            # loader state is restored; run_training passes total_steps to avoid that.
+            total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         total = int(total) if math.isfinite(total) else 1
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(str(o.get("schedule", "constant")), int(o.get("warmup_steps", 0) or 0), total)

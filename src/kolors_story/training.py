@@ -500,6 +500,7 @@ def run_training(cfg, run_dir: str | Path, items: Sequence, *, scenes: list | No
             if tiny:
                 title += " (tiny random model: not a real result)"
             validator = StoryValidator(pipe, scenes, story_embeds, cfg.sampler, cfg.get("scorer"), title=title)
+            validator.scorer  # load it now: a missing scorer must fail before training, not at step N
     logger = RunLogger(None if is_child else run_dir, wandb_mirror)
     ctx = RunContext(
         run_dir=run_dir, logger=logger, metadata=metadata,
@@ -515,7 +516,12 @@ def run_training(cfg, run_dir: str | Path, items: Sequence, *, scenes: list | No
 
     max_steps = int(tcfg.get("max_steps", -1) if tcfg.get("max_steps") is not None else -1)
     max_epochs = tcfg.get("max_epochs")
-    max_epochs = int(max_epochs) if max_epochs is not None else (-1 if max_steps > 0 else 1)
+    accumulate = int(tcfg.get("accumulate_grad_batches", 1) or 1)
+    if max_epochs is None:  # until max_steps: enough epochs to reach it
+        max_epochs = math.ceil(max_steps * accumulate / len(loader)) if max_steps > 0 else 1
+    max_epochs = int(max_epochs)
+    per_epoch = math.ceil(len(loader) / accumulate)
+    module.total_steps = min(max_steps, per_epoch * max_epochs) if max_steps > 0 else per_epoch * max(max_epochs, 1)
     trainer = L.Trainer(
         accelerator=str(tcfg.get("accelerator", "auto")),
         devices=tcfg.get("devices", 1),
@@ -524,7 +530,7 @@ def run_training(cfg, run_dir: str | Path, items: Sequence, *, scenes: list | No
         precision=precision,
         max_epochs=max_epochs,
         max_steps=max_steps,
-        accumulate_grad_batches=int(tcfg.get("accumulate_grad_batches", 1) or 1),
+        accumulate_grad_batches=accumulate,
         gradient_clip_val=tcfg.get("gradient_clip_val"),
         logger=False,
         enable_checkpointing=False,
@@ -815,9 +821,12 @@ def _warn_if_dataset_changed(ckpt_dir: Path, dataset_hash: str) -> None:
 
 
 def _console():
+    import sys
+
     from rich.console import Console
 
-    return Console()
+    # Logs and pipes get full paths on one line (rich would wrap them at 80 columns).
+    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def print_data_summary(cfg, prepared, cache) -> None:
