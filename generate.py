@@ -1,4 +1,6 @@
-"""Render the selected story's 8 scenes: `python generate.py model=tiny`."""
+"""Render a story (or reproduce one): `python generate.py model=tiny`, `... reproduce=<bundle>`."""
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -6,9 +8,11 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    from kolors_story.generation import generate_story_from_config
+    from kolors_story.generation import run_generate
 
-    generate_story_from_config(cfg)
+    code = run_generate(cfg)
+    if code:  # only on failure: a SystemExit(0) would end a -m sweep after its first job
+        sys.exit(code)
 
 
 if __name__ == "__main__":

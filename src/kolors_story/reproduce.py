@@ -1,0 +1,204 @@
+"""Regenerate a story from its manifest and check every image against the recorded one.
+
+``python generate.py reproduce=<manifest.json | output folder | submission bundle>`` renders with
+the recorded config, LoRA files (checked by sha256) and best-of picks, then compares pixels:
+each image is ``identical`` or ``differs`` (with how much), and the exit code is non-zero when
+any image differs. Only where things live may change (``model.path=...`` when the weights moved).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from kolors_story.generation import (
+    LOCATION_KEYS,
+    MANIFEST_FORMAT,
+    LoraSpec,
+    _override_key,
+    generate,
+    is_location_key,
+    sha256_file,
+    task_overrides,
+)
+from kolors_story.io import atomic_write_json
+
+
+class ReproduceError(RuntimeError):
+    """The recorded result cannot be regenerated as recorded (missing or changed inputs)."""
+
+
+def load_manifest(source: str | Path) -> tuple[dict, Path]:
+    """The manifest and the folder holding the recorded images (a bundle, output folder or the file)."""
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        manifest_path = path / "manifest.json"
+    elif path.is_file():
+        manifest_path = path
+    else:
+        raise FileNotFoundError(f"reproduce={source}: no such file or folder")
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"reproduce={source}: {manifest_path} does not exist; give a generate.py output folder, a submission "
+            "bundle or a manifest.json"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{manifest_path} is not valid JSON ({err}); it is not a kolors-story manifest") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or "config" not in manifest:
+        raise ValueError(f"{manifest_path} is not a kolors-story manifest (expected format {MANIFEST_FORMAT!r})")
+    return manifest, manifest_path.parent
+
+
+def recorded_loras(manifest: dict, folder: Path) -> list[LoraSpec]:
+    """The LoRA files the manifest used: the bundle's copy first, else the recorded path; the
+    file's sha256 must equal the recorded one (a changed LoRA cannot reproduce the images)."""
+    specs = []
+    for n, rec in enumerate(manifest.get("loras") or []):
+        places = []
+        if rec.get("bundle_file"):
+            places.append(folder / rec["bundle_file"])
+        places += [Path(rec["path"]), folder / rec["file"]]
+        found, mismatched = None, []
+        for place in places:
+            if place.is_file():
+                digest = sha256_file(place)
+                if rec.get("sha256") in (None, digest):
+                    found = place
+                    break
+                mismatched.append(f"{place} (sha256 {digest[:12]}...)")
+        if found is None:
+            detail = (f"found only files with other contents: {', '.join(mismatched)}" if mismatched
+                      else f"looked in {', '.join(map(str, places))}")
+            raise ReproduceError(
+                f"LoRA #{n + 1} {rec['file']} (sha256 {str(rec.get('sha256'))[:12]}...) is not available: {detail}"
+            )
+        specs.append(LoraSpec(path=found, scale=float(rec["scale"]), bundle_file=rec.get("bundle_file")))
+    return specs
+
+
+def compare_images(recorded: str | Path, regenerated: str | Path) -> dict:
+    """Pixel comparison: identical, or how far apart (max/mean abs difference, share of pixels)."""
+    recorded, regenerated = Path(recorded), Path(regenerated)
+    if not recorded.is_file():
+        return {"status": "missing", "detail": f"{recorded} does not exist"}
+    try:
+        with Image.open(recorded) as a_img:
+            a = np.asarray(a_img.convert("RGB"), dtype=np.int16)
+    except OSError as err:
+        return {"status": "differs", "detail": f"{recorded} is not a readable image ({err})"}
+    with Image.open(regenerated) as b_img:
+        b = np.asarray(b_img.convert("RGB"), dtype=np.int16)
+    if a.shape != b.shape:
+        return {"status": "differs", "detail": f"size {a.shape[1]}x{a.shape[0]} vs {b.shape[1]}x{b.shape[0]}"}
+    diff = np.abs(a - b)
+    changed = float((diff.max(axis=-1) > 0).mean())
+    return {
+        "status": "identical" if not diff.any() else "differs",
+        "max_abs_diff": int(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "pixels_differing": changed,
+        "bytes_identical": recorded.read_bytes() == regenerated.read_bytes(),
+    }
+
+
+def _location_overrides(overrides: list[str]) -> list[str]:
+    bad = [o for o in overrides if not is_location_key(_override_key(o)) and _override_key(o) != "reproduce"]
+    if bad:
+        raise ValueError(
+            f"reproduce= regenerates with the recorded settings; only {', '.join(LOCATION_KEYS)} may be changed "
+            f"(got {', '.join(bad)}). To render with other settings run generate.py without reproduce="
+        )
+    return [o for o in overrides if _override_key(o) not in ("reproduce", "output_dir")]
+
+
+def reproduce(source: str | Path, out_dir: str | Path, locations: dict | None = None, progress: bool = True) -> dict:
+    """Regenerate the story recorded at ``source`` into ``out_dir`` and compare image by image.
+
+    ``locations`` maps allowed keys (``model.path`` ...) to new values. Writes and returns the
+    report (``reproduce.json``): per image identical/differs, counts, ``all_identical``.
+    """
+    from omegaconf import OmegaConf, open_dict
+
+    manifest, folder = load_manifest(source)
+    cfg = OmegaConf.create(manifest["config"])
+    with open_dict(cfg):
+        for key, value in (locations or {}).items():
+            if not is_location_key(key):
+                raise ValueError(f"reproduce cannot change {key}; only {', '.join(LOCATION_KEYS)}")
+            OmegaConf.update(cfg, key, value, force_add=True)
+        cfg.run = None
+        cfg.reproduce = None
+        cfg.score = False
+        cfg.lora = {"path": None, "scale": 1.0}
+        cfg.loras = []
+        if "submit" in cfg:
+            cfg.submit.team = None
+    loras = recorded_loras(manifest, folder)
+    choices = [int(s["chosen_candidate"]) for s in manifest["scenes"]] if manifest.get("best_of") else None
+    out_dir = Path(out_dir)
+    result = generate(cfg, out_dir=out_dir, loras=loras, choices=choices, progress=progress,
+                      source={"reproduce": str(Path(str(source)).resolve())},
+                      overrides=[f"{k}={v}" for k, v in (locations or {}).items()])
+
+    rows = []
+    for scene, new_path in zip(manifest["scenes"], result.images):
+        recorded = folder / scene["image"]
+        row = {"image": scene["image"], **compare_images(recorded, new_path)}
+        if recorded.is_file():
+            row["recorded_matches_manifest"] = sha256_file(recorded) == scene.get("sha256")
+        rows.append(row)
+    identical = sum(r["status"] == "identical" for r in rows)
+    report = {
+        "source": str(Path(str(source)).resolve()),
+        "out_dir": str(out_dir),
+        "model_hash_recorded": manifest["model"]["hash"],
+        "model_hash_now": result.manifest["model"]["hash"],
+        "tiny_model": result.manifest["tiny_model"],
+        "images": rows,
+        "identical": identical,
+        "total": len(rows),
+        "all_identical": identical == len(rows) and len(rows) == len(manifest["scenes"]),
+    }
+    atomic_write_json(out_dir / "reproduce.json", report)
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"Reproducing {report['source']}"]
+    if report["model_hash_recorded"] != report["model_hash_now"]:
+        lines.append(f"WARNING: model hash {report['model_hash_now']} differs from the recorded "
+                     f"{report['model_hash_recorded']} (other weights: images are expected to differ)")
+    for row in report["images"]:
+        if row["status"] == "identical":
+            text = "identical"
+        elif "max_abs_diff" in row:
+            text = (f"DIFFERS  max |diff| {row['max_abs_diff']}, mean {row['mean_abs_diff']:.3f}, "
+                    f"{100 * row['pixels_differing']:.1f}% of pixels")
+        else:
+            text = f"{row['status'].upper()}  {row.get('detail', '')}"
+        if row.get("recorded_matches_manifest") is False:
+            text += "  (recorded file does not match its manifest sha256: edited after generation)"
+        lines.append(f"  {row['image']:>6}  {text}")
+    lines.append(f"{report['identical']}/{report['total']} identical -> "
+                 + ("REPRODUCED" if report["all_identical"] else "NOT reproduced")
+                 + f"  (regenerated images in {report['out_dir']})")
+    return "\n".join(lines)
+
+
+def reproduce_from_config(cfg) -> dict:
+    """`python generate.py reproduce=<...> [model.path=<moved weights>]`."""
+    from omegaconf import OmegaConf
+
+    overrides = _location_overrides(task_overrides(cfg))
+    locations = {}
+    for o in overrides:
+        key = _override_key(o)
+        locations[key] = OmegaConf.select(cfg, key)
+    report = reproduce(cfg.reproduce, cfg.output_dir, locations=locations)
+    print(format_report(report))
+    return report
