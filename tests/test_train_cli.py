@@ -25,19 +25,22 @@ def _train(*args, timeout=900):
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    """stage=data: the demo dataset prepared and cached once for the tests below."""
+    """stage=data (in-process, as train.py calls it): the demo dataset prepared and cached once."""
+    from kolors_story.training import train_from_config
+    from tests.conftest import compose
+
     root = tmp_path_factory.mktemp("demo")
-    out = _train(*TINY, "stage=data", f"data_dir={root / 'data'}", f"hydra.run.dir={root / 'data-run'}")
-    return root / "data", root / "data-run", out.stdout
+    cfg = compose("train", [*TINY, "stage=data", f"data_dir={root / 'data'}", f"output_dir={root / 'data-run'}"])
+    assert train_from_config(cfg) is None
+    return root / "data", root / "data-run"
 
 
 def test_stage_data_prepares_and_caches_without_training(demo_data):
-    data, run, stdout = demo_data
-    assert "Data stage done" in stdout
+    data, run = demo_data
     assert (data / "train" / "metadata.csv").exists() and (data / "report.json").exists()
-    assert list((data / "cache" / "items").glob("*.safetensors"))
+    assert len(list((data / "cache" / "items").glob("*.safetensors"))) == 24
     assert list((data / "cache" / "story").glob("*.safetensors"))
-    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+    assert not run.exists()  # no run folder, no checkpoints, no metrics
 
 
 @pytest.mark.slow
@@ -59,9 +62,13 @@ def test_demo_run_writes_checkpoints_panels_scores_wandb_then_resumes(demo_data,
     assert [r["_step"] for r in wandb_run["history"]] == list(range(1, 7))
     assert sum("panel" in f for f in wandb_run["files"]) == 2
 
-    # python train.py resume=<run> continues there, with a larger budget given on the command line
-    out = _train(f"resume={run}", "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'resume-job'}")
-    assert "Resuming" in out.stdout and "Training finished at step 9" in out.stdout
+    # `python train.py resume=<run> trainer.max_epochs=3` (the same call, in-process) continues in
+    # <run> with the run's own config plus the new budget
+    from kolors_story.training import train_from_config
+    from tests.conftest import compose
+
+    mean = train_from_config(compose("train", [f"resume={run}", "trainer.max_epochs=3"]))
+    assert mean == pytest.approx([r for r in read_metrics(run) if r["type"] == "checkpoint"][-1]["mean"])
     records = read_metrics(run)
     assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 10))
     assert [r["step"] for r in records if r["type"] == "checkpoint"] == [3, 6, 9]
@@ -90,3 +97,15 @@ def test_ddp_two_cpu_processes_write_one_set_of_checkpoints(demo_data, tmp_path)
         assert names == sorted([*(f"{i}.png" for i in range(1, 9)), "panel.png", "scores.json", "lora.safetensors",
                                 "lora_kohya.safetensors", "lora_diffsynth.ckpt", "trainer_state.ckpt"])
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_stage_train_reuses_the_prepared_data_and_cache(demo_data):
+    from kolors_story.story import scenes_from_config
+    from kolors_story.training import data_stage
+    from tests.conftest import compose
+
+    data = demo_data[0]
+    cfg = compose("train", ["model=tiny", "dataset=demo", "filter=none", "stage=train", f"data_dir={data}"])
+    prepared, cache = data_stage(cfg, scenes_from_config(cfg.story, cfg.sampler))
+    assert prepared.reused and len(cache.items) == len(prepared.items) == 24
+    assert cache.stats["files_reused"] == 24 and cache.stats["story"] == "reused"

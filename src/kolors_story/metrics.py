@@ -208,6 +208,11 @@ class RunLogger:
         if self.wandb:
             self.wandb.log_checkpoint(rec, self.run_dir, scenes)
 
+    def event(self, record: dict) -> None:
+        """Any other record (e.g. ``{"type": "resume", "step": ...}``); readers skip unknown types."""
+        if self.writer is not None:
+            self.writer.write(record)
+
     def status(self, status: str, step: int, error: str | None = None) -> None:
         if self.writer is None:
             return

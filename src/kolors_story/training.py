@@ -260,6 +260,9 @@ class RunCallback(L.Callback):
         self.seen_step = trainer.global_step
         if trainer.global_step > 0:  # resumed: that step's checkpoint exists already
             self.last_saved = trainer.global_step
+            if trainer.is_global_zero:
+                # train lines after this step from before the resume are superseded by the new ones
+                self.ctx.logger.event({"type": "resume", "step": trainer.global_step, "epoch": trainer.current_epoch})
         self.t0 = time.time()
 
     @staticmethod
@@ -279,7 +282,7 @@ class RunCallback(L.Callback):
         pl_module.step_losses = []
         if trainer.world_size > 1:
             loss = trainer.strategy.reduce(loss.to(pl_module.device), reduce_op="mean")
-        if step % max(1, self.ctx.log_every_n_steps) == 0 or self._stopping(trainer):
+        if trainer.is_global_zero and (step % max(1, self.ctx.log_every_n_steps) == 0 or self._stopping(trainer)):
             self.ctx.logger.train(step, trainer.current_epoch, float(loss), float(pl_module.current_lr or 0.0))
         if step % max(1, self.ctx.every_n_steps) == 0 or self._stopping(trainer):
             self.save(trainer, pl_module)
@@ -500,7 +503,10 @@ def run_training(cfg, run_dir: str | Path, items: Sequence, *, scenes: list | No
             if tiny:
                 title += " (tiny random model: not a real result)"
             validator = StoryValidator(pipe, scenes, story_embeds, cfg.sampler, cfg.get("scorer"), title=title)
-            validator.scorer  # load it now: a missing scorer must fail before training, not at step N
+            try:
+                validator.scorer  # load it now: a missing scorer must fail before training, not at step N
+            except Exception as exc:  # noqa: BLE001
+                raise TrainingError(f"{exc}\nOr train without the story scores at checkpoints: validate=false") from exc
     logger = RunLogger(None if is_child else run_dir, wandb_mirror)
     ctx = RunContext(
         run_dir=run_dir, logger=logger, metadata=metadata,
@@ -762,7 +768,7 @@ def train_from_config(cfg) -> float | None:
     from kolors_story.story import scenes_from_config
 
     handoff = os.environ.get(HANDOFF_ENV)
-    if handoff and os.environ.get("LOCAL_RANK", "0") != "0":  # a DDP child started by Lightning
+    if handoff and _secondary_process():  # a DDP child started by Lightning
         h = json.loads(handoff)
         from kolors_story.story import Scene
 
@@ -794,14 +800,25 @@ def train_from_config(cfg) -> float | None:
     from kolors_story.cache import load_story_embeddings
 
     story = load_story_embeddings(cache.story) if cache.story is not None else None
+    secondary = _secondary_process()  # e.g. rank 0 of a second node: trains, writes nothing
     result = run_training(cfg, run_dir, cache.items, scenes=scenes, story_embeds=story,
-                          dataset_hash=prepared.dataset_hash, resume_from=resume_from)
+                          dataset_hash=prepared.dataset_hash, resume_from=resume_from, is_child=secondary)
+    if secondary:
+        return None
     print_summary(cfg, result, cache)
     if result.status == "interrupted":
         raise KeyboardInterrupt
     if result.status == "failed":
         raise TrainingError(result.error or "training failed")
     return result.final_mean
+
+
+def _secondary_process() -> bool:
+    """Not the global rank 0 of a distributed job (Lightning, torchrun and SLURM set these)."""
+    for var in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "0") not in ("", "0"):
+            return True
+    return False
 
 
 def _warn_if_dataset_changed(ckpt_dir: Path, dataset_hash: str) -> None:
