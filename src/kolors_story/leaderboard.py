@@ -256,6 +256,6 @@ def leaderboard_from_config(cfg) -> dict:
     if result["best"] is None:
         print("No run produced a scored checkpoint: see the status/error columns.")
     else:
-        print(f"Render the winner: python generate.py best={result['paths']['best']}")
+        print(f"Render the winner: python generate.py run={result['paths']['best']}")
     log_leaderboard_to_wandb(result["rows"], sweep_dir, cfg.get("logger"))
     return result
