@@ -58,10 +58,19 @@ def is_location_key(key: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def run_device(pipe) -> torch.device:
+    """Where latents and embeddings go: the UNet's device, or the pipeline's execution device when
+    offload hooks move the UNet on use (it may sit on the CPU or the meta device in between)."""
+    device = pipe.unet.device
+    if device.type == "meta" or hasattr(pipe.unet, "_hf_hook"):
+        return torch.device(pipe._execution_device)
+    return device
+
+
 @torch.no_grad()
 def encode_scenes(pipe, scenes: list[Scene], device=None) -> dict[str, torch.Tensor]:
     """Prompt + negative embeddings of every scene, computed with the pipeline's own encode_prompt."""
-    device = device or pipe._execution_device  # right under offloading too (the UNet may sit on meta)
+    device = device or run_device(pipe)
     embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
         prompt=[s.prompt for s in scenes],
         negative_prompt=[s.negative for s in scenes],
@@ -281,7 +290,7 @@ def render_jobs(pipe, jobs: list[Job], embeds: dict[str, torch.Tensor], settings
     skipped (their slot is None). Batches that are rendered always hold the same jobs as the
     original run, so a reproduction sees the same batch composition.
     """
-    device = pipe._execution_device
+    device = run_device(pipe)
     hires = settings.hires
     if hires is not None and refiner is None:
         refiner = img2img_pipeline(pipe)
@@ -446,7 +455,7 @@ def write_prompts_csv(path: Path, scenes: list[Scene], seeds: list[int]) -> Path
 def panel_title(title: str, model_name: str, tiny: bool, loras: list[dict] | None = None) -> str:
     text = f"{title} | model={model_name}"
     if loras:
-        text += " | " + ", ".join(f"{Path(lo['path']).name}x{lo['scale']:g}" for lo in loras)
+        text += " | LoRA " + ", ".join(f"{Path(lo['path']).name} @ {lo['scale']:g}" for lo in loras)
     if tiny:
         text += f" ({TINY_NOTE})"
     return text
