@@ -13,11 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_story.lightning_module import KolorsLoraModule, NonFiniteLossError, lr_lambda
+from kolors_story.lightning_module import KolorsLoraModule, lr_lambda
 from kolors_story.metrics import read_metrics
-from kolors_story.training import (
-    StreamBatchSampler, make_loader, resolve_precision, run_training, last_checkpoint,
-)
+from kolors_story.training import StreamBatchSampler, last_checkpoint, resolve_precision, run_training
 from tests.conftest import compose
 
 CAPTIONS = ["a red square", "a blue circle", "a green field", "a yellow sun"]

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,7 +202,7 @@ def resolve_precision(precision, accelerator: str = "auto") -> str:
     return p
 
 
-def resolve_strategy(name: str, devices) -> Any:
+def resolve_strategy(name: str) -> str:
     name = str(name)
     if name.startswith("deepspeed"):
         try:
@@ -263,7 +262,6 @@ class RunCallback(L.Callback):
             if trainer.is_global_zero:
                 # train lines after this step from before the resume are superseded by the new ones
                 self.ctx.logger.event({"type": "resume", "step": trainer.global_step, "epoch": trainer.current_epoch})
-        self.t0 = time.time()
 
     @staticmethod
     def _stopping(trainer) -> bool:
@@ -309,6 +307,7 @@ class RunCallback(L.Callback):
         tmp = self.ckpt_root / f".{name}.tmp"
         rank0 = trainer.is_global_zero
         result = None
+        validation_error = None
         files: dict = {}
         if rank0:
             if tmp.exists():
@@ -317,7 +316,13 @@ class RunCallback(L.Callback):
             meta = {**self.ctx.metadata, "step": step, "epoch": epoch}
             files = save_lora(pl_module.unet, tmp, meta)
             if self.ctx.validator is not None and not interrupted:
-                result = self.ctx.validator.run(tmp, self.ctx.run_dir, step)
+                try:
+                    result = self.ctx.validator.run(tmp, self.ctx.run_dir, step)
+                except Exception as exc:  # noqa: BLE001 - a failed render must not cost the LoRA
+                    validation_error = f"{type(exc).__name__}: {exc}"
+                    warnings.warn(f"story validation at step {step} failed ({validation_error}); "
+                                  "the checkpoint is saved without scores", RuntimeWarning, stacklevel=2)
+                    print(f"WARNING: story validation at step {step} failed: {validation_error}")
         if interrupted:  # no collective calls here: other ranks may already be gone
             ckpt = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
             trainer.strategy.checkpoint_io.save_checkpoint(ckpt, tmp / TRAINER_STATE)
@@ -350,6 +355,8 @@ class RunCallback(L.Callback):
                 )
             if interrupted:
                 record["interrupted"] = True
+            if validation_error:
+                record["validation_error"] = validation_error
             self.ctx.logger.checkpoint(record, self.ctx.scenes)
             if result is not None:
                 verdict = "PASS" if result["passed"] else "below the gate"
@@ -358,6 +365,18 @@ class RunCallback(L.Callback):
         self.last_saved = step
         if not interrupted and trainer.world_size > 1:
             trainer.strategy.barrier("kolors_story.checkpoint")
+
+
+class VaeToDevice(L.Callback):
+    """The VAE is not part of the trained module: rank 0 moves it to the training device for the
+    story renders (other ranks never decode, so theirs stays on the CPU)."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def on_fit_start(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self.pipe.vae.to(pl_module.device)
 
 
 @dataclass
@@ -397,13 +416,11 @@ def resolved_config(cfg) -> dict:
     """The config as plain data, resolved, without Hydra's own node (recorded in every LoRA file)."""
     data = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
     data.pop("hydra", None)
-    c = OmegaConf.create(data)
-    if isinstance(cfg, DictConfig) and OmegaConf.select(cfg, "output_dir", throw_on_missing=False) is not None:
-        try:
-            c.output_dir = str(cfg.output_dir)
-        except Exception:  # noqa: BLE001 - ${hydra:...} outside a Hydra run
-            c.output_dir = None
-    return OmegaConf.to_container(c, resolve=True)
+    try:
+        data["output_dir"] = str(cfg.output_dir) if cfg.get("output_dir") is not None else None
+    except Exception:  # noqa: BLE001 - ${hydra:...} outside a Hydra run
+        data["output_dir"] = None
+    return OmegaConf.to_container(OmegaConf.create(data), resolve=True)
 
 
 def add_lora_to_unet(unet, lora_cfg) -> None:
@@ -515,11 +532,6 @@ def run_training(cfg, run_dir: str | Path, items: Sequence, *, scenes: list | No
     )
     callback = RunCallback(ctx)
 
-    class _MoveVae(L.Callback):
-        def on_fit_start(self, trainer, pl_module):
-            if trainer.is_global_zero and validator is not None:
-                pipe.vae.to(pl_module.device)
-
     max_steps = int(tcfg.get("max_steps", -1) if tcfg.get("max_steps") is not None else -1)
     max_epochs = tcfg.get("max_epochs")
     accumulate = int(tcfg.get("accumulate_grad_batches", 1) or 1)
@@ -532,7 +544,7 @@ def run_training(cfg, run_dir: str | Path, items: Sequence, *, scenes: list | No
         accelerator=str(tcfg.get("accelerator", "auto")),
         devices=tcfg.get("devices", 1),
         num_nodes=int(tcfg.get("num_nodes", 1) or 1),
-        strategy=resolve_strategy(tcfg.get("strategy", "auto"), tcfg.get("devices", 1)),
+        strategy=resolve_strategy(tcfg.get("strategy", "auto")),
         precision=precision,
         max_epochs=max_epochs,
         max_steps=max_steps,
@@ -546,7 +558,7 @@ def run_training(cfg, run_dir: str | Path, items: Sequence, *, scenes: list | No
         limit_val_batches=0,
         num_sanity_val_steps=0,
         default_root_dir=str(run_dir),
-        callbacks=[callback, _MoveVae(), *extra_callbacks],
+        callbacks=[callback, *([VaeToDevice(pipe)] if validator is not None else []), *extra_callbacks],
     )
     loader.batch_sampler.trainer = trainer  # its state_dict reads the trainer's progress counters
     n_train = sum(p.numel() for p in unet.parameters() if p.requires_grad)

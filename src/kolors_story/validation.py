@@ -37,6 +37,15 @@ class StoryValidator:
         self.threshold = float(scorer_cfg.get("threshold", 6.0)) if scorer_cfg is not None else 6.0
         self.title = title
         self._scorer = None
+        name = sampler_cfg.get("scheduler") if sampler_cfg is not None else None
+        if name:  # the sampler the final render will use (the training schedule is not touched)
+            from omegaconf import OmegaConf
+
+            from kolors_story.schedulers import build_scheduler
+
+            kwargs = sampler_cfg.get("scheduler_kwargs") or {}
+            kwargs = OmegaConf.to_container(kwargs, resolve=True) if OmegaConf.is_config(kwargs) else dict(kwargs)
+            pipe.scheduler = build_scheduler(str(name), pipe.scheduler.config, **kwargs)
 
     @property
     def scorer(self):
