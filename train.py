@@ -5,10 +5,12 @@ from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    from kolors_story.jobs import run_job
     from kolors_story.training import train_from_config
 
-    train_from_config(cfg)
+    # The last checkpoint's mean aesthetic score: what the Optuna sweeper maximises.
+    return run_job(train_from_config, cfg)
 
 
 if __name__ == "__main__":

@@ -44,52 +44,25 @@ def test_stage_data_prepares_and_caches_without_training(demo_data):
 
 
 @pytest.mark.slow
-def test_demo_run_writes_checkpoints_panels_scores_wandb_then_resumes(demo_data, tmp_path):
+def test_train_py_ddp_on_two_cpu_processes_then_resume_in_one(demo_data, tmp_path, capsys):
+    """`python train.py model=tiny dataset=demo trainer=ddp`: 2 processes (gloo), one set of
+    checkpoints with panels and scores, one W&B run, a summary saying where everything is; then
+    `resume=<run>` continues the run in a single process."""
     data = demo_data[0]
     run = tmp_path / "run"
-    args = [*TINY, f"data_dir={data}", "trainer.steps_per_epoch=3", "trainer.checkpoint_every_n_steps=3"]
-    out = _train(*args, f"hydra.run.dir={run}")
-    # the summary says where everything is
-    for text in ("Training finished at step 6", str(run), "metrics.jsonl", "checkpoints/step-000006/panel.png",
-                 "offline", "not a real result", f"resume={run}"):
-        assert text in out.stdout, text
-    records = read_metrics(run)
-    ckpts = [r for r in records if r["type"] == "checkpoint"]
-    assert [c["step"] for c in ckpts] == [3, 6]
-    assert all(len(c["scores"]) == 8 and (run / c["panel"]).exists() for c in ckpts)
-    assert (run / "checkpoints" / "last").read_text().strip() == "step-000006"
-    wandb_run = read_wandb_run(json.loads((run / "wandb_run.json").read_text())["dir"])
-    assert [r["_step"] for r in wandb_run["history"]] == list(range(1, 7))
-    assert sum("panel" in f for f in wandb_run["files"]) == 2
-
-    # `python train.py resume=<run> trainer.max_epochs=3` (the same call, in-process) continues in
-    # <run> with the run's own config plus the new budget
-    from kolors_story.training import train_from_config
-    from tests.conftest import compose
-
-    mean = train_from_config(compose("train", [f"resume={run}", "trainer.max_epochs=3"]))
-    assert mean == pytest.approx([r for r in read_metrics(run) if r["type"] == "checkpoint"][-1]["mean"])
-    records = read_metrics(run)
-    assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 10))
-    assert [r["step"] for r in records if r["type"] == "checkpoint"] == [3, 6, 9]
-    assert [r["status"] for r in records if r["type"] == "status"] == ["finished", "finished"]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == [
-        "step-000003", "step-000006", "step-000009"]
-
-
-@pytest.mark.slow
-def test_ddp_two_cpu_processes_write_one_set_of_checkpoints(demo_data, tmp_path):
-    data = demo_data[0]
-    run = tmp_path / "ddp"
     out = _train(*TINY, f"data_dir={data}", "trainer=ddp", "trainer.devices=2", "trainer.precision=16-mixed",
-                 "trainer.max_epochs=null", "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2",
-                 f"hydra.run.dir={run}")
+                 "trainer.steps_per_epoch=2", "trainer.checkpoint_every_n_steps=2", f"hydra.run.dir={run}")
     log = out.stdout + out.stderr
     assert "Starting with 2 processes" in log and "distributed_backend=gloo" in log
     assert "precision 32" in log  # 16-mixed on a CPU-only machine falls back, saying so
+    for text in ("Training finished at step 4", str(run), "metrics.jsonl", "checkpoints/step-000004/panel.png",
+                 "offline", "not a real result", f"resume={run}"):
+        assert text in out.stdout, text
     records = read_metrics(run)
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]  # rank 0 only: no duplicates
-    assert [r["step"] for r in records if r["type"] == "checkpoint"] == [2, 4]
+    ckpts = [r for r in records if r["type"] == "checkpoint"]
+    assert [c["step"] for c in ckpts] == [2, 4]
+    assert all(len(c["scores"]) == 8 and (run / c["panel"]).exists() for c in ckpts)
     assert [r["status"] for r in records if r["type"] == "status"] == ["finished"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last", "step-000002", "step-000004"]
     for step in ("step-000002", "step-000004"):
@@ -97,6 +70,24 @@ def test_ddp_two_cpu_processes_write_one_set_of_checkpoints(demo_data, tmp_path)
         assert names == sorted([*(f"{i}.png" for i in range(1, 9)), "panel.png", "scores.json", "lora.safetensors",
                                 "lora_kohya.safetensors", "lora_diffsynth.ckpt", "trainer_state.ckpt"])
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    wandb_run = read_wandb_run(json.loads((run / "wandb_run.json").read_text())["dir"])
+    assert [r["_step"] for r in wandb_run["history"]] == [1, 2, 3, 4]
+    assert sum("panel" in f for f in wandb_run["files"]) == 2
+
+    # `python train.py resume=<run> trainer.max_epochs=3 trainer.devices=1 trainer.strategy=auto`
+    # (the same call, in-process): the run's own config plus the new budget, continued in <run>
+    from kolors_story.training import train_from_config
+    from tests.conftest import compose
+
+    mean = train_from_config(compose("train", [f"resume={run}", "trainer.max_epochs=3", "trainer.devices=1",
+                                               "trainer.strategy=auto"]))
+    assert "Resuming" in capsys.readouterr().out
+    records = read_metrics(run)
+    assert mean == pytest.approx([r for r in records if r["type"] == "checkpoint"][-1]["mean"])
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if r["type"] == "checkpoint"] == [2, 4, 6]
+    assert [r["status"] for r in records if r["type"] == "status"] == ["finished", "finished"]
+    assert (run / "checkpoints" / "last").read_text().strip() == "step-000006"
 
 
 def test_stage_train_reuses_the_prepared_data_and_cache(demo_data):

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from kolors_story.io import atomic_write_text
+from kolors_story.metrics import read_metrics
 
 OBJECTIVES = ("mean", "min", "coherence")
 
@@ -40,22 +41,6 @@ class Row:
     @property
     def name(self) -> str:
         return ",".join(self.overrides) or self.run.name
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl lines; a torn last line (job killed mid-write) is skipped, not fatal."""
-    records = []
-    if not path.exists():
-        return records
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def _overrides(run: Path) -> list[str]:
