@@ -24,7 +24,9 @@ FAST = ["model=tiny", "dataset=demo", "filter=none", "trainer.max_epochs=1", "tr
 
 
 def _train(args, tmp_path, **kw):
-    cmd = [sys.executable, "train.py", *FAST, f"data_dir={tmp_path / 'data'}", *args]
+    flags = [a for a in args if a.startswith("-")]  # -m must come before the overrides
+    overrides = [a for a in args if not a.startswith("-")]
+    cmd = [sys.executable, "train.py", *flags, *FAST, f"data_dir={tmp_path / 'data'}", *overrides]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ), timeout=1200, **kw)
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     return out
