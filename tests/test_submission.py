@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from kolors_story.submission import bundle_name, write_bundle
-from tests.test_generate import TRAIN_META, shared_bundle
+from tests.test_generate import shared_bundle
 
 
 def sha(path) -> str:

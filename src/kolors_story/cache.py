@@ -58,6 +58,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from kolors_story.io import file_sha256
 from kolors_story import models
 from kolors_story.io import atomic_path, atomic_write_json
 
@@ -253,12 +254,6 @@ def preprocess_image(path: Path, target_hw, crop: str, seed: int, image_sha: str
     return pixels, [orig_hw[0], orig_hw[1], top, left, th, tw]
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 
@@ -534,7 +529,7 @@ def build_cache(cfg, prepared=None, scenes=None) -> TrainingCache:
                     **({"seed": seed} if crop == "random" else {})}
     items: list[_Item] = []
     for image, caption in tqdm(pairs, desc="cache: hashing images", unit="img", dynamic_ncols=True):
-        sha = _sha256_file(image)
+        sha = file_sha256(image)
         ik = _key({**common, **image_policy, "image": sha})
         tk = _key({**common, "text": caption, "max_len": MAX_SEQUENCE_LENGTH, "text_encoder": text_fp})
         items.append(_Item(image, caption, sha, ik, tk, items_dir / f"{ik}-{tk}.safetensors"))

@@ -10,11 +10,9 @@ and exact reproduction of a previous result (``reproduce``, see ``kolors_story.r
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
-import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
+from kolors_story.io import file_sha256
 from kolors_story.io import atomic_save_image, atomic_write_json, atomic_write_text
 from kolors_story.panel import save_panel
 from kolors_story.story import Scene, scenes_from_config
@@ -409,12 +408,6 @@ def generate_story(pipe, scenes: list[Scene], embeds: dict[str, torch.Tensor], s
 # --------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def png_metadata(fields: dict[str, Any]) -> PngInfo:
@@ -857,12 +850,12 @@ def generate(cfg, *, out_dir: str | Path | None = None, loras: list[LoraSpec] | 
                   "trigger": cfg.story.get("trigger")},
         "scenes": [
             {**scene.as_dict(), "seed": render.seeds[n], "scene_seed": scene.seed, "image": image_paths[n].name,
-             "sha256": sha256_file(image_paths[n]),
+             "sha256": file_sha256(image_paths[n]),
              "score": render.scores[n] if render.scores else None,
              **({"candidates": render.candidates[n], "chosen_candidate": render.chosen[n]} if render.candidates else {})}
             for n, scene in enumerate(scenes)
         ],
-        "images": {p.name: sha256_file(p) for p in image_paths},
+        "images": {p.name: file_sha256(p) for p in image_paths},
         "panel": Path(written["panel"]).name,
         "scores": summary,
         "source": source,

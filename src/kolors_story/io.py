@@ -47,3 +47,14 @@ def atomic_save_image(image, path: str | Path, **save_kw) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format=fmt, **save_kw)
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks (images, LoRA files, manifests)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

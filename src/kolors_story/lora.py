@@ -24,7 +24,6 @@ DiffSynth trainer's default (4.0), with a warning.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from kolors_story.io import file_sha256
 from kolors_story.io import atomic_path
 from kolors_story.lora_formats import (
     DIFFUSERS_PREFIX,
@@ -526,10 +526,3 @@ def load_lora_into_pipeline(pipe, path, scale: float = 1.0, adapter_name: str | 
     return adapter_name
 
 
-def file_sha256(path) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

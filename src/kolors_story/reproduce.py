@@ -21,10 +21,9 @@ from kolors_story.generation import (
     _override_key,
     generate,
     is_location_key,
-    sha256_file,
     task_overrides,
 )
-from kolors_story.io import atomic_write_json
+from kolors_story.io import atomic_write_json, file_sha256
 
 
 class ReproduceError(RuntimeError):
@@ -66,7 +65,7 @@ def recorded_loras(manifest: dict, folder: Path) -> list[LoraSpec]:
         found, mismatched = None, []
         for place in places:
             if place.is_file():
-                digest = sha256_file(place)
+                digest = file_sha256(place)
                 if rec.get("sha256") in (None, digest):
                     found = place
                     break
@@ -150,7 +149,7 @@ def reproduce(source: str | Path, out_dir: str | Path, locations: dict | None = 
         recorded = folder / scene["image"]
         row = {"image": scene["image"], **compare_images(recorded, new_path)}
         if recorded.is_file():
-            row["recorded_matches_manifest"] = sha256_file(recorded) == scene.get("sha256")
+            row["recorded_matches_manifest"] = file_sha256(recorded) == scene.get("sha256")
         rows.append(row)
     identical = sum(r["status"] == "identical" for r in rows)
     report = {

@@ -199,12 +199,12 @@ def write_bundle(result, cfg, team: str, root: str | Path, overwrite: bool = Fal
         manifest = json.loads(json.dumps(result.manifest))
         files = _lora_files(result.loras)
         rows, details = [], []
-        from kolors_story.generation import sha256_file
+        from kolors_story.io import file_sha256
 
         for src, dest, idx in files:
             shutil.copy2(src, tmp / dest)
             fmt = SIBLING_FORMATS.get(src.name, "diffusers" if src.suffix == ".safetensors" else src.suffix.lstrip("."))
-            row = {"file": dest, "format": fmt, "sha256": sha256_file(tmp / dest)}
+            row = {"file": dest, "format": fmt, "sha256": file_sha256(tmp / dest)}
             if idx is not None:
                 d = _lora_details(src)
                 details.append(d)

@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kolors_story.io import file_sha256
 from kolors_story.data.records import DataError
 from kolors_story.io import atomic_write_json
 
@@ -36,12 +37,6 @@ class PreparedDataset:
     names: list[str] = field(default_factory=list)  # original file of each item (source-relative)
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def dataset_hash(pairs: list[tuple[str, str]]) -> str:
