@@ -52,7 +52,7 @@ def test_multirun_writes_one_folder_and_one_wandb_run_per_job(sweep_2x2):
         assert len(wb_files) == 1, f"{job.name}: exactly one W&B run per job"
         wb = read_wandb_run(wb_files[0])
         runs[wb["run"]["id"]] = wb
-        assert wb["run"]["group"] == sweep_2x2.name, "one W&B group per sweep"
+        assert wb["run"]["group"] == str(sweep_2x2), "one W&B group per sweep (its folder)"
         assert wb["config"]["lora"]["rank"] == rank, "each run carries its own swept config"
         wb_losses = [row["train"]["loss"] if "train" in row else row.get("train/loss") for row in wb["history"]]
         wb_losses = [x for x in wb_losses if x is not None]

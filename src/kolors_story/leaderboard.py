@@ -202,6 +202,18 @@ def print_leaderboard(rows: list[Row], sweep_dir: Path, top: int = 10) -> None:
     console.print(table)
 
 
+def sweep_group(rows: list[Row], sweep_dir: Path) -> str:
+    """The W&B group the training jobs used: their ``hydra.sweep.dir`` as recorded in each job."""
+    for row in rows:
+        f = row.run / ".hydra" / "hydra.yaml"
+        if f.exists():
+            try:
+                return str(yaml.safe_load(f.read_text())["hydra"]["sweep"]["dir"])
+            except (KeyError, TypeError, yaml.YAMLError):
+                continue
+    return str(sweep_dir)
+
+
 def log_leaderboard_to_wandb(rows: list[Row], sweep_dir: Path, logger_cfg) -> bool:
     """Mirror the leaderboard as a W&B table + summary in the sweep's group; never raises."""
     mode = str(logger_cfg.get("mode", "offline")) if logger_cfg is not None else "disabled"
@@ -212,7 +224,7 @@ def log_leaderboard_to_wandb(rows: list[Row], sweep_dir: Path, logger_cfg) -> bo
 
         run = wandb.init(
             project=logger_cfg.get("project", "kolors-story"), entity=logger_cfg.get("entity"), mode=mode,
-            group=logger_cfg.get("group") or sweep_dir.name, name=f"leaderboard-{sweep_dir.name}",
+            group=logger_cfg.get("group") or sweep_group(rows, sweep_dir), name=f"leaderboard-{sweep_dir.name}",
             job_type="leaderboard", dir=str(sweep_dir), reinit="finish_previous",
         )
         table = wandb.Table(columns=list(COLUMNS), data=_table(rows, sweep_dir))
