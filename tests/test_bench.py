@@ -1,0 +1,161 @@
+"""`python -m kolors_story.bench`: the quick run writes every section; the accounting is right."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kolors_story import bench
+from kolors_story.memory import PeakTensorMemory
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_bench_cli_writes_every_section(tmp_path, tiny_model_dir):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "kolors_story.bench", "--quick", "--out", str(out)],
+                          cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "B / A" in proc.stdout and "wrote" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["quick"] is True and result["format"] == bench.BENCH_FORMAT
+    sections = result["sections"]
+    assert set(sections) == set(bench.SECTIONS)
+    assert not [k for k, v in sections.items() if "error" in v]
+
+    f = sections["flops"]
+    tf = f["tflop"]
+    # A frozen-base LoRA step: backward ~ one more forward; checkpointing recomputes the blocks.
+    assert tf["unet_forward"] < tf["unet_forward_backward"] < tf["unet_forward_backward_checkpointed"]
+    assert 0 < f["cache_saving"]["flops_pct_checkpointing"] < f["cache_saving"]["flops_pct_no_checkpointing"] < 100
+    assert f["resident_gb"]["encode_every_step"] > f["resident_gb"]["cached"] > 0
+
+    t = sections["train"]
+    names = [c["name"] for c in t["comparisons"]]
+    assert any("cache" in n for n in names) and any("checkpointing" in n for n in names)
+    assert all(c["a_median"] > 0 and c["b_median"] > 0 and len(c["a_runs"]) == 1 for c in t["comparisons"])
+    assert t["cache_vs_encoding_max_diff"] <= 1e-4 and t["loss"] == "KolorsLoraModule.compute_loss"
+    assert t["peak_step_mb"]["cached"] > 0 and t["resident_mb"]["encode_every_step"] > t["resident_mb"]["cached"]
+
+    g = sections["generate"]
+    assert g["scenes"] == 8 and g["max_pixel_diff"] <= bench.PIXEL_TOLERANCE
+    s = sections["score"]
+    assert s["images"] == 8 and s["max_score_diff"] <= bench.SCORE_TOLERANCE
+    d = sections["data"]
+    assert d["preflight"]["images"] == 24 and d["cache_reuse"]["files_reused"] == d["cache_build"]["images"]
+
+    # --only re-runs one section and keeps the others already in the file.
+    before = sections["flops"]
+    assert bench.main(["--quick", "--only", "score", "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["sections"]["flops"] == before
+    assert again["sections"]["score"]["seconds"] != sections["score"]["seconds"]
+
+
+def test_real_scale_text_encoder_and_vae_flops():
+    """ChatGLM3-6B on 256 tokens and the SDXL VAE encode at 1024², counted on the meta device."""
+    from diffusers.pipelines.kolors import ChatGLMModel
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
+
+    from kolors_story.tiny import KOLORS_TEXT_ENCODER_CONFIG, SDXL_VAE_CONFIG
+
+    te = bench.count_text_encoder(KOLORS_TEXT_ENCODER_CONFIG, 256)
+    # A transformer's forward is ~2 FLOPs per weight per token (embedding lookup and the unused
+    # output head excluded) plus attention: the count must agree.
+    model = bench._build("meta", lambda: ChatGLMModel(ChatGLMConfig(**KOLORS_TEXT_ENCODER_CONFIG), empty_init=False))
+    matmul_params = sum(p.numel() for n, p in model.named_parameters()
+                        if p.dim() == 2 and "word_embeddings" not in n and "output_layer" not in n)
+    assert 2 * matmul_params * 256 < te < 1.1 * 2 * matmul_params * 256
+    assert te / 1e12 == pytest.approx(2.95, rel=0.02)
+    assert bench.count_vae_encode(SDXL_VAE_CONFIG, 1024) / 1e12 == pytest.approx(4.88, rel=0.02)
+
+
+def test_flop_count_equals_flopcountermode_and_spares_checkpointed_memory():
+    """The bench's lean counter gives FlopCounterMode's totals on a LoRA UNet step (with and without
+    gradient checkpointing), and unlike it does not keep checkpointed activations alive."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kolors_story.lora import add_lora
+    from kolors_story.tiny import tiny_unet_config
+
+    unet = bench._build("meta", lambda: UNet2DConditionModel(**tiny_unet_config()), torch.float16)
+    unet.requires_grad_(False)
+    add_lora(unet, 4, 4)
+    for ckpt in (False, True):
+        ours = bench.count_unet_step(unet, 64, 32, gradient_checkpointing=ckpt)
+        x, t, enc, added = bench._unet_inputs(unet, 64, 32, torch.float16, "meta")
+        with PeakTensorMemory() as mem, FlopCounterMode(display=False) as ref:
+            out = unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added, return_dict=False)[0]
+            fwd = ref.get_total_flops()
+            out.float().square().mean().backward()
+        assert (ours["forward"], ours["forward_backward"]) == (fwd, ref.get_total_flops())
+        if ckpt:
+            assert ours["peak_activation_bytes"] < mem.peak
+            assert ours["peak_activation_bytes"] < plain["peak_activation_bytes"]
+        plain = ours
+
+
+def test_meta_counts_attention_the_cpu_kernel_would_hide():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.randn(1, 2, 64, 16, device="meta")
+    with FlopCounterMode(display=False) as flops:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert flops.get_total_flops() == 2 * 2 * (2 * 64 * 64 * 16)  # QK^T and PV, 2 heads
+
+
+def test_alternate_interleaves_and_warms_up():
+    calls = []
+    ta, tb = bench.alternate(lambda: calls.append("a"), lambda: calls.append("b"), repeats=4)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert len(ta) == len(tb) == 4 and all(t >= 0 for t in ta + tb)
+    c = bench.Comparison("x", "n", "A", "B", [1.0, 3.0, 2.0], [4.0, 8.0, 6.0])
+    assert c.ratio == 3.0 and c.as_dict()["ratio_b_over_a"] == 3.0
+
+
+def test_peak_tensor_memory_counts_new_storage_only():
+    base = torch.zeros(1000)
+    with PeakTensorMemory() as mem:
+        view = base[:10]  # no new memory
+        base.add_(1)  # in place: no new memory
+        tmp = torch.ones(250_000)  # 1 MB
+        del tmp
+        kept = torch.ones(1000)
+    assert mem.peak == 1_000_000 and mem.current == 4000  # the 1 MB temporary, then what is kept
+    del view, kept
+
+
+def test_mismatching_outputs_fail_the_bench(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "SCORE_TOLERANCE", -1.0)
+    with pytest.raises(bench.BenchError, match="batched and per-image scores differ"):
+        bench.run_bench(["score"], quick=True, out=tmp_path / "b.json", log=lambda m: None)
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(bench.BenchError, match=r"unknown section\(s\) \['nope'\]"):
+        bench.run_bench(["nope"], quick=True, out=tmp_path / "b.json")
+    with pytest.raises(bench.BenchError, match="--repeats=0"):
+        bench.run_bench(["score"], quick=True, repeats=0, out=tmp_path / "b.json")
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "nope"])
+
+
+def test_bench_model_is_kolors_shaped_and_loads(tmp_path):
+    from kolors_story.models import load_pipeline
+
+    folder = bench.ensure_bench_model(tmp_path / "bench-model")
+    stamp = (folder / "BENCH_MODEL.json").stat().st_mtime_ns
+    assert bench.ensure_bench_model(folder) == folder and (folder / "BENCH_MODEL.json").stat().st_mtime_ns == stamp
+    pipe = load_pipeline(folder)
+    c = pipe.unet.config
+    assert (c.encoder_hid_dim_type, c.addition_embed_type) == ("text_proj", "text_time")
+    assert c.encoder_hid_dim == pipe.text_encoder.config.hidden_size
+    assert c.sample_size * pipe.vae_scale_factor == bench.BENCH_RESOLUTION
