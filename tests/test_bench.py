@@ -40,6 +40,7 @@ def test_quick_bench_cli_writes_every_section(tmp_path, tiny_model_dir):
     t = sections["train"]
     names = [c["name"] for c in t["comparisons"]]
     assert any("cache" in n for n in names) and any("checkpointing" in n for n in names)
+    assert any("Lightning" in n for n in names) and 0 < t["cache_read_share_of_step"] < 1
     assert all(c["a_median"] > 0 and c["b_median"] > 0 and len(c["a_runs"]) == 1 for c in t["comparisons"])
     assert t["cache_vs_encoding_max_diff"] <= 1e-4 and t["loss"] == "KolorsLoraModule.compute_loss"
     assert t["peak_step_mb"]["cached"] > 0 and t["resident_mb"]["encode_every_step"] > t["resident_mb"]["cached"]

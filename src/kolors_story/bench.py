@@ -34,12 +34,14 @@ if __name__ == "__main__":
 import argparse
 import gc
 import json
+import logging
 import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -594,6 +596,31 @@ def section_train(ctx: BenchContext) -> dict:
                             "checkpointing", [t / steps for t in ta], [t / steps for t in tb], per="step",
                             extra={"peak_step_mb_a": peak_cached / 1e6, "peak_step_mb_b": peak_ckpt / 1e6}))
 
+    ctx.log("train: raw loop vs Lightning Trainer.fit (the project's module + loader) ...")
+    raw_step = _median(comps[0].a_runs)
+
+    def raw():
+        run(cached_batch)()
+
+    lightning_steps: list[float] = []
+
+    def lightning():
+        lightning_steps.extend(_lightning_step_times(trainer.module, cache.items, steps))
+
+    ta, tb = alternate(raw, lightning, ctx.repeats, warmup=False)
+    per_fit = len(lightning_steps) // max(1, ctx.repeats)
+    b_runs = [_median(lightning_steps[i * per_fit:(i + 1) * per_fit]) for i in range(ctx.repeats)]
+    comps.append(Comparison("train", "LoRA step: raw loop vs Lightning Trainer.fit", "raw loop", "Lightning fit",
+                            [t / steps for t in ta], b_runs, per="step",
+                            extra={"note": "Lightning: time between consecutive batch starts (loader, step, "
+                                           "optimizer, hooks); Trainer setup excluded"}))
+    # Cache I/O per step: read one item's .safetensors file and collate it, as the trainer's loader does.
+    reads = []
+    for i in range(10 if not ctx.quick else 2):
+        t0 = time.perf_counter()
+        cached_batch(i % n)
+        reads.append(time.perf_counter() - t0)
+
     lora = trainer.lora_state_bytes()
     resident_cached = _param_bytes(pipe.unet) - sum(p.numel() * 4 for p in pipe.unet.parameters() if p.requires_grad) + lora
     return {
@@ -606,8 +633,50 @@ def section_train(ctx: BenchContext) -> dict:
         "resident_mb": {"cached": resident_cached / 1e6,
                         "encode_every_step": (resident_cached + _param_bytes(pipe.text_encoder) + _param_bytes(pipe.vae)) / 1e6},
         "cache_vs_encoding_max_diff": diff,
+        "cache_read_ms_per_step": 1000 * _median(reads),
+        "cache_read_share_of_step": _median(reads) / raw_step,
         "comparisons": [c.as_dict() for c in comps],
     }
+
+
+def _lightning_step_times(module, items, steps: int) -> list[float]:
+    """Seconds per training step inside ``lightning.Trainer.fit`` with the project's module and
+    loader (``training.make_loader``): time between consecutive batch starts, first step dropped."""
+    import lightning as L
+
+    from kolors_story.training import make_loader
+
+    class Clock(L.Callback):
+        def __init__(self):
+            self.marks: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.marks.append(time.perf_counter())
+
+        def on_train_end(self, trainer, pl_module):
+            self.marks.append(time.perf_counter())
+
+    clock = Clock()
+    quiet = logging.getLogger("lightning.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # no "GPU available" banners in the bench output
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _fit(L, module, items, steps, clock, make_loader)
+    finally:
+        quiet.setLevel(level)
+
+
+def _fit(L, module, items, steps, clock, make_loader) -> list[float]:
+    trainer = L.Trainer(max_steps=steps + 1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[clock])
+    loader = make_loader(items, {"batch_size": 1, "steps_per_epoch": steps + 1, "seed": 0, "num_workers": 0})
+    trainer.fit(module, loader)
+    module.step_losses.clear()
+    module._trainer = None  # the next raw step must not see a finished Trainer
+    return [b - a for a, b in zip(clock.marks[1:-1], clock.marks[2:])]
 
 
 # ---------------------------------------------------------------------- section: generate
@@ -844,6 +913,8 @@ def render_table(result: dict):
             table.add_row(name, f"{c['name']} [{c['a']} | {c['b']}] per {c['per']}", _fmt_s(c["a_median"]),
                           _fmt_s(c["b_median"]), f"{c['ratio_b_over_a']:.2f}x")
         if name == "train":
+            table.add_row("train", "cache read + collate per step (share of a cached step)",
+                          f"{sec['cache_read_ms_per_step']:.1f} ms", f"{100 * sec['cache_read_share_of_step']:.1f} %", "")
             p = sec["peak_step_mb"]
             table.add_row("train", "peak step memory: no ckpt / grad checkpointing", f"{p['cached']:.0f} MB",
                           f"{p['cached_checkpointing']:.0f} MB", f"{p['cached_checkpointing'] / p['cached']:.2f}x")
