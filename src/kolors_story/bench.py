@@ -48,7 +48,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kolors_story.io import atomic_write_json, file_sha256
@@ -122,7 +121,12 @@ def build_bench_components(seed: int = 0) -> dict:
     from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
 
-    from kolors_story.tiny import KOLORS_SCHEDULER_CONFIG, _init_normal, _init_text_encoder, diffsynth_tokenizer_dir
+    from kolors_story.tiny import (
+        KOLORS_SCHEDULER_CONFIG,
+        _init_normal,
+        _init_text_encoder,
+        diffsynth_tokenizer_dir,
+    )
 
     gen = torch.Generator().manual_seed(seed)
     text_encoder = ChatGLMModel(ChatGLMConfig(**bench_text_encoder_config()), empty_init=False)
@@ -135,7 +139,7 @@ def build_bench_components(seed: int = 0) -> dict:
         {k: v for k, v in KOLORS_SCHEDULER_CONFIG.items() if not k.startswith("_")}
     )
     tokenizer = ChatGLMTokenizer.from_pretrained(str(diffsynth_tokenizer_dir()))
-    return dict(text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler, tokenizer=tokenizer)
+    return {"text_encoder": text_encoder, "unet": unet, "vae": vae, "scheduler": scheduler, "tokenizer": tokenizer}
 
 
 def ensure_bench_model(folder: str | Path, seed: int = 0) -> Path:
@@ -366,7 +370,7 @@ def count_vae_encode(config: dict, resolution: int, device: str = "meta") -> int
     vae = _build(device, lambda: AutoencoderKL(**config))
     x = torch.randn(1, 3, resolution, resolution, device=device)
     with torch.no_grad(), FlopCounterMode(display=False) as flops:
-        vae.encode(x).latent_dist.mean
+        _ = vae.encode(x).latent_dist.mean
     return flops.get_total_flops()
 
 
@@ -758,7 +762,12 @@ def section_score(ctx: BenchContext) -> dict:
     from aesthetics_predictor import AestheticsPredictorV2Linear
     from transformers import CLIPVisionConfig
 
-    from kolors_story.scoring import REAL_PREDICTOR_CONFIG, AestheticScorer, build_clip_processor, tiny_predictor_config
+    from kolors_story.scoring import (
+        REAL_PREDICTOR_CONFIG,
+        AestheticScorer,
+        build_clip_processor,
+        tiny_predictor_config,
+    )
 
     config = tiny_predictor_config() if ctx.quick else dict(REAL_PREDICTOR_CONFIG)
     config = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
@@ -910,7 +919,7 @@ def render_table(result: dict):
         if not sec or "error" in sec:
             continue
         for c in sec["comparisons"]:
-            table.add_row(name, f"{c['name']} [{c['a']} | {c['b']}] per {c['per']}", _fmt_s(c["a_median"]),
+            table.add_row(name, f"{c['name']} (per {c['per']})", _fmt_s(c["a_median"]),
                           _fmt_s(c["b_median"]), f"{c['ratio_b_over_a']:.2f}x")
         if name == "train":
             table.add_row("train", "cache read + collate per step (share of a cached step)",
