@@ -8,6 +8,9 @@ from pathlib import Path
 # MKL picks matmul kernels by memory layout; fixing the code path makes CPU results bit-exact
 # across otherwise-equal computations (e.g. a LoRA at scale 0 vs no LoRA).
 os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads of
+# parallel test subprocesses (DDP, sweeps) slow each other down many times over.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

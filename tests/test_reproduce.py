@@ -97,5 +97,5 @@ def test_cli_exit_code_is_nonzero_when_an_image_differs(made, tmp_path):
     out = subprocess.run([sys.executable, "generate.py", f"reproduce={copy}", f"hydra.run.dir={tmp_path / 'run'}"],
                          cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ})
     assert out.returncode == 1, out.stderr[-3000:]
-    assert "7/8 identical" in out.stdout and "NOT reproduced" in out.stdout
+    assert "7/8 identical" in out.stdout and "NOT reproduced" in out.stdout, out.stdout[-2500:]
     assert "5.png  DIFFERS" in out.stdout and "1.png  identical" in out.stdout

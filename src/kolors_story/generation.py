@@ -692,7 +692,8 @@ def is_tiny(model_cfg, path: Path) -> bool:
 def _versions() -> dict:
     import importlib.metadata as md
 
-    out = {"python": platform.python_version()}
+    # CPU float reductions depend on the thread count: reproduce restores it (see reproduce.py).
+    out = {"python": platform.python_version(), "torch_threads": torch.get_num_threads()}
     for name in ("kolors-story", "torch", "diffusers", "transformers", "peft"):
         try:
             out[name] = md.version(name)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from kolors_story.generation import (
@@ -140,9 +141,18 @@ def reproduce(source: str | Path, out_dir: str | Path, locations: dict | None = 
     loras = recorded_loras(manifest, folder)
     choices = [int(s["chosen_candidate"]) for s in manifest["scenes"]] if manifest.get("best_of") else None
     out_dir = Path(out_dir)
-    result = generate(cfg, out_dir=out_dir, loras=loras, choices=choices, progress=progress,
-                      source={"reproduce": str(Path(str(source)).resolve())},
-                      overrides=[f"{k}={v}" for k, v in (locations or {}).items()])
+    # On a CPU the thread count changes the order of float reductions (last-bit differences):
+    # regenerate with the thread count the images were made with.
+    threads = (manifest.get("versions") or {}).get("torch_threads")
+    previous_threads = torch.get_num_threads()
+    if threads and str(cfg.model.get("device", "cpu")).startswith("cpu"):
+        torch.set_num_threads(int(threads))
+    try:
+        result = generate(cfg, out_dir=out_dir, loras=loras, choices=choices, progress=progress,
+                          source={"reproduce": str(Path(str(source)).resolve())},
+                          overrides=[f"{k}={v}" for k, v in (locations or {}).items()])
+    finally:
+        torch.set_num_threads(previous_threads)
 
     rows = []
     for scene, new_path in zip(manifest["scenes"], result.images):
