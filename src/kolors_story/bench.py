@@ -117,60 +117,18 @@ def bench_vae_config() -> dict:
 
 def build_bench_components(seed: int = 0) -> dict:
     """The bench model's components in memory (fp32, CPU), deterministic for ``seed``."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
-    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
+    from kolors_story.tiny import build_tiny_components
 
-    from kolors_story.tiny import (
-        KOLORS_SCHEDULER_CONFIG,
-        _init_normal,
-        _init_text_encoder,
-        diffsynth_tokenizer_dir,
-    )
-
-    gen = torch.Generator().manual_seed(seed)
-    text_encoder = ChatGLMModel(ChatGLMConfig(**bench_text_encoder_config()), empty_init=False)
-    _init_text_encoder(text_encoder, gen)
-    unet = UNet2DConditionModel(**bench_unet_config())
-    _init_normal(unet, gen)
-    vae = AutoencoderKL(**bench_vae_config())
-    _init_normal(vae, gen)
-    scheduler = EulerDiscreteScheduler.from_config(
-        {k: v for k, v in KOLORS_SCHEDULER_CONFIG.items() if not k.startswith("_")}
-    )
-    tokenizer = ChatGLMTokenizer.from_pretrained(str(diffsynth_tokenizer_dir()))
-    return {"text_encoder": text_encoder, "unet": unet, "vae": vae, "scheduler": scheduler, "tokenizer": tokenizer}
+    return build_tiny_components(seed, bench_text_encoder_config(), bench_unet_config(), bench_vae_config())
 
 
 def ensure_bench_model(folder: str | Path, seed: int = 0) -> Path:
-    """Build the bench model into ``folder`` (Kwai-Kolors/Kolors layout) unless it is there already.
+    """Build the bench model into ``folder`` (Kwai-Kolors/Kolors layout) unless it is there already."""
+    from kolors_story.tiny import build_model_folder
 
-    Built beside the target and renamed into place: an interrupted build never leaves a model that loads.
-    """
-    from kolors_story.tiny import save_release
-
-    folder = Path(folder).expanduser()
-    stamp = folder / "BENCH_MODEL.json"
-    want = {"version": BENCH_VERSION, "seed": seed}
-    try:
-        if json.loads(stamp.read_text()) == want:
-            return folder
-    except (OSError, ValueError):
-        pass
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        save_release(build_bench_components(seed), tmp, "kolors")
-        (tmp / "TINY_MODEL.txt").write_text(
-            f"Bench-size randomly initialised Kolors (kolors-story bench v{BENCH_VERSION}): for timing only.\n")
-        (tmp / "BENCH_MODEL.json").write_text(json.dumps(want))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    note = f"Bench-size randomly initialised Kolors (kolors-story bench v{BENCH_VERSION}): for timing only.\n"
+    return build_model_folder(folder, {"version": BENCH_VERSION, "seed": seed}, "BENCH_MODEL.json",
+                              lambda: build_bench_components(seed), "kolors", note=note)
 
 
 # ------------------------------------------------------------------------------------ timing

@@ -173,20 +173,13 @@ def diffsynth_tokenizer_dir() -> Path:
     return folder
 
 
-def _init_text_encoder(model: torch.nn.Module, generator: torch.Generator) -> None:
-    # ChatGLM leaves norm weights uninitialised (torch.empty): set every parameter explicitly.
-    for name, p in model.named_parameters():
-        with torch.no_grad():
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+def init_parameters(model: torch.nn.Module, generator: torch.Generator, std: float = 0.05,
+                    fan_in_scaled: bool = True) -> None:
+    """Deterministic initialisation independent of the global RNG and of each library's defaults.
 
-
-def _init_normal(model: torch.nn.Module, generator: torch.Generator, std: float = 0.05) -> None:
-    """Deterministic re-initialisation independent of the global RNG and of diffusers' defaults."""
+    Norm weights 1, biases 0 (ChatGLM leaves its norm weights uninitialised: NaN images otherwise),
+    the rest normal with ``std`` (capped at 1/sqrt(fan_in) when ``fan_in_scaled``).
+    """
     for name, p in model.named_parameters():
         with torch.no_grad():
             if "norm" in name and name.endswith("weight"):
@@ -195,22 +188,26 @@ def _init_normal(model: torch.nn.Module, generator: torch.Generator, std: float 
                 p.zero_()
             else:
                 fan_in = p[0].numel() if p.dim() > 1 else 1
-                p.copy_(torch.randn(p.shape, generator=generator) * min(std, fan_in**-0.5))
+                scale = min(std, fan_in**-0.5) if fan_in_scaled else std
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
 
 
-def build_tiny_components(seed: int = 0) -> dict:
-    """The tiny model's components in memory (fp32, CPU), deterministic for ``seed``."""
+def build_tiny_components(seed: int = 0, text_encoder_config: dict | None = None,
+                          unet_config: dict | None = None, vae_config: dict | None = None) -> dict:
+    """Random Kolors components in memory (fp32, CPU), deterministic for ``seed``: the tiny
+    model's sizes unless other configs (e.g. the bench model's) are given."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
 
     gen = torch.Generator().manual_seed(seed)
-    text_encoder = ChatGLMModel(ChatGLMConfig(**tiny_text_encoder_config()), empty_init=False)
-    _init_text_encoder(text_encoder, gen)
-    unet = UNet2DConditionModel(**tiny_unet_config())
-    _init_normal(unet, gen)
-    vae = AutoencoderKL(**{k: v for k, v in tiny_vae_config().items()})
-    _init_normal(vae, gen)
+    text_encoder = ChatGLMModel(ChatGLMConfig(**(text_encoder_config or tiny_text_encoder_config())),
+                                empty_init=False)
+    init_parameters(text_encoder, gen, std=0.02, fan_in_scaled=False)
+    unet = UNet2DConditionModel(**(unet_config or tiny_unet_config()))
+    init_parameters(unet, gen)
+    vae = AutoencoderKL(**(vae_config or tiny_vae_config()))
+    init_parameters(vae, gen)
     scheduler = EulerDiscreteScheduler.from_config(
         {k: v for k, v in KOLORS_SCHEDULER_CONFIG.items() if not k.startswith("_")}
     )
@@ -264,26 +261,26 @@ def save_release(components: dict, folder: Path, layout: str = "kolors") -> None
     )
 
 
-def ensure_tiny_model(folder: str | Path, seed: int = 0, layout: str = "kolors") -> Path:
-    """Build the tiny model into ``folder`` unless a complete one is already there.
+def build_model_folder(folder: str | Path, stamp: dict, stamp_name: str, build, layout: str = "kolors",
+                       note: str | None = None) -> Path:
+    """Save ``build()``'s components into ``folder`` unless its stamp file already says ``stamp``.
 
     Built in a temp folder beside the target and renamed into place, so an interrupted build
     never leaves a half-written model that later loads.
     """
     folder = Path(folder).expanduser()
-    stamp = folder / "TINY_MODEL.json"
-    want = {"version": TINY_VERSION, "seed": seed, "layout": layout}
-    if stamp.exists():
-        try:
-            if json.loads(stamp.read_text()) == want:
-                return folder
-        except (OSError, json.JSONDecodeError):
-            pass
+    try:
+        if json.loads((folder / stamp_name).read_text()) == stamp:
+            return folder
+    except (OSError, ValueError):
+        pass
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        save_release(build_tiny_components(seed), tmp, layout)
-        (tmp / "TINY_MODEL.json").write_text(json.dumps(want))
+        save_release(build(), tmp, layout)
+        if note:
+            (tmp / "TINY_MODEL.txt").write_text(note)
+        (tmp / stamp_name).write_text(json.dumps(stamp))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -291,3 +288,9 @@ def ensure_tiny_model(folder: str | Path, seed: int = 0, layout: str = "kolors")
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def ensure_tiny_model(folder: str | Path, seed: int = 0, layout: str = "kolors") -> Path:
+    """Build the tiny model into ``folder`` unless a complete one of this spec is already there."""
+    return build_model_folder(folder, {"version": TINY_VERSION, "seed": seed, "layout": layout},
+                              "TINY_MODEL.json", lambda: build_tiny_components(seed), layout)
