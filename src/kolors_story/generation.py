@@ -463,7 +463,8 @@ def save_story(images: list[Image.Image], scenes: list[Scene], out_dir: str | Pa
     for n, (scene, image) in enumerate(zip(scenes, images)):
         extra = {"pnginfo": pnginfo[n]} if pnginfo else {}
         paths.append(atomic_save_image(image, out_dir / f"{scene.index}.png", **extra))
-    panel = save_panel(images, out_dir / "panel.png", captions=[_short(s.description) for s in scenes], title=title)
+    panel = save_panel(images, out_dir / "panel.png", captions=[_short(s.description) for s in scenes], title=title,
+                       ascii_captions=[_short(s.caption_ascii) for s in scenes])
     return {"images": [str(p) for p in paths], "panel": str(panel)}
 
 
