@@ -64,6 +64,14 @@ def tiny_diffusers_dir(offline_env) -> Path:
     return ensure_tiny_model(Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-kolors-diffusers", seed=0, layout="diffusers")
 
 
+@pytest.fixture(scope="session")
+def tiny_scorer_dir(offline_env) -> Path:
+    """The tiny aesthetic predictor where `model=tiny` looks for it (real weights' folder layout)."""
+    from kolors_story.scoring import ensure_tiny_scorer
+
+    return ensure_tiny_scorer(Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-aesthetics-seed0", seed=0)
+
+
 @pytest.fixture()
 def tiny_pipe(tiny_model_dir):
     """A fresh tiny pipeline (fp32, CPU) per test: tests may add LoRAs to it."""

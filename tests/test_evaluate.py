@@ -18,14 +18,9 @@ from kolors_story.evaluation import (
     evaluate_images,
     find_images,
 )
-from kolors_story.scoring import AestheticScorer, ensure_tiny_scorer
+from kolors_story.scoring import AestheticScorer
 from tests.conftest import REPO, compose
 from tests.test_scoring import varied_images, write_images
-
-
-@pytest.fixture(scope="module")
-def tiny_scorer_dir(offline_env) -> Path:
-    return ensure_tiny_scorer(Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-aesthetics-seed0", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from kolors_story.scoring import (
     ScorerError,
     build_tiny_predictor,
     coherence,
-    ensure_tiny_scorer,
     summarize_scores,
 )
 from tests.conftest import compose
@@ -94,12 +93,6 @@ def competition_scores(model_id: str, folder: str) -> tuple[dict[str, float], fl
 
     per_file = {name: get_aesthetics_score(Image.open(os.path.join(folder, name))) for name in os.listdir(folder)}
     return per_file, evaluate(folder)
-
-
-@pytest.fixture(scope="module")
-def tiny_scorer_dir(offline_env) -> Path:
-    """The tiny predictor where `model=tiny` looks for it (built once per session cache)."""
-    return ensure_tiny_scorer(Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-aesthetics-seed0", seed=0)
 
 
 @pytest.fixture(scope="module")
