@@ -5,16 +5,18 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from kolors_story.settings import register_configs
+
+register_configs()  # the schemas conf/ builds on
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from kolors_story.evaluation import EvaluationError, ScorerError, evaluate_from_config
+    from kolors_story.cli import evaluate_main
 
-    try:
-        evaluate_from_config(cfg)
-    except (EvaluationError, ScorerError) as exc:  # bad input: a clear message, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    code = evaluate_main(cfg)
+    if code:  # bad input: the one-line message is already printed
+        sys.exit(code)
 
 
 if __name__ == "__main__":

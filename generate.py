@@ -5,12 +5,16 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from kolors_story.settings import register_configs
+
+register_configs()  # the schemas conf/ builds on
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    from kolors_story.generation import run_generate
+    from kolors_story.cli import generate_main
 
-    code = run_generate(cfg)
+    code = generate_main(cfg)
     if code:  # only on failure: a SystemExit(0) would end a -m sweep after its first job
         sys.exit(code)
 

@@ -3,14 +3,17 @@
 import hydra
 from omegaconf import DictConfig
 
+from kolors_story.settings import register_configs
+
+register_configs()  # the schemas conf/ builds on
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from kolors_story.jobs import run_job
-    from kolors_story.training import train_from_config
+    from kolors_story.cli import train_main
 
     # The last checkpoint's mean aesthetic score: what the Optuna sweeper maximises.
-    return run_job(train_from_config, cfg)
+    return train_main(cfg)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="session", autouse=True)
 def offline_env(tmp_path_factory):
     """No network, W&B offline into a temp dir, the tiny model cache in a temp dir."""
@@ -51,7 +48,7 @@ def offline_env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(offline_env) -> Path:
     """The tiny Kolors in the Kwai-Kolors/Kolors layout, where `model=tiny` looks for it."""
-    from kolors_story.tiny import ensure_tiny_model
+    from kolors_story.models.random_init import ensure_tiny_model
 
     return ensure_tiny_model(Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-kolors-seed0", seed=0, layout="kolors")
 
@@ -59,7 +56,7 @@ def tiny_model_dir(offline_env) -> Path:
 @pytest.fixture(scope="session")
 def tiny_diffusers_dir(offline_env) -> Path:
     """The same tiny Kolors in the Kolors-diffusers layout (model_index.json, tokenizer/, fp16 files)."""
-    from kolors_story.tiny import ensure_tiny_model
+    from kolors_story.models.random_init import ensure_tiny_model
 
     return ensure_tiny_model(Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-kolors-diffusers", seed=0, layout="diffusers")
 
@@ -67,7 +64,7 @@ def tiny_diffusers_dir(offline_env) -> Path:
 @pytest.fixture(scope="session")
 def tiny_scorer_dir(offline_env) -> Path:
     """The tiny aesthetic predictor where `model=tiny` looks for it (real weights' folder layout)."""
-    from kolors_story.scoring import ensure_tiny_scorer
+    from kolors_story.models.random_init import ensure_tiny_scorer
 
     return ensure_tiny_scorer(Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-aesthetics-seed0", seed=0)
 
@@ -75,15 +72,6 @@ def tiny_scorer_dir(offline_env) -> Path:
 @pytest.fixture()
 def tiny_pipe(tiny_model_dir):
     """A fresh tiny pipeline (fp32, CPU) per test: tests may add LoRAs to it."""
-    from kolors_story.models import load_pipeline
+    from kolors_story.models.loading import load_pipeline
 
     return load_pipeline(tiny_model_dir)
-
-
-def compose(config_name: str, overrides: list[str] | None = None):
-    """Compose a Hydra config from conf/ the way the entry points do (no run dir, no chdir)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=True)

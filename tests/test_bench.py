@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kolors_story import bench
-from kolors_story.memory import PeakTensorMemory
+from kolors_story.bench import flops, run, timing
+from kolors_story.models import configs, random_init
+from kolors_story.accounting import PeakTensorMemory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,9 +27,9 @@ def test_quick_bench_cli_writes_every_section(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "B / A" in proc.stdout and "wrote" in proc.stdout
     result = json.loads(out.read_text())
-    assert result["quick"] is True and result["format"] == bench.BENCH_FORMAT
+    assert result["quick"] is True and result["format"] == run.BENCH_FORMAT
     sections = result["sections"]
-    assert set(sections) == set(bench.SECTIONS)
+    assert set(sections) == set(run.SECTIONS)
     assert not [k for k, v in sections.items() if "error" in v]
 
     f = sections["flops"]
@@ -47,15 +48,15 @@ def test_quick_bench_cli_writes_every_section(tmp_path, tiny_model_dir):
     assert t["peak_step_mb"]["cached"] > 0 and t["resident_mb"]["encode_every_step"] > t["resident_mb"]["cached"]
 
     g = sections["generate"]
-    assert g["scenes"] == 8 and g["max_pixel_diff"] <= bench.PIXEL_TOLERANCE
+    assert g["scenes"] == 8 and g["max_pixel_diff"] <= timing.PIXEL_TOLERANCE
     s = sections["score"]
-    assert s["images"] == 8 and s["max_score_diff"] <= bench.SCORE_TOLERANCE
+    assert s["images"] == 8 and s["max_score_diff"] <= timing.SCORE_TOLERANCE
     d = sections["data"]
     assert d["preflight"]["images"] == 24 and d["cache_reuse"]["files_reused"] == d["cache_build"]["images"]
 
     # --only re-runs one section and keeps the others already in the file.
     before = sections["flops"]
-    assert bench.main(["--quick", "--only", "score", "--out", str(out)]) == 0
+    assert run.main(["--quick", "--only", "score", "--out", str(out)]) == 0
     again = json.loads(out.read_text())
     assert again["sections"]["flops"] == before
     assert again["sections"]["score"]["seconds"] != sections["score"]["seconds"]
@@ -66,17 +67,17 @@ def test_real_scale_text_encoder_and_vae_flops():
     from diffusers.pipelines.kolors import ChatGLMModel
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
 
-    from kolors_story.tiny import KOLORS_TEXT_ENCODER_CONFIG, SDXL_VAE_CONFIG
+    from kolors_story.models.configs import KOLORS_TEXT_ENCODER_CONFIG, SDXL_VAE_CONFIG
 
-    te = bench.count_text_encoder(KOLORS_TEXT_ENCODER_CONFIG, 256)
+    te = flops.count_text_encoder(KOLORS_TEXT_ENCODER_CONFIG, 256)
     # A transformer's forward is ~2 FLOPs per weight per token (embedding lookup and the unused
     # output head excluded) plus attention: the count must agree.
-    model = bench._build("meta", lambda: ChatGLMModel(ChatGLMConfig(**KOLORS_TEXT_ENCODER_CONFIG), empty_init=False))
+    model = flops.build_on("meta", lambda: ChatGLMModel(ChatGLMConfig(**KOLORS_TEXT_ENCODER_CONFIG), empty_init=False))
     matmul_params = sum(p.numel() for n, p in model.named_parameters()
                         if p.dim() == 2 and "word_embeddings" not in n and "output_layer" not in n)
     assert 2 * matmul_params * 256 < te < 1.1 * 2 * matmul_params * 256
     assert te / 1e12 == pytest.approx(2.95, rel=0.02)
-    assert bench.count_vae_encode(SDXL_VAE_CONFIG, 1024) / 1e12 == pytest.approx(4.88, rel=0.02)
+    assert flops.count_vae_encode(SDXL_VAE_CONFIG, 1024) / 1e12 == pytest.approx(4.88, rel=0.02)
 
 
 def test_flop_count_equals_flopcountermode_and_spares_checkpointed_memory():
@@ -86,15 +87,15 @@ def test_flop_count_equals_flopcountermode_and_spares_checkpointed_memory():
     from torch.utils.flop_counter import FlopCounterMode
 
     from kolors_story.lora import add_lora
-    from kolors_story.tiny import tiny_unet_config
+    from kolors_story.models.configs import tiny_unet_config
 
-    unet = bench._build("meta", lambda: UNet2DConditionModel(**tiny_unet_config()), torch.float16)
+    unet = flops.build_on("meta", lambda: UNet2DConditionModel(**tiny_unet_config()), torch.float16)
     unet.requires_grad_(False)
     add_lora(unet, 4, 4)
     plain: dict = {}
     for ckpt in (False, True):
-        ours = bench.count_unet_step(unet, 64, 32, gradient_checkpointing=ckpt)
-        x, t, enc, added = bench._unet_inputs(unet, 64, 32, torch.float16, "meta")
+        ours = flops.count_unet_step(unet, 64, 32, gradient_checkpointing=ckpt)
+        x, t, enc, added = flops.unet_inputs(unet, 64, 32, torch.float16, "meta")
         with PeakTensorMemory() as mem, FlopCounterMode(display=False) as ref:
             out = unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added, return_dict=False)[0]
             fwd = ref.get_total_flops()
@@ -117,10 +118,10 @@ def test_meta_counts_attention_the_cpu_kernel_would_hide():
 
 def test_alternate_interleaves_and_warms_up():
     calls = []
-    ta, tb = bench.alternate(lambda: calls.append("a"), lambda: calls.append("b"), repeats=4)
+    ta, tb = timing.alternate(lambda: calls.append("a"), lambda: calls.append("b"), repeats=4)
     assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert len(ta) == len(tb) == 4 and all(t >= 0 for t in ta + tb)
-    c = bench.Comparison("x", "n", "A", "B", [1.0, 3.0, 2.0], [4.0, 8.0, 6.0])
+    c = timing.Comparison("x", "n", "A", "B", [1.0, 3.0, 2.0], [4.0, 8.0, 6.0])
     assert c.ratio == 3.0 and c.as_dict()["ratio_b_over_a"] == 3.0
 
 
@@ -137,28 +138,30 @@ def test_peak_tensor_memory_counts_new_storage_only():
 
 
 def test_mismatching_outputs_fail_the_bench(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "SCORE_TOLERANCE", -1.0)
-    with pytest.raises(bench.BenchError, match="batched and per-image scores differ"):
-        bench.run_bench(["score"], quick=True, out=tmp_path / "b.json", log=lambda m: None)
+    from kolors_story.bench import score
+
+    monkeypatch.setattr(score, "SCORE_TOLERANCE", -1.0)
+    with pytest.raises(timing.BenchError, match="batched and per-image scores differ"):
+        run.run_bench(["score"], quick=True, out=tmp_path / "b.json", log=lambda m: None)
 
 
 def test_bad_arguments_are_named(tmp_path):
-    with pytest.raises(bench.BenchError, match=r"unknown section\(s\) \['nope'\]"):
-        bench.run_bench(["nope"], quick=True, out=tmp_path / "b.json")
-    with pytest.raises(bench.BenchError, match="--repeats=0"):
-        bench.run_bench(["score"], quick=True, repeats=0, out=tmp_path / "b.json")
+    with pytest.raises(timing.BenchError, match=r"unknown section\(s\) \['nope'\]"):
+        run.run_bench(["nope"], quick=True, out=tmp_path / "b.json")
+    with pytest.raises(timing.BenchError, match="--repeats=0"):
+        run.run_bench(["score"], quick=True, repeats=0, out=tmp_path / "b.json")
     with pytest.raises(SystemExit):
-        bench.main(["--only", "nope"])
+        run.main(["--only", "nope"])
 
 
 def test_bench_model_is_kolors_shaped_and_loads(tmp_path):
-    from kolors_story.models import load_pipeline
+    from kolors_story.models.loading import load_pipeline
 
-    folder = bench.ensure_bench_model(tmp_path / "bench-model")
+    folder = random_init.ensure_bench_model(tmp_path / "bench-model")
     stamp = (folder / "BENCH_MODEL.json").stat().st_mtime_ns
-    assert bench.ensure_bench_model(folder) == folder and (folder / "BENCH_MODEL.json").stat().st_mtime_ns == stamp
+    assert random_init.ensure_bench_model(folder) == folder and (folder / "BENCH_MODEL.json").stat().st_mtime_ns == stamp
     pipe = load_pipeline(folder)
     c = pipe.unet.config
     assert (c.encoder_hid_dim_type, c.addition_embed_type) == ("text_proj", "text_time")
     assert c.encoder_hid_dim == pipe.text_encoder.config.hidden_size
-    assert c.sample_size * pipe.vae_scale_factor == bench.BENCH_RESOLUTION
+    assert c.sample_size * pipe.vae_scale_factor == configs.BENCH_RESOLUTION

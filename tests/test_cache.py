@@ -17,23 +17,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from kolors_story import cache as cache_mod
-from kolors_story import models
-from kolors_story.cache import (
-    CacheError,
-    build_cache,
-    crop_geometry,
-    load_cached_item,
-    load_story_embeddings,
-    read_cache_metadata,
-)
-from kolors_story.story import scenes_from_config
-from tests.conftest import REPO, compose
+from kolors_story.data import cache as cache_module
+from kolors_story.data.cache import build_cache
+from kolors_story.data.cache_files import CacheError, load_cached_item, load_story_embeddings, read_cache_metadata
+from kolors_story.data.crop import crop_geometry
+from kolors_story.files import STALE_TMP_SECONDS
+from kolors_story.models import loading, prompts
+from kolors_story.models.loading import model_hash
+from kolors_story.story import story_scenes
+from tests.helpers import REPO, settings
 
 # (width, height) of the training images: landscape, portrait, exact size, wide, duplicate caption
 SIZES = [(128, 96), (96, 128), (64, 64), (200, 100), (80, 120)]
@@ -65,9 +61,28 @@ def _write_metadata(train: Path, captions) -> None:
 
 
 def _cfg(data_dir: Path, *overrides: str, batch_size: int = 2):
-    cfg = compose("train", ["model=tiny", f"data_dir={data_dir}", *overrides])
-    OmegaConf.update(cfg, "cache.batch_size", batch_size, force_add=True)
-    return cfg
+    return settings("train", ["model=tiny", f"data_dir={data_dir}", f"cache.batch_size={batch_size}", *overrides])
+
+
+# Where the cache build gets each model part from: patched to prove a part is (not) constructed.
+PART_LOADERS = {
+    "text": [(prompts, "load_text_encoder"), (prompts, "load_tokenizer")],
+    "vae": [(cache_module, "load_vae")],
+    "other": [(loading, "load_unet"), (loading, "load_pipeline")],
+}
+
+
+def _forbid(monkeypatch, replacement, *parts: str) -> None:
+    for part in parts:
+        for module, name in PART_LOADERS[part]:
+            monkeypatch.setattr(module, name, replacement)
+
+
+def _build(job, prepared, scenes=None):
+    """``build_cache`` called as the trainer's data stage calls it (``train.run.data_stage``)."""
+    return build_cache(job.model, prepared, data_dir=job.data_dir, resolution=job.dataset.resolution,
+                       crop=job.dataset.crop, crop_seed=job.trainer.seed, batch_size=job.cache.batch_size,
+                       scenes=scenes)
 
 
 def _copy(base: Path, dst: Path) -> Path:
@@ -86,13 +101,13 @@ def built(tiny_model_dir, tmp_path_factory):
     train = _write_dataset(data_dir)
     cfg = _cfg(data_dir)
     assert Path(cfg.model.path) == tiny_model_dir
-    scenes = scenes_from_config(cfg.story, cfg.sampler)
+    scenes = story_scenes(cfg.story, cfg.sampler)
     prepared = SimpleNamespace(  # a PreparedDataset, duck-typed as the data stage returns it
         data_dir=data_dir, train_dir=train, dataset_hash="abc123",
         items=[(train / f"{i}.jpg", c) for i, c in enumerate(CAPTIONS)],
     )
     encoders = []
-    real = models.load_text_encoder
+    real = prompts.load_text_encoder
 
     def recording(layout, dtype):
         model = real(layout, dtype)
@@ -100,15 +115,15 @@ def built(tiny_model_dir, tmp_path_factory):
         return model
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(models, "load_text_encoder", recording)
-        result = build_cache(cfg, prepared, scenes)
+        mp.setattr(prompts, "load_text_encoder", recording)
+        result = _build(cfg, prepared, scenes)
     return SimpleNamespace(cfg=cfg, data_dir=data_dir, scenes=scenes, cache=result, encoders=encoders)
 
 
 def test_contract_shapes_order_and_text_encoder_released(built, tiny_model_dir):
     c = built.cache
     assert c.cache_dir == built.data_dir / "cache"
-    assert c.model_hash == models.model_hash(tiny_model_dir)
+    assert c.model_hash == model_hash(tiny_model_dir)
     assert len(c.items) == len(CAPTIONS) and all(p.suffix == ".safetensors" and p.is_file() for p in c.items)
     # metadata.csv order, one file per image (same caption, different image -> different file)
     assert [read_cache_metadata(p)["caption"] for p in c.items] == CAPTIONS
@@ -143,7 +158,7 @@ def test_cached_embeddings_equal_generation_exactly(built, tiny_pipe):
         embeds, _, pooled, _ = tiny_pipe.encode_prompt(caption, torch.device("cpu"), 1, True, negative_prompt="丑陋")
         assert (t["prompt_embeds"] - embeds[0]).abs().max().item() == 0.0
         assert (t["pooled_prompt_embeds"] - pooled[0]).abs().max().item() == 0.0
-    from kolors_story.generation import encode_scenes
+    from kolors_story.models.prompts import encode_scenes
 
     want = encode_scenes(tiny_pipe, built.scenes)
     got = load_story_embeddings(built.cache.story)
@@ -185,16 +200,15 @@ def test_second_run_constructs_no_encoder_and_rewrites_nothing(built, tmp_path, 
     def forbidden(*a, **k):
         raise AssertionError("nothing is missing: no model part may be constructed")
 
-    for name in ("load_text_encoder", "load_vae", "load_unet", "load_tokenizer", "load_pipeline"):
-        monkeypatch.setattr(models, name, forbidden)
+    _forbid(monkeypatch, forbidden, "text", "vae", "other")
     items = [data_dir / "cache" / "items" / p.name for p in built.cache.items]
     before = _snapshot(items)
-    again = build_cache(_cfg(data_dir), data_dir, built.scenes)
+    again = _build(_cfg(data_dir), data_dir, built.scenes)
     assert again.items == items
     # a PreparedDataset whose item paths are relative to train_dir finds the same files
     prepared = SimpleNamespace(train_dir=data_dir / "train", dataset_hash="h",
                                items=[(f"{i}.jpg", c) for i, c in enumerate(CAPTIONS)])
-    assert build_cache(_cfg(data_dir), prepared, built.scenes).items == items and again.story == data_dir / "cache" / "story" / built.cache.story.name
+    assert _build(_cfg(data_dir), prepared, built.scenes).items == items and again.story == data_dir / "cache" / "story" / built.cache.story.name
     assert again.stats["files_reused"] == len(set(items)) and again.stats["story"] == "reused"
     assert _snapshot(items) == before, "reused files must not be rewritten"
 
@@ -217,13 +231,13 @@ def test_changing_one_caption_recomputes_exactly_that_one(built, tmp_path, monke
         encoded.append(prompt)
         return real_encode(self, prompt, *a, **k)
 
-    monkeypatch.setattr(models, "load_vae", no_vae)
+    _forbid(monkeypatch, no_vae, "vae")
     monkeypatch.setattr(KolorsPipeline, "encode_prompt", recording)
     old = [data_dir / "cache" / "items" / p.name for p in built.cache.items]
     keep = [p for i, p in enumerate(old) if i != 3]
     before = _snapshot(keep)
     capfd.readouterr()
-    result = build_cache(_cfg(data_dir), data_dir, built.scenes)
+    result = _build(_cfg(data_dir), data_dir, built.scenes)
     err = capfd.readouterr().err
     assert encoded == [[captions[3]]], "only the changed caption is encoded (story reused)"
     assert "cache: prompt embeddings" in err and "1/1" in err, "progress with counts"
@@ -247,24 +261,24 @@ def test_changing_one_image_or_the_crop_recomputes_only_latents(built, tmp_path,
     def no_text(*a, **k):
         raise AssertionError("captions are unchanged: the text encoder must not be loaded")
 
-    monkeypatch.setattr(models, "load_text_encoder", no_text)
+    monkeypatch.setattr(prompts, "load_text_encoder", no_text)
     old = [data_dir / "cache" / "items" / p.name for p in built.cache.items]
-    result = build_cache(_cfg(data_dir), data_dir, built.scenes)
+    result = _build(_cfg(data_dir), data_dir, built.scenes)
     assert result.stats["latents_computed"] == 1 and result.stats["embeds_computed"] == 0
     assert [p == q for p, q in zip(result.items, old)] == [True, False, True, True, True]
     assert not torch.equal(load_cached_item(result.items[1])["latents"], load_cached_item(old[1])["latents"])
 
     # random crop: a new image key for every image, still no text encoder; offsets are per image
     # (seeded by trainer.seed + image hash), inside the resized image, and stable across runs
-    rand = build_cache(_cfg(data_dir, "dataset.crop=random", "trainer.seed=7"), data_dir, built.scenes)
+    rand = _build(_cfg(data_dir, "dataset.crop=random", "trainer.seed=7"), data_dir, built.scenes)
     assert rand.stats["latents_computed"] == len(SIZES) and rand.stats["embeds_reused"] == len(set(CAPTIONS))
     for p, (w, h) in zip(rand.items, SIZES):
         meta = read_cache_metadata(p)
         ids = load_cached_item(p)["add_time_ids"].tolist()
         (rh, rw), (top, left) = crop_geometry((h, w), (64, 64), "random", 7, meta["image_sha256"])
         assert ids == [h, w, top, left, 64, 64] and 0 <= top <= rh - 64 and 0 <= left <= rw - 64
-    monkeypatch.setattr(models, "load_vae", no_text)
-    assert build_cache(_cfg(data_dir, "dataset.crop=random", "trainer.seed=7"), data_dir).items == rand.items
+    _forbid(monkeypatch, no_text, "vae")
+    assert _build(_cfg(data_dir, "dataset.crop=random", "trainer.seed=7"), data_dir).items == rand.items
     offsets = {
         seed: [crop_geometry((h, w), (64, 64), "random", seed, read_cache_metadata(p)["image_sha256"])[1]
                for p, (w, h) in zip(rand.items, SIZES)]
@@ -295,7 +309,7 @@ def test_corrupt_partial_or_wrong_files_are_recomputed_not_trusted(built, tmp_pa
     with pytest.raises(CacheError, match=story.name):
         load_story_embeddings(story)
 
-    result = build_cache(_cfg(data_dir, batch_size=3), data_dir, built.scenes)
+    result = _build(_cfg(data_dir, batch_size=3), data_dir, built.scenes)
     assert len(result.stats["bad_files"]) == 5, result.stats["bad_files"]
     assert result.stats["files_reused"] == 1 and result.stats["story"] == "computed"
     assert result.items == items
@@ -317,14 +331,14 @@ def test_same_size_retrained_vae_is_not_mistaken_for_the_cached_one(built, tmp_p
     save_file({k: v * 1.05 for k, v in load_file(str(vae_file)).items()}, str(vae_file), metadata=meta)
     assert vae_file.stat().st_size == size
     # same names and sizes: the model hash samples weight bytes, so it tells these VAEs apart ...
-    assert models.model_hash(model) != models.model_hash(tiny_model_dir)
+    assert model_hash(model) != model_hash(tiny_model_dir)
 
     def no_text(*a, **k):
         raise AssertionError("the text encoder files are unchanged: embeddings must be reused")
 
-    monkeypatch.setattr(models, "load_text_encoder", no_text)
+    monkeypatch.setattr(prompts, "load_text_encoder", no_text)
     data_dir = _copy(built.data_dir, tmp_path / "data")
-    result = build_cache(_cfg(data_dir, f"model.path={model}"), data_dir, built.scenes)
+    result = _build(_cfg(data_dir, f"model.path={model}"), data_dir, built.scenes)
     # ... and the cache keys each part by its own component: new latents, reused embeddings and story
     assert result.stats["latents_computed"] == len(SIZES) and result.stats["embeds_reused"] == len(set(CAPTIONS))
     assert result.stats["story"] == "reused"
@@ -339,9 +353,9 @@ def test_undecodable_image_stops_with_its_name_and_finished_batches_are_kept(bui
     (data_dir / "train" / "3.jpg").write_bytes(good[:200])  # truncated JPEG
     cfg = _cfg(data_dir, "dataset.crop=random", "trainer.seed=3", batch_size=2)
     with pytest.raises(CacheError, match=r"3\.jpg.*stage=data"):
-        build_cache(cfg, data_dir)
+        _build(cfg, data_dir)
     (data_dir / "train" / "3.jpg").write_bytes(good)
-    result = build_cache(cfg, data_dir)
+    result = _build(cfg, data_dir)
     # the first batch (images 0, 1) was written before the failure and is reused now
     assert result.stats["files_reused"] == 2 and result.stats["latents_computed"] == len(SIZES) - 2
 
@@ -350,11 +364,11 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from omegaconf import OmegaConf
-    import kolors_story.cache as cache
-    from tests.conftest import compose
+    import kolors_story.data.cache_files as cache_files
+    from kolors_story.data.cache import build_cache
+    from tests.helpers import settings
 
-    real = cache.save_file
+    real = cache_files.save_file
 
     def dying(tensors, filename, metadata=None):
         real(tensors, filename, metadata=metadata)  # a complete file at the temp path ...
@@ -362,10 +376,10 @@ KILL_SCRIPT = textwrap.dedent(
         Path(filename).write_bytes(data[: len(data) // 2])  # ... then cut, as a kill mid-write leaves it
         os.kill(os.getpid(), signal.SIGKILL)
 
-    cache.save_file = dying
+    cache_files.save_file = dying
     data_dir = Path(sys.argv[1])
-    cfg = compose("train", ["model=tiny", f"data_dir={data_dir}"])
-    cache.build_cache(cfg, data_dir)
+    job = settings("train", ["model=tiny", f"data_dir={data_dir}"])
+    build_cache(job.model, data_dir, data_dir=data_dir, resolution=job.dataset.resolution)
     """
 )
 
@@ -383,7 +397,7 @@ def test_killed_write_leaves_no_corrupt_file_in_use(built, tmp_path):
     assert len(left) == 1 and next(iter(left)).name.endswith(".tmp"), left  # only the half temp file
     assert all(p.suffix == ".safetensors" for p in before), "no finished file was written by the killed run"
 
-    result = build_cache(_cfg(data_dir), data_dir)
+    result = _build(_cfg(data_dir), data_dir)
     assert result.stats["latents_computed"] == 1 and result.stats["files_reused"] == len(SIZES) - 1
     assert all(p.suffix == ".safetensors" for p in result.items)
     for p in result.items:
@@ -391,9 +405,9 @@ def test_killed_write_leaves_no_corrupt_file_in_use(built, tmp_path):
     # the killed writer's temp file is never read, and is cleaned up once it is old
     tmp = next(iter(left))
     assert tmp.exists()
-    old = time.time() - 2 * cache_mod.STALE_TMP_SECONDS
+    old = time.time() - 2 * STALE_TMP_SECONDS
     os.utime(tmp, (old, old))
-    build_cache(_cfg(data_dir), data_dir)
+    _build(_cfg(data_dir), data_dir)
     assert not tmp.exists()
 
 
@@ -401,20 +415,20 @@ def test_bad_input_gives_clear_errors(tiny_model_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CacheError, match=r"metadata\.csv.*stage=data"):
-        build_cache(_cfg(empty), empty)
+        _build(_cfg(empty), empty)
 
     data_dir = tmp_path / "data"
     train = _write_dataset(data_dir)
     (train / "2.jpg").unlink()
     with pytest.raises(CacheError, match=r"2\.jpg"):
-        build_cache(_cfg(data_dir), data_dir)
+        _build(_cfg(data_dir), data_dir)
     with pytest.raises(ValueError, match="dataset.crop='diagonal'"):
-        build_cache(_cfg(data_dir, "dataset.crop=diagonal"), data_dir)
+        _build(_cfg(data_dir, "dataset.crop=diagonal"), data_dir)
     with pytest.raises(ValueError, match="dataset.resolution=60"):
-        build_cache(_cfg(data_dir, "dataset.resolution=60"), data_dir)
+        _build(_cfg(data_dir, "dataset.resolution=60"), data_dir)
     (train / "metadata.csv").write_text("file,caption\n0.jpg,x\n", encoding="utf-8")
     with pytest.raises(CacheError, match=r"lacks column.*file_name"):
-        build_cache(_cfg(data_dir), data_dir)
+        _build(_cfg(data_dir), data_dir)
 
 
 def test_crop_geometry_covers_target_and_is_deterministic():

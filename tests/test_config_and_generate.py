@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from kolors_story.story import scenes_from_config
-from tests.conftest import REPO, compose
+from kolors_story.story import story_scenes
+from tests.helpers import REPO, compose, settings
 
 
 def _run(args, **kw):
@@ -21,19 +22,19 @@ def _run(args, **kw):
 @pytest.mark.parametrize("story", ["idol_diary", "ink_dream", "warrior_dragon"])
 @pytest.mark.parametrize("language", ["zh", "en"])
 def test_every_story_has_eight_scenes_in_both_languages(story, language):
-    cfg = compose("generate", [f"story={story}", f"story.language={language}"])
-    scenes = scenes_from_config(cfg.story, cfg.sampler)
+    job = settings("generate", [f"story={story}", f"story.language={language}"])
+    scenes = story_scenes(job.story, job.sampler)
     assert len(scenes) == 8
     assert all(s.prompt.strip() and s.negative.strip() and s.description.strip() for s in scenes)
     assert len({s.prompt for s in scenes}) == 8
 
 
 def test_sampler_defaults_follow_the_baseline():
-    cfg = compose("generate", ["model=kolors", "story=idol_diary"])
-    assert (cfg.sampler.cfg, cfg.sampler.steps, cfg.sampler.height, cfg.sampler.width) == (4.0, 50, 1024, 1024)
-    assert [s.seed for s in scenes_from_config(cfg.story, cfg.sampler)] == [0, 1, 2, 5, 0, 1, 7, 0]
-    cfg = compose("generate", ["story=ink_dream", "sampler.base_seed=10"])
-    assert [s.seed for s in scenes_from_config(cfg.story, cfg.sampler)] == list(range(10, 18))
+    job = settings("generate", ["model=kolors", "story=idol_diary"])
+    assert (job.sampler.cfg, job.sampler.steps, job.sampler.height, job.sampler.width) == (4.0, 50, 1024, 1024)
+    assert [s.seed for s in story_scenes(job.story, job.sampler)] == [0, 1, 2, 5, 0, 1, 7, 0]
+    job = settings("generate", ["story=ink_dream", "sampler.base_seed=10"])
+    assert [s.seed for s in story_scenes(job.story, job.sampler)] == list(range(10, 18))
 
 
 def test_presets_and_trainer_defaults():
@@ -44,6 +45,32 @@ def test_presets_and_trainer_defaults():
     ops = {next(iter(op)): next(iter(op.values())) for op in cfg.filter.process}
     assert ops["image_shape_filter"]["min_width"] == 1024 and ops["image_shape_filter"]["min_height"] == 1024
     assert (ops["image_aspect_ratio_filter"]["min_ratio"], ops["image_aspect_ratio_filter"]["max_ratio"]) == (0.5, 2.0)
+
+
+def test_defaults_live_in_the_schemas_and_reach_the_library():
+    """conf/ default options add nothing to their schema; the library sees the schema's values
+    (the old code fallbacks disagreed: seed 0 vs 42, checkpoint every 500 vs 250 steps)."""
+    from kolors_story.settings import LoraSettings, MemorySettings, OptimSettings, TrainerSettings
+
+    job = settings("train", [])
+    assert job.trainer == TrainerSettings() and job.lora == LoraSettings() and job.optim == OptimSettings()
+    assert (job.trainer.seed, job.trainer.checkpoint_every_n_steps, job.trainer.steps_per_epoch) == (42, 250, 500)
+    assert settings("generate", []).memory == MemorySettings()
+    tiny = settings("train", ["model=tiny"])
+    assert (tiny.trainer.accelerator, tiny.trainer.precision, tiny.trainer.max_epochs) == ("cpu", "32", 2)
+    assert tiny.trainer == settings("train", ["trainer=cpu"]).trainer  # one source of the CPU values
+    assert tiny.scorer.tiny is not None and tiny.scorer.path.endswith("tiny-aesthetics-seed0")
+    assert settings("train", []).scorer.tiny is None  # model=kolors: the competition's predictor
+
+
+def test_a_mistyped_value_fails_at_compose_time_naming_the_key():
+    from hydra.errors import ConfigCompositionException
+
+    for override, key in (("trainer.seed=abc", "trainer.seed"), ("sampler.steps=many", "sampler.steps"),
+                          ("validate=maybe", "validate"), ("dataset.rebuild=sometimes", "dataset.rebuild")):
+        with pytest.raises(ConfigCompositionException) as err:
+            compose("train", [override])
+        assert key in str(err.value.__cause__ or err.value), override
 
 
 def test_every_config_key_has_a_comment():
@@ -63,6 +90,30 @@ def test_every_config_key_has_a_comment():
             if "#" not in line:
                 missing.append(f"{path.relative_to(REPO)}:{n}: {s}")
     assert not missing, "keys without a comment:\n" + "\n".join(missing)
+
+
+def test_every_settings_field_has_a_comment():
+    """The schemas in settings.py are where every key's default lives: each knob carries its
+    one-line comment there (group fields of the job schemas are not knobs)."""
+    import ast
+
+    from kolors_story import settings as settings_module
+
+    source = Path(settings_module.__file__).read_text(encoding="utf-8")
+    lines = source.splitlines()
+    missing = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for item in node.body:
+            if not isinstance(item, ast.AnnAssign):
+                continue
+            name = item.target.id
+            is_group = (isinstance(item.value, ast.Name) and item.value.id == "MISSING"
+                        and isinstance(item.annotation, ast.Name) and item.annotation.id.endswith("Settings"))
+            if not is_group and "#" not in lines[item.lineno - 1]:
+                missing.append(f"{node.name}.{name}")
+    assert not missing, "settings fields without a comment: " + ", ".join(missing)
 
 
 def test_cli_help_cfg_and_unknown_key():

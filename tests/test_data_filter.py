@@ -12,9 +12,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from kolors_story.data import prepare_dataset, run_data_stage
 from kolors_story.data.demo import DEMO_SIZES, draw_demo_image, make_demo_dataset
-from tests.conftest import compose
+from tests.helpers import compose, prepare, run_data_stage
 
 pytestmark = pytest.mark.slow  # one real dj-process run (~15-60 s on a busy 2-core CPU) shared by the module
 
@@ -56,7 +55,7 @@ def demo_run(tmp_path_factory):
         mp.setenv("PYTHONPATH", str(hook))  # dj-process inherits it: the watchdog loads at its start
         mp.setenv("KS_WATCHDOG_LOG", str(log))
         cfg = compose("train", ["model=tiny", "dataset=demo", f"data_dir={root / 'data'}"])
-        prepared = prepare_dataset(cfg, progress=False)
+        prepared = prepare(cfg, progress=False)
     return prepared, log, cfg, root
 
 
@@ -139,7 +138,7 @@ def test_filter_none_keeps_every_demo_image(demo_run, tmp_path):
     prepared, _, _, _ = demo_run
     raw = prepared.data_dir / "raw"
     cfg = compose("train", ["model=tiny", "dataset=demo", f"dataset.path={raw}", "filter=none", f"data_dir={tmp_path}"])
-    out = prepare_dataset(cfg, progress=False)
+    out = prepare(cfg, progress=False)
     assert len(out.items) == 24 and out.report["counts"]["filter"]["ops"] == []
     assert not out.report["filter"]["ran"] and not (tmp_path / "work" / "data_juicer").exists()
 

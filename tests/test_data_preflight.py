@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kolors_story.data import DataError, load_prepared, prepare_dataset
-from kolors_story.data.processed import dataset_hash, file_sha256
-from tests.conftest import compose
+from kolors_story.data import DataError, load_prepared
+from kolors_story.data.processed import dataset_hash
+from kolors_story.files import file_sha256
+from tests.helpers import compose, prepare
 
 
 def _noise_jpeg(seed: int, size=(128, 96)) -> bytes:
@@ -115,7 +116,7 @@ def zoo(tmp_path):
 
 def test_zoo_keeps_every_good_image_and_reports_every_bad_one(tmp_path, zoo):
     root, good, bad = zoo
-    prepared = prepare_dataset(_cfg(tmp_path, root), progress=False)
+    prepared = prepare(_cfg(tmp_path, root), progress=False)
     report = json.loads((tmp_path / "data" / "report.json").read_text(encoding="utf-8"))
     assert report == prepared.report and report["status"] == "ok"
 
@@ -145,7 +146,7 @@ def test_zoo_keeps_every_good_image_and_reports_every_bad_one(tmp_path, zoo):
 
 def test_zoo_conversions_keep_what_a_viewer_sees(tmp_path, zoo):
     root, good, _ = zoo
-    prepared = prepare_dataset(_cfg(tmp_path, root), progress=False)
+    prepared = prepare(_cfg(tmp_path, root), progress=False)
     out = dict(zip(prepared.names, (p for p, _ in prepared.items)))
 
     # An RGB JPEG is copied byte for byte: its pixels are exactly the original's.
@@ -171,11 +172,11 @@ def test_fail_policy_stops_with_the_full_list_and_keeps_the_previous_dataset(tmp
     ok_dir.mkdir()
     for name in ("good_rgb.jpg", "good_rgb.txt"):
         (ok_dir / name).write_bytes((root / name).read_bytes())
-    first = prepare_dataset(_cfg(tmp_path, ok_dir), progress=False)
+    first = prepare(_cfg(tmp_path, ok_dir), progress=False)
     before = {p.name: p.read_bytes() for p in first.train_dir.iterdir()}
 
     with pytest.raises(DataError) as err:
-        prepare_dataset(_cfg(tmp_path, root, "dataset.on_bad_file=fail"), progress=False)
+        prepare(_cfg(tmp_path, root, "dataset.on_bad_file=fail"), progress=False)
     msg = str(err.value)
     assert "dataset.on_bad_file=fail" in msg and f"{len(bad)} bad file(s)" in msg
     for name in bad:
@@ -199,7 +200,7 @@ def test_all_bad_dataset_stops_saying_preflight_removed_everything(tmp_path):
     (root / "b.jpg").write_text("not an image")
     (root / "b.txt").write_text("x")
     with pytest.raises(DataError, match="preflight removed every image") as err:
-        prepare_dataset(_cfg(tmp_path, root), progress=False)
+        prepare(_cfg(tmp_path, root), progress=False)
     assert "a.jpg: zero-byte file" in str(err.value) and "b.jpg: not an image" in str(err.value)
     assert not (tmp_path / "data" / "train").exists()
     assert (tmp_path / "data" / "report.failed.json").is_file()
@@ -208,9 +209,9 @@ def test_all_bad_dataset_stops_saying_preflight_removed_everything(tmp_path):
 def test_empty_source_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="source step found no images"):
-        prepare_dataset(_cfg(tmp_path, tmp_path / "empty"), progress=False)
+        prepare(_cfg(tmp_path, tmp_path / "empty"), progress=False)
     with pytest.raises(DataError, match="dataset folder not found"):
-        prepare_dataset(_cfg(tmp_path, tmp_path / "nowhere"), progress=False)
+        prepare(_cfg(tmp_path, tmp_path / "nowhere"), progress=False)
 
 
 @pytest.mark.parametrize("content", ["", "file_name,text\n"])
@@ -220,7 +221,7 @@ def test_empty_metadata_is_reported(tmp_path, content):
     (root / "a.jpg").write_bytes(_noise_jpeg(0))
     (root / "metadata.csv").write_text(content, encoding="utf-8")
     with pytest.raises(DataError, match="empty metadata") as err:
-        prepare_dataset(_cfg(tmp_path, root), progress=False)
+        prepare(_cfg(tmp_path, root), progress=False)
     assert "metadata.csv" in str(err.value)
     assert err.value.report["dropped"] == [{"file": "metadata.csv", "step": "source", "reason": "empty metadata: metadata.csv has no rows"}]
 
@@ -234,7 +235,7 @@ def test_metadata_csv_rows_prefix_and_rows_pointing_nowhere(tmp_path):
         w = csv.writer(f)
         w.writerows([["file_name", "text"], ["a.jpg", "first, with a comma"], ["sub/b.jpg", "second"],
                      ["gone.jpg", "points nowhere"], ["c.jpg", ""]])
-    prepared = prepare_dataset(_cfg(tmp_path, root, "dataset.caption_prefix='二次元，'"), progress=False)
+    prepared = prepare(_cfg(tmp_path, root, "dataset.caption_prefix='二次元，'"), progress=False)
     assert [c for _, c in prepared.items] == ["二次元，first, with a comma", "二次元，second"]
     assert prepared.names == ["a.jpg", "sub/b.jpg"]
     assert [r["text"] for r in _csv_rows(prepared.metadata_csv)] == ["二次元，first, with a comma", "二次元，second"]
@@ -244,7 +245,7 @@ def test_metadata_csv_rows_prefix_and_rows_pointing_nowhere(tmp_path):
     assert dropped["unlisted.jpg"] == "caption missing: unlisted.jpg is not listed in metadata.csv"
 
     # default_caption fills in for images that have none; the result is rebuilt (config changed).
-    again = prepare_dataset(_cfg(tmp_path, root, "dataset.default_caption=ink style"), progress=False)
+    again = prepare(_cfg(tmp_path, root, "dataset.default_caption=ink style"), progress=False)
     assert not again.reused and dict(zip(again.names, (c for _, c in again.items)))["unlisted.jpg"] == "ink style"
 
 
@@ -253,7 +254,7 @@ def test_metadata_jsonl_with_a_broken_line(tmp_path):
     root.mkdir()
     (root / "a.png").write_bytes(_noise_jpeg(0))  # a JPEG named .png: content decides, not the name
     (root / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n{not json\n', encoding="utf-8")
-    prepared = prepare_dataset(_cfg(tmp_path, root), progress=False)
+    prepared = prepare(_cfg(tmp_path, root), progress=False)
     assert [c for _, c in prepared.items] == ["ok"]
     assert prepared.report["dropped"][0]["file"] == "metadata.jsonl line 2"
     assert "invalid JSON" in prepared.report["dropped"][0]["reason"]
@@ -261,36 +262,36 @@ def test_metadata_jsonl_with_a_broken_line(tmp_path):
 
 def test_unchanged_inputs_are_reused_and_a_changed_caption_rebuilds(tmp_path, zoo):
     root, good, _ = zoo
-    first = prepare_dataset(_cfg(tmp_path, root), progress=False)
-    second = prepare_dataset(_cfg(tmp_path, root), progress=False)
+    first = prepare(_cfg(tmp_path, root), progress=False)
+    second = prepare(_cfg(tmp_path, root), progress=False)
     assert second.reused and second.dataset_hash == first.dataset_hash and second.items == first.items
     (root / "cmyk.txt").write_text("a new caption", encoding="utf-8")
-    third = prepare_dataset(_cfg(tmp_path, root), progress=False)
+    third = prepare(_cfg(tmp_path, root), progress=False)
     assert not third.reused and third.dataset_hash != first.dataset_hash
     assert dict(zip(third.names, (c for _, c in third.items)))["cmyk.jpg"] == "a new caption"
     # A processed image edited by hand is noticed: the dataset is rebuilt instead of trusted.
     third.items[0][0].write_bytes(_noise_jpeg(99))
-    fourth = prepare_dataset(_cfg(tmp_path, root), progress=False)
+    fourth = prepare(_cfg(tmp_path, root), progress=False)
     assert not fourth.reused and fourth.dataset_hash == third.dataset_hash
 
 
 def test_bad_policy_value_and_forbidden_op_fail_early(tmp_path, zoo):
     root, _, _ = zoo
     with pytest.raises(DataError, match="on_bad_file='maybe'"):
-        prepare_dataset(_cfg(tmp_path, root, "dataset.on_bad_file=maybe"), progress=False)
+        prepare(_cfg(tmp_path, root, "dataset.on_bad_file=maybe"), progress=False)
     cfg = _cfg(tmp_path, root, "filter.process=[{image_deduplicator: {}}]")
     with pytest.raises(DataError, match="image_deduplicator is not allowed"):
-        prepare_dataset(cfg, progress=False)
+        prepare(cfg, progress=False)
 
 
 def test_a_run_killed_mid_swap_leaves_a_usable_dataset(tmp_path, zoo):
     root, _, _ = zoo
-    first = prepare_dataset(_cfg(tmp_path, root), progress=False)
+    first = prepare(_cfg(tmp_path, root), progress=False)
     data = tmp_path / "data"
     # Killed between "train -> .train.old-N" and ".train.tmp-N -> train", with a half-built temp dir.
     (data / "train").rename(data / ".train.old-4242")
     (data / ".train.tmp-4242").mkdir()
     (data / ".train.tmp-4242" / "0.jpg").write_bytes(b"half")
-    again = prepare_dataset(_cfg(tmp_path, root), progress=False)
+    again = prepare(_cfg(tmp_path, root), progress=False)
     assert again.reused and again.dataset_hash == first.dataset_hash
     assert sorted(p.name for p in data.iterdir() if p.name.startswith(".train")) == []

@@ -8,8 +8,8 @@ import types
 import pytest
 from PIL import Image
 
-from kolors_story.data import DataError, prepare_dataset
-from tests.conftest import compose
+from kolors_story.data import DataError
+from tests.helpers import compose, prepare
 
 
 def _fake_modelscope(monkeypatch, load):
@@ -34,7 +34,7 @@ def test_lowres_anime_downloads_once_with_the_baseline_caption(tmp_path, monkeyp
         return rows
 
     _fake_modelscope(monkeypatch, load)
-    prepared = prepare_dataset(_cfg(tmp_path), progress=False)
+    prepared = prepare(_cfg(tmp_path), progress=False)
     assert calls[0][0] == "AI-ModelScope/lowres_anime"
     assert calls[0][1]["subset_name"] == "default" and calls[0][1]["split"] == "train"
     assert [c for _, c in prepared.items] == ["二次元"] * 5
@@ -44,10 +44,10 @@ def test_lowres_anime_downloads_once_with_the_baseline_caption(tmp_path, monkeyp
     assert "image not readable" in prepared.report["dropped"][0]["reason"]
 
     # Second run: the images are on disk, nothing is downloaded again.
-    again = prepare_dataset(_cfg(tmp_path), progress=False)
+    again = prepare(_cfg(tmp_path), progress=False)
     assert len(calls) == 1 and again.reused and again.dataset_hash == prepared.dataset_hash
     # limit + caption_prefix change what is written: downloaded again, captions prefixed.
-    third = prepare_dataset(_cfg(tmp_path, "dataset.limit=2", "dataset.caption_prefix='anime, '"), progress=False)
+    third = prepare(_cfg(tmp_path, "dataset.limit=2", "dataset.caption_prefix='anime, '"), progress=False)
     assert len(calls) == 2 and [c for _, c in third.items] == ["anime, 二次元"] * 2
 
 
@@ -57,7 +57,7 @@ def test_lowres_anime_network_failure_is_a_clear_error(tmp_path, monkeypatch):
 
     _fake_modelscope(monkeypatch, load)
     with pytest.raises(DataError) as err:
-        prepare_dataset(_cfg(tmp_path), progress=False)
+        prepare(_cfg(tmp_path), progress=False)
     msg = str(err.value)
     assert "could not download ModelScope dataset AI-ModelScope/lowres_anime" in msg
     assert "ConnectionError" in msg and "network" in msg and "dataset=folder" in msg
@@ -71,8 +71,8 @@ def test_lowres_anime_failing_midway_and_missing_loader(tmp_path, monkeypatch):
 
     _fake_modelscope(monkeypatch, lambda repo, **kw: rows())
     with pytest.raises(DataError, match="failed part-way: TimeoutError"):
-        prepare_dataset(_cfg(tmp_path), progress=False)
+        prepare(_cfg(tmp_path), progress=False)
 
     monkeypatch.setitem(sys.modules, "modelscope.msdatasets", None)  # import fails like a missing extra
     with pytest.raises(DataError, match=r"modelscope's dataset loader does not import.*modelscope\[datasets\]"):
-        prepare_dataset(_cfg(tmp_path), progress=False)
+        prepare(_cfg(tmp_path), progress=False)

@@ -2,11 +2,11 @@ from pathlib import Path
 
 import pytest
 
-from kolors_story.download import DownloadError, download, main, target_paths
+from kolors_story.models.download import DownloadError, download, main, target_paths
 
 
 def test_targets_match_config_defaults():
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     cfg = compose("generate", ["model=kolors"])
     paths = target_paths(["kolors", "vae"], "models")

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kolors_story.evaluation import (
+from kolors_story.cli import evaluate_from_config
+from kolors_story.evaluate.folder import (
     EvaluationError,
     StoryLengthWarning,
-    evaluate_from_config,
     evaluate_images,
     find_images,
 )
-from kolors_story.scoring import AestheticScorer
-from tests.conftest import REPO, compose
+from kolors_story.evaluate.scorer import AestheticScorer
+from tests.helpers import REPO, compose
 from tests.test_scoring import varied_images, write_images
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from kolors_story.story import Scene
-from tests.conftest import REPO, compose
+from tests.helpers import REPO, compose, settings
 
 STEPS = "sampler.steps=2"
 
@@ -28,7 +28,7 @@ def make_lora(folder: Path, model_dir: Path, seed: int = 1, rank: int = 4, alpha
               metadata: dict | None = None) -> dict[str, Path]:
     """A LoRA for the tiny UNet with random (non-zero) lora_B, saved in the three formats."""
     from kolors_story.lora import add_lora, save_lora
-    from kolors_story.models import load_pipeline
+    from kolors_story.models.loading import load_pipeline
 
     pipe = load_pipeline(model_dir, text_encoder=False)
     add_lora(pipe.unet, rank=rank, alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
@@ -41,12 +41,15 @@ def make_lora(folder: Path, model_dir: Path, seed: int = 1, rank: int = 4, alpha
 
 
 def run_generate(tmp: Path, *overrides: str, name: str = "out"):
-    """generate_story_from_config on a composed config, output in tmp/name; returns (result dict, cfg)."""
-    from kolors_story.generation import generate_story_from_config
+    """The generate.py job on a composed config, output in tmp/name; returns (result dict, cfg)."""
+    from kolors_story.cli import generate_from_config
 
     out = tmp / name
     cfg = compose("generate", ["model=tiny", STEPS, f"output_dir={out}", *overrides])
-    return generate_story_from_config(cfg), cfg
+    r = generate_from_config(cfg)
+    result = {"images": [str(p) for p in r.images], "panel": str(r.panel), "manifest": r.manifest,
+              "bundle": str(r.bundle) if r.bundle else None, "out_dir": str(r.out_dir)}
+    return result, cfg
 
 
 def pixels(folder: Path) -> list[np.ndarray]:
@@ -69,7 +72,7 @@ def shared_bundle(tmp_path_factory, model_dir: Path) -> dict:
         tmp = tmp_path_factory.mktemp("bundle")
         ckpt = tmp / "run" / "checkpoints" / "step-000010"
         files = make_lora(ckpt, model_dir, seed=5, metadata=TRAIN_META)
-        result, cfg = run_generate(tmp, f"lora.path={files['diffusers']}", "submit.team=Test Team",
+        result, cfg = run_generate(tmp, f"lora_path={files['diffusers']}", "submit.team=Test Team",
                                    "story.trigger='test_style，'", name="out")
         _SHARED["bundle"] = {"tmp": tmp, "out": Path(result["out_dir"]), "bundle": Path(result["bundle"]),
                              "lora_files": files, "result": result, "cfg": cfg}
@@ -104,10 +107,10 @@ def work(tmp_path_factory, tiny_model_dir):
 def test_outputs_metadata_prompts_and_manifest(work):
     out = work["base"]
     manifest = json.loads((out / "manifest.json").read_text())
-    cfg = compose("generate", ["model=tiny"])
-    from kolors_story.story import scenes_from_config
+    from kolors_story.story import story_scenes
 
-    scenes = scenes_from_config(cfg.story, cfg.sampler)
+    job = settings("generate", ["model=tiny"])
+    scenes = story_scenes(job.story, job.sampler)
     # PNG text chunks: prompt, negative, seed, sampler, steps, cfg, size, model hash, tiny note
     with Image.open(out / "4.png") as im:
         text = dict(im.text)
@@ -158,12 +161,12 @@ def test_text_encoder_released_before_denoising(work):
 
 
 def test_lora_changes_the_image_and_scale_zero_gives_the_base(work, tiny_model_dir):
-    from kolors_story.lora import file_sha256
+    from kolors_story.files import file_sha256
 
     second = make_lora(work["tmp"] / "lora_b", tiny_model_dir, seed=2)["kohya"]
-    run_generate(work["tmp"], f"lora.path={work['lora']}", name="lora1")
-    # both forms at once: `lora` plus a stacked `loras` entry, each at strength 0
-    run_generate(work["tmp"], f"lora.path={work['lora']}", "lora.scale=0", f"loras=[{{path: '{second}', scale: 0}}]",
+    run_generate(work["tmp"], f"lora_path={work['lora']}", name="lora1")
+    # both forms at once: `lora_path` plus a stacked `loras` entry, each at strength 0
+    run_generate(work["tmp"], f"lora_path={work['lora']}", "lora_scale=0", f"loras=[{{path: '{second}', scale: 0}}]",
                  name="lora0")
     base, on, off = pixels(work["base"]), pixels(work["tmp"] / "lora1"), pixels(work["tmp"] / "lora0")
     assert min(int(np.abs(x - y).max()) for x, y in zip(base, on)) > 20  # every scene visibly changed
@@ -182,7 +185,7 @@ def test_lora_changes_the_image_and_scale_zero_gives_the_base(work, tiny_model_d
 
 def test_missing_lora_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        run_generate(tmp_path, f"lora.path={tmp_path / 'nope.safetensors'}")
+        run_generate(tmp_path, f"lora_path={tmp_path / 'nope.safetensors'}")
     assert not (tmp_path / "out").exists()
 
 
@@ -190,13 +193,15 @@ def test_missing_lora_file_is_a_clear_error(tmp_path):
 
 
 def test_samplers_build_from_the_model_config_and_stay_seeded(tiny_pipe):
-    from kolors_story.generation import SamplerSettings, encode_scenes, generate_story
-    from kolors_story.schedulers import build_scheduler
+    from kolors_story.generate.render import generate_story
+    from kolors_story.generate.sampler import sampler_settings
+    from kolors_story.generate.schedulers import build_scheduler
+    from kolors_story.models.prompts import encode_scenes
 
     base_config = tiny_pipe.scheduler.config
     scenes = [Scene(1, "a", "一个女孩", "模糊", 3), Scene(2, "b", "一个男孩", "模糊", 4)]
     embeds = encode_scenes(tiny_pipe, scenes)
-    together = SamplerSettings(steps=2, height=64, width=64, batch_size=2)
+    together = sampler_settings(steps=2, height=64, width=64, batch_size=2, seeds=None)
 
     def render(settings):
         return [np.asarray(i, dtype=np.int16) for i in generate_story(tiny_pipe, scenes, embeds, settings,
@@ -210,7 +215,7 @@ def test_samplers_build_from_the_model_config_and_stay_seeded(tiny_pipe):
         images = render(together)
         assert max_diff(images, euler) > 0, name  # a different sampler is really used
     # euler_a draws fresh noise every step: it still comes from each scene's own seed
-    again, alone = render(together), render(SamplerSettings(steps=2, height=64, width=64, batch_size=1))
+    again, alone = render(together), render(sampler_settings(steps=2, height=64, width=64, batch_size=1, seeds=None))
     assert all((a == b).all() for a, b in zip(images, again))
     assert max_diff(images, alone) <= 2
 
@@ -224,7 +229,8 @@ def test_unknown_sampler_names_the_key(tmp_path):
 
 
 def test_hires_and_best_of_run_and_are_recorded(tmp_path_factory, tiny_model_dir):
-    from kolors_story.scoring import AestheticScorer
+    from kolors_story.configs import to_settings
+    from kolors_story.evaluate.scorer import AestheticScorer
 
     made = shared_hires_best(tmp_path_factory)
     out = made["out"]
@@ -234,7 +240,7 @@ def test_hires_and_best_of_run_and_are_recorded(tmp_path_factory, tiny_model_dir
     assert hires["stage1_size"] == [64, 64] and hires["final_size"] == [96, 96]
     assert (hires["strength"], hires["steps"], hires["refine_steps_run"], hires["upscaler"]) == (0.5, 2, 1, "lanczos")
     assert manifest["best_of"]["n"] == 2 and manifest["best_of"]["selected_by"] == "aesthetic score"
-    scorer = AestheticScorer.from_config(made["cfg"].scorer)
+    scorer = AestheticScorer.from_settings(to_settings(made["cfg"], "generate").scorer)
     rescored = scorer.score([Image.open(out / f"{i}.png") for i in range(1, 9)])
     for n, scene in enumerate(manifest["scenes"]):
         cands = scene["candidates"]
@@ -277,7 +283,7 @@ def fake_run(tmp_path, work):
 def test_checkpoint_resolution(fake_run):
     import yaml
 
-    from kolors_story.generation import resolve_checkpoint
+    from kolors_story.generate.runs import resolve_checkpoint
 
     ckpts = fake_run / "checkpoints"
     assert resolve_checkpoint(fake_run, "last").checkpoint == (ckpts / "step-000004").resolve()
@@ -296,7 +302,7 @@ def test_checkpoint_resolution(fake_run):
 
 
 def test_run_and_checkpoint_take_the_runs_story_and_the_checkpoint_lora(fake_run, tmp_path):
-    from kolors_story.generation import effective_config
+    from kolors_story.generate.runs import effective_config
 
     # the user's own command-line choices still win over the run's
     # a sweep job folder has '=' in its name: Hydra needs the value quoted
@@ -304,9 +310,9 @@ def test_run_and_checkpoint_take_the_runs_story_and_the_checkpoint_lora(fake_run
                                f"output_dir={tmp_path / 'x'}"])
     eff, ref = effective_config(cfg)
     assert eff.story.title == "InkPaintingClassroomDream" and eff.sampler.steps == 2 and eff.sampler.cfg == 3.5
-    assert Path(eff.lora.path) == ref.lora and ref.checkpoint.name == "step-000004"
+    assert Path(eff.lora_path) == ref.lora and ref.checkpoint.name == "step-000004"
     with pytest.raises(ValueError, match="run= supplies the LoRA"):
-        effective_config(compose("generate", ["model=tiny", f"run='{fake_run}'", f"lora.path='{ref.lora}'"]))
+        effective_config(compose("generate", ["model=tiny", f"run='{fake_run}'", f"lora_path='{ref.lora}'"]))
 
     result, _ = run_generate(tmp_path, f"run='{fake_run}'", "checkpoint=step-000002", name="from_run")
     manifest = result["manifest"]
@@ -323,7 +329,7 @@ def test_multirun_over_loras_gives_each_job_its_folder(work, tiny_model_dir, tmp
     second = make_lora(tmp_path / "lora_b", tiny_model_dir, seed=2)["diffusers"]
     sweep = tmp_path / "sweep"
     out = subprocess.run(
-        [sys.executable, "generate.py", "-m", "model=tiny", "sampler.steps=1", f"lora.path={work['lora']},{second}",
+        [sys.executable, "generate.py", "-m", "model=tiny", "sampler.steps=1", f"lora_path={work['lora']},{second}",
          f"hydra.sweep.dir={sweep}"],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ},
     )

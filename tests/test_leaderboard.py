@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kolors_story.leaderboard import build_leaderboard, write_leaderboard
+from kolors_story.evaluate.leaderboard import build_leaderboard, write_leaderboard
 
 
 def _job(sweep: Path, name: str, overrides: list[str], checkpoints: list[dict], status="finished", error=None):
@@ -92,7 +92,7 @@ def test_evaluate_sweep_cli_writes_leaderboard_and_wandb_table(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     sweep = tmp_path / "sweep"
     _job(sweep, "0_lora.rank=4", ["lora.rank=4"], [_ck(10, 6.1)])

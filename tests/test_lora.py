@@ -18,18 +18,18 @@ import numpy as np
 import pytest
 import torch
 
+from kolors_story.files import file_sha256
 from kolors_story.lora import (
-    CKPT_META_PREFIX,
     LoraFormatError,
     add_lora,
-    add_lora_from_config,
-    file_sha256,
+    add_lora_from_settings,
     load_lora_into_pipeline,
     lora_scales,
     read_lora,
     save_lora,
     set_lora_scales,
 )
+from kolors_story.lora.files import CKPT_META_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -39,7 +39,7 @@ METADATA = {"base_model_hash": "abc123", "dataset_hash": "def456", "config": {"l
 
 def fresh_pipe(model_dir):
     """A new pipeline from disk without the text encoder (embeddings are precomputed)."""
-    from kolors_story.models import load_pipeline
+    from kolors_story.models.loading import load_pipeline
 
     return load_pipeline(model_dir, text_encoder=False)
 
@@ -67,8 +67,8 @@ def maxdiff(a, b) -> float:
 @pytest.fixture(scope="module")
 def made(tiny_model_dir, tmp_path_factory):
     """Base image, an in-memory LoRA (rank 4, alpha 2) and its image, its three files, a second LoRA."""
-    from kolors_story.generation import encode_scenes
-    from kolors_story.models import load_pipeline
+    from kolors_story.models.prompts import encode_scenes
+    from kolors_story.models.loading import load_pipeline
     from kolors_story.story import Scene
 
     full = load_pipeline(tiny_model_dir)
@@ -220,11 +220,11 @@ def test_file_sha256(made):
 
 
 def test_add_lora_trains_only_the_lora(tiny_model_dir):
-    from omegaconf import OmegaConf
+    from tests.helpers import settings
 
     unet = fresh_pipe(tiny_model_dir).unet
-    cfg = OmegaConf.load(REPO / "conf" / "lora" / "style.yaml")
-    add_lora_from_config(unet, cfg)
+    cfg = settings("train", ["lora=style"]).lora
+    add_lora_from_settings(unet, cfg)
     trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A.default." in n or ".lora_B.default." in n for n in trainable)
     assert not any(p.requires_grad for n, p in unet.named_parameters() if ".lora_" not in n)

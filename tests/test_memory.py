@@ -6,18 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from kolors_story.generation import encode_scenes, render_scenes
-from kolors_story.memory import (
+from kolors_story.generate.memory import (
     MemoryConfigError,
-    MemoryModes,
     after_prompt_encoding,
     apply_memory_modes,
-    execution_device,
     load_device,
+    memory_modes,
     release_text_encoder,
 )
+from kolors_story.generate.render import render_scenes
+from kolors_story.models.loading import run_device
+from kolors_story.models.prompts import encode_scenes
+from kolors_story.settings import MemorySettings
 from kolors_story.story import Scene
-from tests.conftest import compose
+from tests.helpers import settings
 
 SCENES = [
     Scene(1, "cat", "a cat on a sofa, ink painting", "ugly, blurry", 11),
@@ -30,7 +32,7 @@ PIXEL_TOL = 1
 
 def _render(pipe, memory: dict | None = None, size: int = 64) -> np.ndarray:
     apply_memory_modes(pipe, memory or {}, device="cpu")
-    embeds = encode_scenes(pipe, SCENES, device=execution_device(pipe))
+    embeds = encode_scenes(pipe, SCENES, device=run_device(pipe))
     after_prompt_encoding(pipe, memory or {})
     images = render_scenes(pipe, SCENES, embeds, steps=2, cfg=5.0, height=size, width=size, batch_size=2)
     return np.stack([np.asarray(im, dtype=np.int16) for im in images])
@@ -38,7 +40,7 @@ def _render(pipe, memory: dict | None = None, size: int = 64) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def default_images(tiny_model_dir):
-    from kolors_story.models import load_pipeline
+    from kolors_story.models.loading import load_pipeline
 
     return _render(load_pipeline(tiny_model_dir))
 
@@ -78,29 +80,28 @@ def test_default_mode_is_sdpa_and_changes_nothing(tiny_pipe, default_images):
 
 def test_every_preset_in_the_group_applies(tiny_model_dir, default_images):
     """conf/memory presets validate; on this CPU-only machine offloading is skipped, images unchanged."""
-    from kolors_story.models import load_pipeline
+    from kolors_story.models.loading import load_pipeline
 
-    assert MemoryModes.from_config(_memory_cfg("default")) == MemoryModes()
+    assert memory_modes(_memory_cfg("default")) == MemorySettings()
     for preset in ("low_vram",):
         cfg = _memory_cfg(preset)
         pipe = load_pipeline(tiny_model_dir, device=load_device("cpu", cfg))
         if not torch.cuda.is_available():
             assert apply_memory_modes(pipe, cfg, device="cpu")["offload"] == "none"
         assert _max_diff(_render(pipe, cfg), default_images) <= PIXEL_TOL
-    assert MemoryModes.from_config(_memory_cfg("min_vram")).offload == "sequential"
+    assert memory_modes(_memory_cfg("min_vram")).offload == "sequential"
 
 
-def _memory_cfg(preset: str):
-    """The memory group as generate.py composes it (added with + until generate.yaml lists it)."""
-    listed = "memory" in compose("generate", ["model=tiny"])
-    return compose("generate", [f"{'' if listed else '+'}memory={preset}", "model=tiny"]).memory
+def _memory_cfg(preset: str) -> MemorySettings:
+    """The memory settings as generate.py composes them."""
+    return settings("generate", [f"memory={preset}", "model=tiny"]).memory
 
 
 def test_vae_tiling_exact_at_native_size_and_bounded_above(tiny_pipe):
     """Up to the VAE's native size (Kolors: 1024x1024) the image is one tile: tiling changes nothing.
     Above it, tiles are decoded one by one and blended at the seams (approximate by design: the
     VAE's mid-block attention is global), with peak memory bounded by a tile instead of the image."""
-    from kolors_story.memory import PeakTensorMemory
+    from kolors_story.accounting import PeakTensorMemory
 
     vae = tiny_pipe.vae
     native = vae.config.sample_size // tiny_pipe.vae_scale_factor
@@ -147,7 +148,7 @@ def test_offload_without_gpu_is_skipped_or_explained(tiny_pipe):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="sequential offload streams weights to a GPU")
 def test_sequential_offload_on_gpu_gives_default_images(tiny_model_dir):
-    from kolors_story.models import load_pipeline
+    from kolors_story.models.loading import load_pipeline
 
     ref = _render(load_pipeline(tiny_model_dir, device="cuda"))
     out = _render(load_pipeline(tiny_model_dir, device="cpu"), {"offload": "sequential", "offload_device": "cuda"})
@@ -174,7 +175,7 @@ def test_compile_gives_default_images(tiny_pipe, default_images):
 )
 def test_bad_values_are_named(bad, match):
     with pytest.raises(MemoryConfigError, match=match):
-        MemoryModes.from_config(bad)
+        memory_modes(bad)
 
 
 def test_load_device_is_cpu_when_offloading():

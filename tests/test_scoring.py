@@ -13,17 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_story.scoring import (
-    DOWNLOAD_COMMAND,
-    REAL_FOLDER_NAME,
-    REAL_PREDICTOR_CONFIG,
-    AestheticScorer,
-    ScorerError,
-    build_tiny_predictor,
-    coherence,
-    summarize_scores,
-)
-from tests.conftest import compose
+from kolors_story.evaluate.scorer import DOWNLOAD_COMMAND, REAL_FOLDER_NAME, AestheticScorer, ScorerError
+from kolors_story.evaluate.summary import coherence, summarize_scores
+from kolors_story.models.configs import REAL_PREDICTOR_CONFIG
+from kolors_story.models.random_init import build_tiny_predictor
+from tests.helpers import settings
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -131,13 +125,13 @@ def test_tiny_predictor_is_deterministic_per_seed():
 
 
 def test_scorer_from_config_builds_the_tiny_predictor(offline_env):
-    cfg = compose("evaluate", ["model=tiny", "scorer.batch_size=2"])
+    cfg = settings("evaluate", ["model=tiny", "scorer.batch_size=2"])
     assert Path(cfg.scorer.path) == Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-aesthetics-seed0"
-    s = AestheticScorer.from_config(cfg.scorer)
+    s = AestheticScorer.from_settings(cfg.scorer)
     assert s.tiny and s.batch_size == 2 and s.path == Path(cfg.scorer.path)
     assert cfg.scorer.threshold == 6.0
     # model=kolors points at the competition weights' folder
-    assert Path(compose("evaluate", []).scorer.path).name == REAL_FOLDER_NAME
+    assert Path(settings("evaluate", []).scorer.path).name == REAL_FOLDER_NAME
 
 
 # ---------------------------------------------------------------------------- parity and batching
@@ -223,7 +217,7 @@ def test_summarize_scores_gate():
 def test_missing_real_weights_say_how_to_download(tmp_path):
     missing = tmp_path / REAL_FOLDER_NAME
     with pytest.raises(ScorerError) as err:
-        AestheticScorer.from_config(compose("evaluate", [f"scorer.path={missing}"]).scorer)
+        AestheticScorer.from_settings(settings("evaluate", [f"scorer.path={missing}"]).scorer)
     assert str(missing) in str(err.value) and DOWNLOAD_COMMAND in str(err.value)
     missing.mkdir()
     (missing / "config.json").write_text(json.dumps(REAL_PREDICTOR_CONFIG))

@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from kolors_story.submission import bundle_name, write_bundle
+from kolors_story.generate.submission import bundle_name, write_bundle
 from tests.test_generate import shared_bundle
 
 
@@ -44,7 +44,7 @@ def test_bundle_holds_lora_images_prompts_config_and_card(made):
     rows = list(csv.DictReader((bundle / "prompts.csv").open(encoding="utf-8")))
     assert len(rows) == 8 and all(r["prompt"].startswith("test_style，") for r in rows)
     config = yaml.safe_load((bundle / "config.yaml").read_text(encoding="utf-8"))
-    assert config["sampler"]["steps"] == 2 and config["lora"]["path"] == str(lora["diffusers"])
+    assert config["sampler"]["steps"] == 2 and config["lora_path"] == str(lora["diffusers"])
     manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["loras"][0]["bundle_file"] == "lora.safetensors"
     assert manifest["loras"][0]["sha256"] == sha(lora["diffusers"])
@@ -74,14 +74,18 @@ def test_model_card_describes_style_trigger_base_model_training_and_scores(made)
 
 
 def test_existing_bundle_is_kept_unless_overwrite(made, tmp_path):
-    cfg = made["cfg"]
+    from kolors_story.configs import to_settings
+
+    job = to_settings(made["cfg"], "generate")
+    job.submit.team = "Keep"
     result = _result_of(made)
-    first = write_bundle(result, cfg, team="Keep", root=tmp_path)
+    first = write_bundle(result, job, root=tmp_path)
     (first / "README.md").write_text("hand-edited card")
     with pytest.raises(FileExistsError, match="submit.overwrite=true"):
-        write_bundle(result, cfg, team="Keep", root=tmp_path)
+        write_bundle(result, job, root=tmp_path)
     assert (first / "README.md").read_text() == "hand-edited card"  # nothing written was lost
-    again = write_bundle(result, cfg, team="Keep", root=tmp_path, overwrite=True)
+    job.submit.overwrite = True
+    again = write_bundle(result, job, root=tmp_path)
     assert again == first and (again / "README.md").read_text().startswith("# Keep-KolorsTraining-")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Keep-KolorsTraining-IdolGirlDiary"]  # no temp left
 
@@ -92,13 +96,17 @@ def _result_of(made):
 
     from PIL import Image
 
-    from kolors_story.generation import GenerationResult, LoraSpec, StoryRender
-    from kolors_story.story import scenes_from_config
+    from kolors_story.configs import to_settings
+    from kolors_story.generate.loras import LoraSpec
+    from kolors_story.generate.render import StoryRender
+    from kolors_story.generate.run import GenerationResult
+    from kolors_story.story import story_scenes
 
     out, manifest = made["out"], made["result"]["manifest"]
+    job = to_settings(made["cfg"], "generate")
     images = [out / f"{i}.png" for i in range(1, 9)]
     render = StoryRender(images=[Image.open(p) for p in images], seeds=[s["seed"] for s in manifest["scenes"]])
     loras = [LoraSpec(Path(lo["path"]), lo["scale"], lo["sha256"]) for lo in manifest["loras"]]
     return GenerationResult(out_dir=out, manifest=manifest, images=images, panel=out / "panel.png", render=render,
-                            scenes=scenes_from_config(made["cfg"].story, made["cfg"].sampler), loras=loras,
+                            scenes=story_scenes(job.story, job.sampler), loras=loras,
                             summary=manifest["scores"])

@@ -13,10 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_story.lightning_module import KolorsLoraModule, lr_lambda
-from kolors_story.metrics import read_metrics
-from kolors_story.training import StreamBatchSampler, last_checkpoint, resolve_precision, run_training
-from tests.conftest import compose
+from kolors_story.train.module import KolorsLoraModule, lr_lambda
+from kolors_story.records import read_metrics
+from kolors_story.records import last_checkpoint
+from kolors_story.settings import OptimSettings
+from kolors_story.train.devices import resolve_precision
+from kolors_story.train.loader import StreamBatchSampler
+from kolors_story.train.run import run_training
+from tests.helpers import compose, settings
 
 CAPTIONS = ["a red square", "a blue circle", "a green field", "a yellow sun"]
 
@@ -42,7 +46,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_batches(tiny_model_dir):
     """Four training items with the cache's keys, computed from the tiny pipeline itself."""
-    from kolors_story.models import load_pipeline
+    from kolors_story.models.loading import load_pipeline
 
     pipe = load_pipeline(tiny_model_dir)
     with torch.no_grad():
@@ -59,8 +63,9 @@ def tiny_batches(tiny_model_dir):
 
 
 def _cfg(tmp_path, *extra):
-    return compose("train", ["model=tiny", "logger=none", "validate=false", f"output_dir={tmp_path}",
-                             "trainer.progress_bar=false", *extra])
+    """The typed settings of a tiny CPU run into ``tmp_path``, no W&B, no story renders."""
+    return settings("train", ["model=tiny", "logger=none", "validate=false", f"output_dir={tmp_path}",
+                              "trainer.progress_bar=false", *extra])
 
 
 def _lora_state(run_dir):
@@ -74,7 +79,7 @@ def _lora_state(run_dir):
 
 def test_overfit_fixed_batch_lora_changes_base_frozen(tiny_model_dir, tiny_batches):
     from kolors_story.lora import add_lora
-    from kolors_story.models import load_pipeline
+    from kolors_story.models.loading import load_pipeline
 
     L.seed_everything(0, verbose=False)
     pipe = load_pipeline(tiny_model_dir, text_encoder=False)
@@ -84,7 +89,7 @@ def test_overfit_fixed_batch_lora_changes_base_frozen(tiny_model_dir, tiny_batch
     add_lora(unet, rank=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     unet.enable_gradient_checkpointing()
     unet.train()
-    module = KolorsLoraModule(unet, dict(pipe.scheduler.config), {"lr": 2e-2, "weight_decay": 0.0})
+    module = KolorsLoraModule(unet, dict(pipe.scheduler.config), OptimSettings(lr=2e-2, weight_decay=0.0))
     assert module.noise_scheduler.config.num_train_timesteps == 1100
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     trainable = set(n.removeprefix("unet.") for n in module.trainable_names())
@@ -109,15 +114,15 @@ def test_overfit_fixed_batch_lora_changes_base_frozen(tiny_model_dir, tiny_batch
 
 def test_min_snr_noise_offset_and_schedule(tiny_model_dir, tiny_batches):
     from kolors_story.lora import add_lora
-    from kolors_story.models import load_pipeline
+    from kolors_story.models.loading import load_pipeline
 
     pipe = load_pipeline(tiny_model_dir, text_encoder=False)
     add_lora(pipe.unet, rank=2, alpha=2)
     batch = {k: torch.stack([b[k] for b in tiny_batches]) for k in tiny_batches[0]}
     batch["noise_seed"] = torch.arange(4)
-    plain = KolorsLoraModule(pipe.unet, dict(pipe.scheduler.config), {"lr": 1e-4})
-    snr = KolorsLoraModule(pipe.unet, dict(pipe.scheduler.config), {"lr": 1e-4}, min_snr_gamma=5.0)
-    off = KolorsLoraModule(pipe.unet, dict(pipe.scheduler.config), {"lr": 1e-4}, noise_offset=0.1)
+    plain = KolorsLoraModule(pipe.unet, dict(pipe.scheduler.config), OptimSettings())
+    snr = KolorsLoraModule(pipe.unet, dict(pipe.scheduler.config), OptimSettings(), min_snr_gamma=5.0)
+    off = KolorsLoraModule(pipe.unet, dict(pipe.scheduler.config), OptimSettings(), noise_offset=0.1)
     with torch.no_grad():
         a, b, c = (m.compute_loss(batch).item() for m in (plain, snr, off))
         again = plain.compute_loss(batch).item()
@@ -126,6 +131,16 @@ def test_min_snr_noise_offset_and_schedule(tiny_model_dir, tiny_batches):
     _, t = plain.noise_and_timesteps(batch["latents"], batch["noise_seed"])
     w = snr.snr_weights(t)
     assert torch.all(w <= 1.0 + 1e-6) and torch.all(w > 0)
+    # Min-SNR-gamma (Hang et al. 2023), epsilon targets: w = min(SNR, gamma) / SNR, SNR = a / (1 - a)
+    # on the Kolors schedule (1100 steps, scaled_linear 0.00085..0.014). Low timesteps (SNR > 5) are
+    # down-weighted, high ones (SNR < 5) keep weight 1.
+    known = torch.tensor([0, 50, 200, 500, 1099])
+    betas = torch.linspace(0.00085**0.5, 0.014**0.5, 1100, dtype=torch.float64) ** 2
+    ac = torch.cumprod(1 - betas, dim=0)[known]
+    snr_t = ac / (1 - ac)
+    expected = torch.clamp(snr_t, max=5.0) / snr_t
+    assert snr.snr_weights(known).tolist() == pytest.approx(expected.tolist(), rel=1e-4)  # fp32 schedule
+    assert expected[0] < 0.01 and expected[-1] == 1.0  # the schedule spans both sides of gamma
     f = lr_lambda("cosine", 2, 10)
     assert [round(f(s), 3) for s in (0, 1, 2, 10)] == [0.333, 0.667, 1.0, 0.0]
     assert lr_lambda("constant", 0, 10)(7) == 1.0
@@ -244,22 +259,22 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_batches, c
 @pytest.fixture(scope="module")
 def story(tiny_model_dir):
     """The configured story's scenes and their embeddings, as the cache stage stores them."""
-    from kolors_story.generation import encode_scenes
-    from kolors_story.models import load_pipeline
-    from kolors_story.story import scenes_from_config
+    from kolors_story.models.loading import load_pipeline
+    from kolors_story.models.prompts import encode_scenes
+    from kolors_story.story import story_scenes
 
-    cfg = compose("train", ["model=tiny"])
-    scenes = scenes_from_config(cfg.story, cfg.sampler)
+    job = settings("train", ["model=tiny"])
+    scenes = story_scenes(job.story, job.sampler)
     return scenes, encode_scenes(load_pipeline(tiny_model_dir), scenes)
 
 
 def test_wandb_offline_run_holds_loss_panels_and_score_table(tmp_path, tiny_batches, story):
-    from kolors_story.metrics import read_wandb_run
+    from tests.wandb_reader import read_wandb_run
 
     scenes, embeds = story
-    cfg = compose("train", ["model=tiny", "logger=wandb", "logger.mode=offline", f"output_dir={tmp_path}",
-                            "trainer.progress_bar=false", *RUN, "trainer.max_steps=4",
-                            "trainer.checkpoint_every_n_steps=2", "sampler.steps=2"])
+    cfg = settings("train", ["model=tiny", "logger=wandb", "logger.mode=offline", f"output_dir={tmp_path}",
+                             "trainer.progress_bar=false", *RUN, "trainer.max_steps=4",
+                             "trainer.checkpoint_every_n_steps=2", "sampler.steps=2"])
     result = run_training(cfg, tmp_path, tiny_batches, scenes=scenes, story_embeds=embeds, dataset_hash="d" * 64)
     assert result.status == "finished"
     records = read_metrics(tmp_path)
@@ -306,8 +321,8 @@ def test_wandb_init_failure_does_not_stop_training(tmp_path, tiny_batches, monke
         raise wandb.errors.CommError("no route to api.wandb.ai")
 
     monkeypatch.setattr(wandb, "init", broken_init)
-    cfg = compose("train", ["model=tiny", "logger=wandb", "logger.mode=online", "validate=false",
-                            f"output_dir={tmp_path}", "trainer.progress_bar=false", *RUN, "trainer.max_steps=2"])
+    cfg = settings("train", ["model=tiny", "logger=wandb", "logger.mode=online", "validate=false",
+                             f"output_dir={tmp_path}", "trainer.progress_bar=false", *RUN, "trainer.max_steps=2"])
     with pytest.warns(RuntimeWarning, match="W&B init failed"):
         result = run_training(cfg, tmp_path, tiny_batches)
     assert result.status == "finished" and result.step == 2 and "no route" in result.wandb_error
@@ -323,7 +338,9 @@ def test_wandb_each_job_gets_its_own_run_grouped_by_sweep(tmp_path, tiny_batches
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    from kolors_story.metrics import read_wandb_run
+    from kolors_story.configs import to_settings
+
+    from tests.wandb_reader import read_wandb_run
 
     runs = []
     for num, rank in enumerate((2, 4)):
@@ -337,7 +354,7 @@ def test_wandb_each_job_gets_its_own_run_grouped_by_sweep(tmp_path, tiny_batches
             cfg.hydra.job.override_dirname = f"lora.rank={rank}"
         HydraConfig.instance().set_config(cfg)
         try:
-            runs.append(run_training(cfg, job, tiny_batches))
+            runs.append(run_training(to_settings(cfg, "train"), job, tiny_batches))
         finally:
             HydraConfig.instance().cfg = None
     read = [read_wandb_run(r.wandb_dir) for r in runs]
@@ -365,7 +382,8 @@ def test_accumulation_counts_optimizer_steps(tmp_path, tiny_batches):
 
 
 def test_resume_errors_name_the_problem(tmp_path):
-    from kolors_story.training import TrainingError, resume_config
+    from kolors_story.train.errors import TrainingError
+    from kolors_story.train.resume import resume_config
 
     with pytest.raises(TrainingError, match="no such folder"):
         resume_config(compose("train", [f"resume={tmp_path / 'nope'}"]))

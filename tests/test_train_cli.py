@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from kolors_story.metrics import read_metrics, read_wandb_run
-from tests.conftest import REPO
+from kolors_story.records import read_metrics
+from tests.helpers import REPO
+from tests.wandb_reader import read_wandb_run
 
 TINY = ["model=tiny", "dataset=demo", "filter=none", "sampler.steps=2", "trainer.progress_bar=false"]
 
@@ -26,8 +27,8 @@ def _train(*args, timeout=900):
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     """stage=data (in-process, as train.py calls it): the demo dataset prepared and cached once."""
-    from kolors_story.training import train_from_config
-    from tests.conftest import compose
+    from kolors_story.cli import train_from_config
+    from tests.helpers import compose
 
     root = tmp_path_factory.mktemp("demo")
     cfg = compose("train", [*TINY, "stage=data", f"data_dir={root / 'data'}", f"output_dir={root / 'data-run'}"])
@@ -76,8 +77,8 @@ def test_train_py_ddp_on_two_cpu_processes_then_resume_in_one(demo_data, tmp_pat
 
     # `python train.py resume=<run> trainer.max_epochs=3 trainer.devices=1 trainer.strategy=auto`
     # (the same call, in-process): the run's own config plus the new budget, continued in <run>
-    from kolors_story.training import train_from_config
-    from tests.conftest import compose
+    from kolors_story.cli import train_from_config
+    from tests.helpers import compose
 
     mean = train_from_config(compose("train", [f"resume={run}", "trainer.max_epochs=3", "trainer.devices=1",
                                                "trainer.strategy=auto"]))
@@ -91,12 +92,12 @@ def test_train_py_ddp_on_two_cpu_processes_then_resume_in_one(demo_data, tmp_pat
 
 
 def test_stage_train_reuses_the_prepared_data_and_cache(demo_data):
-    from kolors_story.story import scenes_from_config
-    from kolors_story.training import data_stage
-    from tests.conftest import compose
+    from kolors_story.story import story_scenes
+    from kolors_story.train.run import data_stage
+    from tests.helpers import settings
 
     data = demo_data[0]
-    cfg = compose("train", ["model=tiny", "dataset=demo", "filter=none", "stage=train", f"data_dir={data}"])
-    prepared, cache = data_stage(cfg, scenes_from_config(cfg.story, cfg.sampler))
+    job = settings("train", ["model=tiny", "dataset=demo", "filter=none", "stage=train", f"data_dir={data}"])
+    prepared, cache = data_stage(job, story_scenes(job.story, job.sampler))
     assert prepared.reused and len(cache.items) == len(prepared.items) == 24
     assert cache.stats["files_reused"] == 24 and cache.stats["story"] == "reused"

@@ -1,8 +1,14 @@
-"""The 8-scene story: prompts, negatives and seeds, resolved from the ``story``/``sampler`` configs."""
+"""The 8-scene story: prompts, negatives and seeds, resolved from the ``story`` and ``sampler`` settings.
+
+Shared by every stage that sees the story: the cache encodes its prompts, training renders it at
+each checkpoint, generation renders and records it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+from kolors_story.settings import SamplerSettings, StorySettings
 
 STORY_LENGTH = 8
 
@@ -48,15 +54,20 @@ def scene_seeds(n: int, seeds=None, base_seed: int = 0) -> list[int]:
     return seeds
 
 
-def scenes_from_config(story_cfg, sampler_cfg=None) -> list[Scene]:
-    language = str(story_cfg.get("language", "zh"))
-    trigger = str(story_cfg.get("trigger") or "")
-    raw = list(story_cfg.scenes)
+def story_scenes(story: StorySettings, sampler: SamplerSettings | None = None) -> list[Scene]:
+    """The scenes of ``story`` in its language, with the trigger words in front of each prompt.
+
+    Seeds: ``sampler.seeds`` (which defaults to the story's own list), else ``sampler.base_seed``
+    + scene index; without a sampler, the story's list or 0, 1, 2 ...
+    """
+    raw = list(story.scenes)
     if not raw:
         raise ValueError("story.scenes is empty: a story needs its scenes (8 for the competition)")
-    seeds_cfg = sampler_cfg.get("seeds") if sampler_cfg is not None else story_cfg.get("seeds")
-    base = int(sampler_cfg.get("base_seed", 0)) if sampler_cfg is not None else 0
-    seeds = scene_seeds(len(raw), seeds_cfg, base)
+    if sampler is not None:
+        seeds = scene_seeds(len(raw), sampler.seeds, sampler.base_seed)
+    else:
+        seeds = scene_seeds(len(raw), story.seeds, 0)
+    language, trigger = str(story.language), str(story.trigger or "")
     scenes = []
     for i, (item, seed) in enumerate(zip(raw, seeds), start=1):
         where = f"story.scenes[{i - 1}]"

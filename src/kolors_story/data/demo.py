@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from kolors_story.io import atomic_save_image, atomic_write_json, atomic_write_text
+from kolors_story.files import atomic_save_image, atomic_write_json, atomic_write_text
 
 DEMO_VERSION = 1
 

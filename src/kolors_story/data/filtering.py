@@ -109,28 +109,14 @@ def hardened_env(work_dir: Path) -> dict[str, str]:
     return env
 
 
-def run_recipe(rows: list[dict], process, work_dir: str | Path, *, name: str = "recipe", np_workers: int = 1,
-               timeout: float | None = None, progress: bool = True) -> FilterResult:
-    """Filter ``rows`` ({"id": int, "text": str, "image": [absolute path]}) with the recipe's ops.
-
-    Everything goes under ``work_dir`` (input.jsonl, recipe.yaml, output/result.jsonl, dj_work/ with
-    traces and logs, dj-process.log). Raises DataError when dj-process fails or does not finish.
-    """
-    from tqdm.auto import tqdm
-
-    ops = recipe_ops(process)
-    work_dir = Path(work_dir).resolve()
-    if work_dir.exists():
-        shutil.rmtree(work_dir)  # stale exports/traces would be mistaken for this run's
-    work_dir.mkdir(parents=True)
+def _write_recipe(rows: list[dict], ops: list[tuple[str, dict]], work_dir: Path, name: str, np_workers: int) -> Path:
+    """input.jsonl + recipe.yaml (every cache inside ``work_dir``, tracer on, batch_size 1 per op)."""
     input_path = work_dir / "input.jsonl"
-    export_path = work_dir / "output" / "result.jsonl"
-    log_path = work_dir / "dj-process.log"
     input_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     config = {
         "project_name": f"kolors-story-{name}",
         "dataset_path": str(input_path),
-        "export_path": str(export_path),
+        "export_path": str(work_dir / "output" / "result.jsonl"),
         "work_dir": str(work_dir / "dj_work"),
         "ds_cache_dir": str(work_dir / "ds_cache"),
         "temp_dir": str(work_dir / "tmp"),
@@ -146,11 +132,19 @@ def run_recipe(rows: list[dict], process, work_dir: str | Path, *, name: str = "
     (work_dir / "tmp").mkdir()
     recipe_path = work_dir / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return recipe_path
+
+
+def _run_dj(recipe_path: Path, work_dir: Path, log_path: Path, name: str, n_ops: int, timeout: float | None,
+            progress: bool) -> tuple[int, list[tuple[str, int]], float, bool]:
+    """dj-process with its output in ``log_path`` and a bar per finished op: (return code, (op,
+    samples left) per op, seconds, killed by the timeout)."""
+    from tqdm.auto import tqdm
 
     cmd = [*dj_command(), "--config", str(recipe_path)]
     start = time.monotonic()
     done: list[tuple[str, int]] = []
-    bar = tqdm(total=len(ops), desc=f"data-juicer ({name})", unit="op", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(total=n_ops, desc=f"data-juicer ({name})", unit="op", dynamic_ncols=True, disable=not progress)
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
@@ -175,18 +169,11 @@ def run_recipe(rows: list[dict], process, work_dir: str | Path, *, name: str = "
                 proc.wait()
             bar.close()
     seconds = time.monotonic() - start
-    if rc != 0 or not export_path.is_file():
-        tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(True)[-25:])
-        why = (f"was killed after the {timeout:.0f} s timeout (filter.timeout)" if timer and seconds >= timeout
-               else f"exited with code {rc}" if rc != 0 else "wrote no export file")
-        raise DataError(f"data-juicer recipe {name!r} failed: dj-process {why}. Full log: {log_path}\n--- last lines ---\n{tail}",
-                        step="filter")
+    return rc, done, seconds, bool(timer and seconds >= timeout)
 
-    kept = [json.loads(line) for line in export_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept.sort(key=lambda r: int(r["id"]))
-    kept_ids = {int(r["id"]) for r in kept}
 
-    # Attribute drops to ops from the tracer's per-op files (filters trace every dropped sample).
+def _traced_drops(ops: list[tuple[str, dict]], work_dir: Path, kept_ids: set[int]) -> dict[int, tuple[str, str]]:
+    """id -> (op, reason) from the tracer's per-op files (filters trace every dropped sample)."""
     dropped: dict[int, tuple[str, str]] = {}
     trace_dir = next((p for p in (work_dir / "dj_work").rglob("trace") if p.is_dir()), None)
     for op, _ in ops:
@@ -202,6 +189,50 @@ def run_recipe(rows: list[dict], process, work_dir: str | Path, *, name: str = "
             stats = sample.get("__dj__stats__") or {}
             shown = ", ".join(f"{k}={_short(v)}" for k, v in stats.items())
             dropped[int(sample["id"])] = (op, f"dropped by {op}" + (f" ({shown})" if shown else ""))
+    return dropped
+
+
+def _op_counts(ops, done, dropped, n_in: int, notes: list[str]) -> list[OpCount]:
+    """Samples in/kept per op: from dj-process's log lines, else from the traces."""
+    counts: list[OpCount] = []
+    if len(done) == len(ops):
+        for (op, _), (_, left) in zip(ops, done):
+            counts.append(OpCount(op, n_in, left))
+            n_in = left
+        return counts
+    for op, _ in ops:  # log format changed: count from the traces instead
+        n_drop = sum(1 for o, _ in dropped.values() if o == op)
+        counts.append(OpCount(op, n_in, n_in - n_drop))
+        n_in -= n_drop
+    notes.append("per-op counts come from the traces (dj-process log lines not recognised)")
+    return counts
+
+
+def run_recipe(rows: list[dict], process, work_dir: str | Path, *, name: str = "recipe", np_workers: int = 1,
+               timeout: float | None = None, progress: bool = True) -> FilterResult:
+    """Filter ``rows`` ({"id": int, "text": str, "image": [absolute path]}) with the recipe's ops.
+
+    Everything goes under ``work_dir`` (input.jsonl, recipe.yaml, output/result.jsonl, dj_work/ with
+    traces and logs, dj-process.log). Raises DataError when dj-process fails or does not finish.
+    """
+    ops = recipe_ops(process)
+    work_dir = Path(work_dir).resolve()
+    if work_dir.exists():
+        shutil.rmtree(work_dir)  # stale exports/traces would be mistaken for this run's
+    work_dir.mkdir(parents=True)
+    export_path, log_path = work_dir / "output" / "result.jsonl", work_dir / "dj-process.log"
+    recipe_path = _write_recipe(rows, ops, work_dir, name, np_workers)
+    rc, done, seconds, timed_out = _run_dj(recipe_path, work_dir, log_path, name, len(ops), timeout, progress)
+    if rc != 0 or not export_path.is_file():
+        tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(True)[-25:])
+        why = (f"was killed after the {timeout:.0f} s timeout (filter.timeout)" if timed_out
+               else f"exited with code {rc}" if rc != 0 else "wrote no export file")
+        raise DataError(f"data-juicer recipe {name!r} failed: dj-process {why}. Full log: {log_path}\n--- last lines ---\n{tail}",
+                        step="filter")
+    kept = [json.loads(line) for line in export_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept.sort(key=lambda r: int(r["id"]))
+    kept_ids = {int(r["id"]) for r in kept}
+    dropped = _traced_drops(ops, work_dir, kept_ids)
     notes = []
     for row in rows:
         rid = int(row["id"])
@@ -209,19 +240,7 @@ def run_recipe(rows: list[dict], process, work_dir: str | Path, *, name: str = "
             dropped[rid] = ("data-juicer", f"dropped by data-juicer without a trace (an op error? see {log_path})")
             if not notes:
                 notes.append("some samples were dropped without a trace: check the dj-process log for op errors")
-
-    counts: list[OpCount] = []
-    n_in = len(rows)
-    if len(done) == len(ops):
-        for (op, _), (logged_op, left) in zip(ops, done):
-            counts.append(OpCount(op, n_in, left))
-            n_in = left
-    else:  # log format changed: count from the traces instead
-        for op, _ in ops:
-            n_drop = sum(1 for o, _ in dropped.values() if o == op)
-            counts.append(OpCount(op, n_in, n_in - n_drop))
-            n_in -= n_drop
-        notes.append("per-op counts come from the traces (dj-process log lines not recognised)")
+    counts = _op_counts(ops, done, dropped, len(rows), notes)
     return FilterResult(kept, dropped, counts, export_path, log_path, seconds, notes)
 
 

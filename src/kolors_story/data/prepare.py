@@ -11,13 +11,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from kolors_story.data.filtering import recipe_ops, run_recipe
 from kolors_story.data.preflight import load_rgb, preflight
 from kolors_story.data.processed import (
     PreparedDataset,
-    clean_leftovers,
     dataset_hash,
     load_prepared,
     write_failed_report,
@@ -26,16 +23,13 @@ from kolors_story.data.processed import (
 )
 from kolors_story.data.records import DataError, Dropped, SourceListing
 from kolors_story.data.sources import list_source, normalise_caption
+from kolors_story.files import recover_dir
+from kolors_story.settings import DatasetSettings, FilterSettings
 
 REPORT_FORMAT = 1  # bump when the processed output changes for the same inputs (forces a rebuild)
-DEFAULT_MAX_PIXELS = 100_000_000
 
 
-def _plain(node):
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
-def _fingerprint(listing: SourceListing, ds_cfg, filter_cfg) -> str:
+def _fingerprint(listing: SourceListing, dataset: DatasetSettings, recipe: FilterSettings) -> str:
     """Everything the processed output depends on: file identities (size + mtime), captions,
     preflight settings and the recipe. Equal fingerprint -> the previous result is reused."""
     files = []
@@ -48,9 +42,9 @@ def _fingerprint(listing: SourceListing, ds_cfg, filter_cfg) -> str:
     spec = {
         "format": REPORT_FORMAT,
         "files": files,
-        "on_bad_file": ds_cfg.get("on_bad_file", "skip"),
-        "max_pixels": ds_cfg.get("max_pixels", DEFAULT_MAX_PIXELS),
-        "filter": {"name": filter_cfg.get("name"), "process": _plain(filter_cfg.get("process", []))},
+        "on_bad_file": dataset.on_bad_file,
+        "max_pixels": dataset.max_pixels,
+        "filter": {"name": recipe.name, "process": list(recipe.process)},
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
 
@@ -74,126 +68,138 @@ def _summary(dropped: list[Dropped], limit: int = 8) -> str:
     return "\n".join(lines)
 
 
-def prepare_dataset(cfg, *, progress: bool = True) -> PreparedDataset:
-    """Build (or reuse) the processed dataset of ``cfg.dataset`` filtered by ``cfg.filter`` in
-    ``cfg.data_dir``. ``cfg`` is the full train config. Raises DataError with what to do when a
-    step fails or removes every image; the report of a failed run goes to report.failed.json."""
-    ds_cfg, filter_cfg = cfg.dataset, cfg.filter
-    data_dir = Path(str(cfg.data_dir)).expanduser().resolve()
-    policy = str(ds_cfg.get("on_bad_file", "skip"))
-    max_pixels = ds_cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
-    max_pixels = int(max_pixels) if max_pixels else None
-    filter_name = str(filter_cfg.get("name", "recipe"))
-    process = _plain(filter_cfg.get("process", [])) or []
-    recipe_ops(process)  # a malformed recipe fails before any work
+class _Run:
+    """One data-stage run: its report (written to report.failed.json if a step fails)."""
 
-    report: dict = {
-        "format": REPORT_FORMAT,
-        "status": "running",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dataset": {"name": str(ds_cfg.name), "source": str(ds_cfg.source), "path": str(ds_cfg.get("path", ""))},
-        "preflight": {"on_bad_file": policy, "max_pixels": max_pixels},
-        "filter": {"name": filter_name, "process": process, "ran": False},
-        "counts": {},
-        "dropped": [],
-    }
+    def __init__(self, dataset: DatasetSettings, recipe: FilterSettings, data_dir: Path):
+        self.dataset, self.recipe, self.data_dir = dataset, recipe, data_dir
+        self.max_pixels = int(dataset.max_pixels) if dataset.max_pixels else None
+        self.report: dict = {
+            "format": REPORT_FORMAT,
+            "status": "running",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dataset": {"name": str(dataset.name), "source": str(dataset.source), "path": str(dataset.path)},
+            "preflight": {"on_bad_file": dataset.on_bad_file, "max_pixels": self.max_pixels},
+            "filter": {"name": recipe.name, "process": list(recipe.process), "ran": False},
+            "counts": {},
+            "dropped": [],
+        }
 
-    def fail(exc: DataError):
+    def fail(self, exc: DataError) -> DataError:
+        report = self.report
         report.update(status="failed", step=exc.step, error=str(exc))
         if exc.report.get("dropped"):
             report["dropped"] = report["dropped"] + [d for d in exc.report["dropped"] if d not in report["dropped"]]
         exc.report = report
-        write_failed_report(data_dir, report)
+        write_failed_report(self.data_dir, report)
         return exc
 
-    with _locked(data_dir):
-        clean_leftovers(data_dir)
-        try:
-            listing = list_source(ds_cfg)
-        except DataError as exc:
-            raise fail(exc) from exc
-        report["dataset"]["root"] = str(listing.root)
-        report["dataset"]["captions_from"] = listing.captions_from
-        report["ignored"] = listing.ignored
-        report["counts"]["source"] = len(listing.candidates)
+    def listed(self, listing: SourceListing) -> None:
+        self.report["dataset"].update(root=str(listing.root), captions_from=listing.captions_from)
+        self.report["ignored"] = listing.ignored
+        self.report["counts"]["source"] = len(listing.candidates)
         if not listing.candidates:
-            raise fail(DataError(f"the source step found no images in {listing.root} (dataset.path): add images with "
-                                 f"captions, or point dataset.path elsewhere", step="source"))
+            raise self.fail(DataError(f"the source step found no images in {listing.root} (dataset.path): add "
+                                      "images with captions, or point dataset.path elsewhere", step="source"))
 
-        fingerprint = _fingerprint(listing, ds_cfg, filter_cfg)
-        report["fingerprint"] = fingerprint
-        if not ds_cfg.get("rebuild", False):
-            previous = _reusable(data_dir, fingerprint)
-            if previous is not None:
-                return previous
-
-        work = data_dir / "work"
-        stage_dir = work / "preflight"
-        if stage_dir.exists():
-            shutil.rmtree(stage_dir)
+    def preflight(self, listing: SourceListing, stage_dir: Path, progress: bool):
         try:
-            pre = preflight(listing.candidates, stage_dir, policy=policy, max_pixels=max_pixels, progress=progress)
+            pre = preflight(listing.candidates, stage_dir, policy=self.dataset.on_bad_file,
+                            max_pixels=self.max_pixels, progress=progress)
         except DataError as exc:
-            raise fail(exc) from exc
-        report["dropped"] = [d.as_dict() for d in pre.dropped]
-        report["converted"] = pre.converted
-        report["counts"]["preflight"] = {"in": len(listing.candidates), "kept": len(pre.kept), "dropped": len(pre.dropped)}
+            raise self.fail(exc) from exc
+        n = len(listing.candidates)
+        self.report["dropped"] = [d.as_dict() for d in pre.dropped]
+        self.report["converted"] = pre.converted
+        self.report["counts"]["preflight"] = {"in": n, "kept": len(pre.kept), "dropped": len(pre.dropped)}
         if not pre.kept:
-            raise fail(DataError(
-                f"preflight removed every image ({len(pre.dropped)} of {len(listing.candidates)} bad):\n"
-                f"{_summary(pre.dropped)}\nFull list: {data_dir / 'report.failed.json'}", step="preflight"))
+            raise self.fail(DataError(
+                f"preflight removed every image ({len(pre.dropped)} of {n} bad):\n{_summary(pre.dropped)}\n"
+                f"Full list: {self.data_dir / 'report.failed.json'}", step="preflight"))
+        return pre
 
-        by_id = {s.id: s for s in pre.kept}
-        final: list[tuple[Path, str, str, int, int]] = []  # (file, caption, source name, w, h)
-        if process:
-            rows = [{"id": s.id, "text": s.caption, "image": [str(s.staged.resolve())]} for s in pre.kept]
-            try:
-                result = run_recipe(rows, process, work / "data_juicer", name=filter_name,
-                                    np_workers=int(filter_cfg.get("np", 1)), timeout=filter_cfg.get("timeout"),
-                                    progress=progress)
-            except DataError as exc:
-                raise fail(exc) from exc
-            for rid, (op, reason) in sorted(result.dropped.items()):
-                report["dropped"].append(Dropped(by_id[rid].name, "filter", reason, op).as_dict())
-            report["filter"].update(ran=True, export=str(result.export_path), log=str(result.log_path),
-                                    seconds=round(result.seconds, 2), notes=result.notes)
-            report["counts"]["filter"] = {"in": len(rows), "kept": len(result.kept), "dropped": len(rows) - len(result.kept),
-                                          "ops": [c.as_dict() for c in result.ops]}
-            if not result.kept:
-                per_op = ", ".join(f"{c.op} dropped {c.dropped}" for c in result.ops)
-                raise fail(DataError(
-                    f"the data-juicer recipe filter={filter_name} removed every image ({len(rows)} in, 0 kept: {per_op}). "
-                    "Use larger images, another recipe (e.g. filter=relaxed) or filter=none. "
-                    "(Ops that need a model from the hub keep 0 samples when offline.)", step="filter"))
-            for row in result.kept:
-                s = by_id[int(row["id"])]
-                image = Path(row["image"][0]) if row.get("image") else s.staged
-                caption = normalise_caption(row.get("text", s.caption)) or s.caption
-                if image.resolve() != s.staged.resolve():  # a mapper op wrote a new image
-                    rgb, _ = load_rgb(image, max_pixels)
-                    image = stage_dir / f"{s.id:06d}.mapped.jpg"
-                    rgb.save(image, format="JPEG", quality=95)
-                    s.width, s.height = rgb.size
-                final.append((image, caption, s.name, s.width, s.height))
-        else:
-            report["counts"]["filter"] = {"in": len(pre.kept), "kept": len(pre.kept), "dropped": 0, "ops": []}
-            final = [(s.staged, s.caption, s.name, s.width, s.height) for s in pre.kept]
+    def filter(self, kept: list, stage_dir: Path, progress: bool) -> list[tuple[Path, str, str, int, int]]:
+        """The recipe's survivors as (file, caption, source name, width, height)."""
+        if not self.recipe.process:
+            self.report["counts"]["filter"] = {"in": len(kept), "kept": len(kept), "dropped": 0, "ops": []}
+            return [(s.staged, s.caption, s.name, s.width, s.height) for s in kept]
+        by_id = {s.id: s for s in kept}
+        rows = [{"id": s.id, "text": s.caption, "image": [str(s.staged.resolve())]} for s in kept]
+        try:
+            result = run_recipe(rows, list(self.recipe.process), self.data_dir / "work" / "data_juicer",
+                                name=self.recipe.name, np_workers=self.recipe.np, timeout=self.recipe.timeout,
+                                progress=progress)
+        except DataError as exc:
+            raise self.fail(exc) from exc
+        self._record_filter(result, by_id, len(rows))
+        final = []
+        for row in result.kept:
+            s = by_id[int(row["id"])]
+            image = Path(row["image"][0]) if row.get("image") else s.staged
+            caption = normalise_caption(row.get("text", s.caption)) or s.caption
+            if image.resolve() != s.staged.resolve():  # a mapper op wrote a new image
+                rgb, _ = load_rgb(image, self.max_pixels)
+                image = stage_dir / f"{s.id:06d}.mapped.jpg"
+                rgb.save(image, format="JPEG", quality=95)
+                s.width, s.height = rgb.size
+            final.append((image, caption, s.name, s.width, s.height))
+        return final
 
-        items = write_train_dir(data_dir, [(f, c) for f, c, *_ in final], move=True)
+    def _record_filter(self, result, by_id: dict, n_in: int) -> None:
+        report = self.report
+        for rid, (op, reason) in sorted(result.dropped.items()):
+            report["dropped"].append(Dropped(by_id[rid].name, "filter", reason, op).as_dict())
+        report["filter"].update(ran=True, export=str(result.export_path), log=str(result.log_path),
+                                seconds=round(result.seconds, 2), notes=result.notes)
+        report["counts"]["filter"] = {"in": n_in, "kept": len(result.kept), "dropped": n_in - len(result.kept),
+                                      "ops": [c.as_dict() for c in result.ops]}
+        if not result.kept:
+            per_op = ", ".join(f"{c.op} dropped {c.dropped}" for c in result.ops)
+            raise self.fail(DataError(
+                f"the data-juicer recipe filter={self.recipe.name} removed every image ({n_in} in, 0 kept: {per_op}). "
+                "Use larger images, another recipe (e.g. filter=relaxed) or filter=none. "
+                "(Ops that need a model from the hub keep 0 samples when offline.)", step="filter"))
+
+    def finish(self, final: list[tuple[Path, str, str, int, int]]) -> PreparedDataset:
+        items = write_train_dir(self.data_dir, [(f, c) for f, c, *_ in final], move=True)
         for item, (_, _, name, w, h) in zip(items, final):
             item.update(source=name, width=w, height=h)
         digest = dataset_hash([(i["sha256"], i["text"]) for i in items])
-        report["counts"]["final"] = len(items)
-        report["items"] = items
-        report["dataset_hash"] = digest
-        report["status"] = "ok"
-        report_path = write_report(data_dir, report)
-        shutil.rmtree(stage_dir, ignore_errors=True)  # kept images were moved into train/
+        self.report["counts"]["final"] = len(items)
+        self.report.update(items=items, dataset_hash=digest, status="ok")
+        report_path = write_report(self.data_dir, self.report)
+        train = self.data_dir / "train"
+        return PreparedDataset(self.data_dir, train, train / "metadata.csv", self.report, digest,
+                               [(train / i["file_name"], i["text"]) for i in items], report_path, reused=False,
+                               names=[i["source"] for i in items])
 
-    train = data_dir / "train"
-    return PreparedDataset(data_dir, train, train / "metadata.csv", report, digest,
-                           [(train / i["file_name"], i["text"]) for i in items], report_path, reused=False,
-                           names=[i["source"] for i in items])
+
+def prepare_dataset(dataset: DatasetSettings, recipe: FilterSettings, data_dir: str | Path, *,
+                    progress: bool = True) -> PreparedDataset:
+    """Build (or reuse) the processed dataset of ``dataset`` filtered by ``recipe`` in ``data_dir``.
+    Raises DataError with what to do when a step fails or removes every image; the report of a
+    failed run goes to report.failed.json."""
+    data_dir = Path(str(data_dir)).expanduser().resolve()
+    recipe_ops(list(recipe.process))  # a malformed recipe fails before any work
+    run = _Run(dataset, recipe, data_dir)
+    with _locked(data_dir):
+        recover_dir(data_dir / "train")
+        try:
+            listing = list_source(dataset)
+        except DataError as exc:
+            raise run.fail(exc) from exc
+        run.listed(listing)
+        fingerprint = _fingerprint(listing, dataset, recipe)
+        run.report["fingerprint"] = fingerprint
+        previous = None if dataset.rebuild else _reusable(data_dir, fingerprint)
+        if previous is not None:
+            return previous
+        stage_dir = data_dir / "work" / "preflight"
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        pre = run.preflight(listing, stage_dir, progress)
+        prepared = run.finish(run.filter(pre.kept, stage_dir, progress))
+        shutil.rmtree(stage_dir, ignore_errors=True)  # kept images were moved into train/
+    return prepared
 
 
 def _reusable(data_dir: Path, fingerprint: str) -> PreparedDataset | None:
@@ -211,10 +217,10 @@ def _reusable(data_dir: Path, fingerprint: str) -> PreparedDataset | None:
         return None
 
 
-def run_data_stage(cfg) -> PreparedDataset:
+def run_data_stage(dataset: DatasetSettings, recipe: FilterSettings, data_dir: str | Path) -> PreparedDataset:
     """``python train.py stage=data``: prepare the dataset and say where everything is."""
     start = time.monotonic()
-    prepared = prepare_dataset(cfg)
+    prepared = prepare_dataset(dataset, recipe, data_dir)
     r = prepared.report
     counts = r.get("counts", {})
     pre, filt = counts.get("preflight", {}), counts.get("filter", {})

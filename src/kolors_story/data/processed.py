@@ -1,8 +1,8 @@
 """The processed dataset: ``<data_dir>/train/<n>.jpg`` + ``train/metadata.csv`` (file_name,text, the
 DiffSynth-Studio layout) and ``<data_dir>/report.json``.
 
-``train/`` is built in a temp folder and swapped in with renames, and report.json is written
-atomically after it, so an interrupted run leaves the previous dataset whole.
+``train/`` is built in a temp folder and swapped in (``files.atomic_dir``), and report.json is
+written atomically after it, so an interrupted run leaves the previous dataset whole.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kolors_story.io import file_sha256
 from kolors_story.data.records import DataError
-from kolors_story.io import atomic_write_json
+from kolors_story.files import atomic_dir, atomic_write_json, file_sha256
 
 REPORT_NAME = "report.json"
 FAILED_REPORT_NAME = "report.failed.json"
@@ -35,8 +34,6 @@ class PreparedDataset:
     report_path: Path | None = None
     reused: bool = False  # True when an unchanged earlier result was returned as is
     names: list[str] = field(default_factory=list)  # original file of each item (source-relative)
-
-
 
 
 def dataset_hash(pairs: list[tuple[str, str]]) -> str:
@@ -61,39 +58,18 @@ def read_metadata_csv(path: str | Path) -> list[tuple[str, str]]:
         return [(row["file_name"], row["text"]) for row in csv.DictReader(f)]
 
 
-def clean_leftovers(data_dir: Path) -> None:
-    """Tidy up after a run killed mid-write: a half-built ``.train.tmp-*`` is removed; a run killed
-    between its two renames left no ``train/`` but a complete ``.train.old-*``, which is put back."""
-    train = data_dir / "train"
-    olds = sorted(data_dir.glob(".train.old-*"), key=lambda p: p.stat().st_mtime_ns)
-    if not train.exists() and olds:
-        os.replace(olds.pop(), train)
-    for p in [*data_dir.glob(".train.tmp-*"), *olds]:
-        shutil.rmtree(p, ignore_errors=True)
-
-
 def write_train_dir(data_dir: Path, images: list[tuple[Path, str]], *, move: bool = True) -> list[dict]:
     """Put ``images`` ([(RGB JPEG file, caption)]) into a fresh ``train/`` as 0.jpg, 1.jpg, ...
     with metadata.csv, replacing the old one only once the new one is complete.
     Returns one dict per item: file_name, text, sha256."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = data_dir / f".train.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     items = []
-    for n, (src, caption) in enumerate(images):
-        name = f"{n}.jpg"
-        (os.replace if move else shutil.copyfile)(src, tmp / name)
-        items.append({"file_name": name, "text": caption, "sha256": file_sha256(tmp / name)})
-    (tmp / "metadata.csv").write_text(metadata_csv_text([(i["file_name"], i["text"]) for i in items]), encoding="utf-8")
-    train = data_dir / "train"
-    old = data_dir / f".train.old-{os.getpid()}"
-    if train.exists():
-        os.replace(train, old)
-    os.replace(tmp, train)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(Path(data_dir) / "train") as tmp:
+        for n, (src, caption) in enumerate(images):
+            name = f"{n}.jpg"
+            (os.replace if move else shutil.copyfile)(src, tmp / name)
+            items.append({"file_name": name, "text": caption, "sha256": file_sha256(tmp / name)})
+        (tmp / "metadata.csv").write_text(metadata_csv_text([(i["file_name"], i["text"]) for i in items]),
+                                          encoding="utf-8")
     return items
 
 

@@ -1,4 +1,4 @@
-"""Sources: turn ``cfg.dataset`` into a list of (image file, caption) candidates.
+"""Sources: turn the ``dataset`` settings into a list of (image file, caption) candidates.
 
 - ``folder``: images with same-name ``.txt`` captions, or a ``metadata.csv`` / ``metadata.jsonl``
   with ``file_name,text`` (the DiffSynth-Studio layout). Nothing is judged here except what only
@@ -18,7 +18,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kolors_story.data.records import IMAGE_EXTS, Candidate, DataError, Dropped, SourceListing
-from kolors_story.io import atomic_write_json, atomic_write_text
+from kolors_story.files import atomic_write_json, atomic_write_text
+from kolors_story.settings import DatasetSettings, ModelScopeDatasetSettings
 
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 # Files our own sources write beside the images (not reported as ignored).
@@ -185,17 +186,12 @@ def _save_ms_image(image, folder: Path, index: int) -> str:
     return name
 
 
-def fetch_modelscope(ds_cfg, raw_dir: str | Path) -> Path:
-    """Write the ModelScope dataset ``ds_cfg.repo`` into ``raw_dir`` (images/ + metadata.jsonl) once;
+def fetch_modelscope(dataset: ModelScopeDatasetSettings, raw_dir: str | Path) -> Path:
+    """Write the ModelScope dataset ``dataset.repo`` into ``raw_dir`` (images/ + metadata.jsonl) once;
     later calls reuse it. Network or import problems raise a DataError that says what to do."""
     raw_dir = Path(raw_dir)
-    spec = {
-        "repo": str(ds_cfg.repo),
-        "subset": str(ds_cfg.get("subset", "default")),
-        "split": str(ds_cfg.get("split", "train")),
-        "limit": ds_cfg.get("limit"),
-        "caption": ds_cfg.get("caption"),
-    }
+    spec = {"repo": dataset.repo, "subset": dataset.subset, "split": dataset.split, "limit": dataset.limit,
+            "caption": dataset.caption}
     marker = raw_dir / "download.json"
     if marker.is_file() and (raw_dir / "metadata.jsonl").is_file():
         try:
@@ -264,20 +260,22 @@ def _download_errors(raw_dir: Path) -> list[Candidate]:
 SOURCES = ("folder", "lowres_anime", "demo")
 
 
-def list_source(ds_cfg) -> SourceListing:
+def list_source(dataset: DatasetSettings) -> SourceListing:
     """Materialise (lowres_anime, demo) and list the configured source."""
-    source = str(ds_cfg.source)
-    prefix = ds_cfg.get("caption_prefix", "") or ""
-    default = ds_cfg.get("default_caption")
+    source = str(dataset.source)
+    prefix, default = dataset.caption_prefix or "", dataset.default_caption
     if source == "folder":
-        return list_folder(ds_cfg.path, caption_prefix=prefix, default_caption=default)
+        return list_folder(dataset.path, caption_prefix=prefix, default_caption=default)
     if source == "demo":
         from kolors_story.data.demo import make_demo_dataset
 
-        folder = make_demo_dataset(ds_cfg.path, seed=int(ds_cfg.get("seed", 0)))
+        folder = make_demo_dataset(dataset.path, seed=int(getattr(dataset, "seed", 0)))
         return list_folder(folder, caption_prefix=prefix, default_caption=default)
     if source == "lowres_anime":
-        folder = fetch_modelscope(ds_cfg, ds_cfg.path)
+        if not isinstance(dataset, ModelScopeDatasetSettings):
+            raise DataError("dataset.source=lowres_anime needs the ModelScope keys (repo, subset, split, limit, "
+                            "caption): use dataset=lowres_anime", step="source")
+        folder = fetch_modelscope(dataset, dataset.path)
         listing = list_folder(folder, caption_prefix=prefix, default_caption=default)
         listing.candidates.extend(_download_errors(folder))
         return listing

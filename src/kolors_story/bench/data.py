@@ -1,0 +1,55 @@
+"""Section ``data``: data stage throughput (preflight, the data-juicer recipe, cache build, cache reuse)."""
+
+from __future__ import annotations
+
+import time
+
+from kolors_story.bench.timing import BenchContext, compose_settings
+from kolors_story.bench.train import bench_model
+
+
+def section_data(ctx: BenchContext) -> dict:
+    from kolors_story.data import prepare_dataset
+    from kolors_story.data.cache import build_cache
+    from kolors_story.data.preflight import preflight
+    from kolors_story.data.sources import list_source
+
+    data_dir = ctx.workdir / "data-demo"
+    filter_name = "none" if ctx.quick else "default"
+    job = compose_settings("train", ["dataset=demo", f"filter={filter_name}", f"data_dir={data_dir}",
+                                     f"dataset.resolution={ctx.resolution}"])
+    model = bench_model(ctx)
+    out: dict = {"model": ctx.model_name, "filter": filter_name}
+
+    t0 = time.perf_counter()
+    listing = list_source(job.dataset)  # draws the demo images the first time
+    out["source_seconds"] = time.perf_counter() - t0
+    n = len(listing.candidates)
+    ctx.log(f"data: preflight of {n} images ...")
+    t0 = time.perf_counter()
+    pre = preflight(listing.candidates, ctx.workdir / "preflight-bench", progress=False)
+    dt = time.perf_counter() - t0
+    out["preflight"] = {"images": n, "kept": len(pre.kept), "seconds": dt, "images_per_s": n / dt}
+
+    ctx.log(f"data: prepare_dataset (preflight + filter={filter_name} + train/ folder) ...")
+    t0 = time.perf_counter()
+    prepared = prepare_dataset(job.dataset, job.filter, data_dir, progress=False)
+    dt = time.perf_counter() - t0
+    report = prepared.report
+    out["prepare"] = {"images": n, "kept": len(prepared.items), "seconds": dt, "images_per_s": n / dt,
+                      "filter_seconds": (report.get("filter") or {}).get("seconds")}
+    if out["prepare"]["filter_seconds"]:
+        out["prepare"]["filter_images_per_s"] = n / out["prepare"]["filter_seconds"]
+
+    ctx.log("data: cache build (VAE latents + ChatGLM embeddings) and reuse ...")
+    t0 = time.perf_counter()
+    build_cache(model, prepared, data_dir=data_dir, resolution=ctx.resolution)
+    dt = time.perf_counter() - t0
+    m = len(prepared.items)
+    out["cache_build"] = {"images": m, "seconds": dt, "images_per_s": m / dt}
+    t0 = time.perf_counter()
+    again = build_cache(model, prepared, data_dir=data_dir, resolution=ctx.resolution)
+    dt = time.perf_counter() - t0
+    out["cache_reuse"] = {"images": m, "seconds": dt, "images_per_s": m / dt,
+                          "files_reused": again.stats.get("files_reused") if hasattr(again, "stats") else None}
+    return out

@@ -1,0 +1,115 @@
+"""``python -m kolors_story.bench``: run the sections, keep every finished one in ``bench.json``,
+print the table. ``--quick`` uses the tiny model and one repeat (for tests)."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from kolors_story.bench.data import section_data
+from kolors_story.bench.flops import section_flops
+from kolors_story.bench.generate import section_generate
+from kolors_story.bench.score import section_score
+from kolors_story.bench.table import render_table
+from kolors_story.bench.timing import BenchContext, BenchError
+from kolors_story.bench.train import section_train
+from kolors_story.files import atomic_write_json
+
+SECTIONS = ("flops", "train", "generate", "score", "data")
+BENCH_FORMAT = 1
+RUNNERS = {"flops": section_flops, "train": section_train, "generate": section_generate,
+           "score": section_score, "data": section_data}
+
+
+def _machine() -> dict:
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "loadavg_at_start": load, "cuda": torch.cuda.is_available(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+
+
+def run_bench(sections=SECTIONS, *, quick: bool = False, repeats: int | None = None, out: str | Path = "bench.json",
+              model_cache: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run the sections, merge them into ``out`` (other sections already there are kept), return the result."""
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise BenchError(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    out = Path(out)
+    repeats = int(repeats if repeats is not None else (1 if quick else 3))
+    if repeats < 1:
+        raise BenchError(f"--repeats={repeats}: must be >= 1")
+    cache = Path(model_cache or os.environ.get("KOLORS_STORY_CACHE", ".cache/kolors-story")).expanduser()
+    result: dict = {}
+    if out.exists():
+        try:
+            previous = json.loads(out.read_text(encoding="utf-8"))
+            if previous.get("format") == BENCH_FORMAT and previous.get("quick") == quick:
+                result = previous
+        except ValueError:
+            log(f"{out} is not valid JSON: it will be replaced")
+    result.update(format=BENCH_FORMAT, quick=quick, repeats=repeats, machine=_machine())
+    result.setdefault("sections", {})
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kolors-bench-") as tmp:
+        ctx = BenchContext(quick=quick, repeats=repeats, workdir=Path(tmp), model_cache=cache, log=log)
+        for name in sections:
+            t0 = time.perf_counter()
+            torch.manual_seed(0)
+            try:
+                sec = RUNNERS[name](ctx)
+            except BenchError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one broken section must not hide the others
+                sec = {"error": f"{type(exc).__name__}: {exc}"}
+                log(f"{name}: FAILED ({sec['error']})")
+            sec["seconds"] = time.perf_counter() - t0
+            result["sections"][name] = sec
+            atomic_write_json(out, result)  # each finished section is kept even if a later one dies
+            gc.collect()
+    result["seconds"] = time.perf_counter() - t_all
+    atomic_write_json(out, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kolors_story.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, 1 repeat (seconds; for tests)")
+    parser.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION",
+                        help=f"run only this section (repeatable): {', '.join(SECTIONS)}")
+    parser.add_argument("--repeats", type=int, default=None, help="A/B pairs per comparison after one warm-up pair (default 3, quick 1)")
+    parser.add_argument("--out", default="bench.json", help="result file (default: bench.json)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from rich.console import Console
+
+    console = Console(width=max(120, shutil.get_terminal_size((120, 24)).columns))
+    try:
+        result = run_bench(args.only or SECTIONS, quick=args.quick, repeats=args.repeats, out=args.out,
+                           log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    except BenchError as exc:
+        console.print(f"[red]bench failed:[/red] {exc}")
+        return 1
+    console.print(render_table(result))
+    load = result["machine"].get("loadavg_at_start")
+    if load and load[0] > (os.cpu_count() or 1):
+        console.print(f"[yellow]The CPU was busy when the bench started (load {load[0]:.1f} on {os.cpu_count()} cores): "
+                      "absolute times are inflated; the A/B ratios are measured under the same load.[/yellow]")
+    console.print(f"wrote {Path(args.out).resolve()} in {result['seconds']:.0f} s")
+    failed = [k for k, v in result["sections"].items() if isinstance(v, dict) and "error" in v]
+    return 1 if failed else 0

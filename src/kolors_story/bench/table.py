@@ -1,0 +1,77 @@
+"""The bench's table (what the README shows): one row per measure, A, B and B/A."""
+
+from __future__ import annotations
+
+
+def _fmt_s(x: float) -> str:
+    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def _flops_rows(table, f: dict) -> None:
+    tf, scale = f["tflop"], f"{f['resolution']}²"
+    table.add_row("flops", f"UNet fwd / fwd+bwd, LoRA r{f['lora_rank']} ({scale})",
+                  f"{tf['unet_forward']:.2f} TFLOP", f"{tf['unet_forward_backward']:.2f} TFLOP",
+                  f"{f['step_ratio']['forward_backward_over_forward']:.2f}x")
+    table.add_row("flops", "UNet fwd+bwd: no ckpt / grad checkpointing", f"{tf['unet_forward_backward']:.2f} TFLOP",
+                  f"{tf['unet_forward_backward_checkpointed']:.2f} TFLOP",
+                  f"{tf['unet_forward_backward_checkpointed'] / tf['unet_forward_backward']:.2f}x")
+    table.add_row("flops", f"ChatGLM encode ({f['tokens']} tok) / VAE encode ({scale})",
+                  f"{tf['text_encoder_256_tokens']:.2f} TFLOP", f"{tf['vae_encode']:.2f} TFLOP", "")
+    cs = f["cache_saving"]
+    table.add_row("flops", "cache saves per step (FLOPs, no ckpt / ckpt)", f"{cs['flops_pct_no_checkpointing']:.1f} %",
+                  f"{cs['flops_pct_checkpointing']:.1f} %", "")
+    r = f["resident_gb"]
+    table.add_row("flops", "resident fp16 params: cached / encode every step", f"{r['cached']:.2f} GB",
+                  f"{r['encode_every_step']:.2f} GB", f"{r['encode_every_step'] / r['cached']:.2f}x")
+    a = f["activation_gb"]
+    table.add_row("flops", f"UNet step activations: no ckpt / ckpt ({f['activation_dtype']})",
+                  f"{a['no_checkpointing']:.2f} GB", f"{a['checkpointing']:.2f} GB",
+                  f"{a['checkpointing'] / a['no_checkpointing']:.2f}x")
+
+
+def _train_rows(table, sec: dict) -> None:
+    table.add_row("train", "cache read + collate per step (share of a cached step)",
+                  f"{sec['cache_read_ms_per_step']:.1f} ms", f"{100 * sec['cache_read_share_of_step']:.1f} %", "")
+    p = sec["peak_step_mb"]
+    table.add_row("train", "peak step memory: no ckpt / grad checkpointing", f"{p['cached']:.0f} MB",
+                  f"{p['cached_checkpointing']:.0f} MB", f"{p['cached_checkpointing'] / p['cached']:.2f}x")
+    r = sec["resident_mb"]
+    table.add_row("train", "resident params: cached / encode every step", f"{r['cached']:.0f} MB",
+                  f"{r['encode_every_step']:.0f} MB", f"{r['encode_every_step'] / r['cached']:.2f}x")
+
+
+def _data_rows(table, d: dict) -> None:
+    table.add_row("data", f"preflight / prepare_dataset (preflight + filter={d['filter']})",
+                  f"{d['preflight']['images_per_s']:.1f} img/s", f"{d['prepare']['images_per_s']:.1f} img/s", "")
+    if d["prepare"].get("filter_images_per_s"):
+        table.add_row("data", "data-juicer recipe alone (dj-process subprocess)", "",
+                      f"{d['prepare']['filter_images_per_s']:.1f} img/s", "")
+    table.add_row("data", "cache build / cache reuse", f"{d['cache_build']['images_per_s']:.1f} img/s",
+                  f"{d['cache_reuse']['images_per_s']:.1f} img/s", "")
+
+
+def render_table(result: dict):
+    """The rich table of a bench result."""
+    from rich.table import Table
+
+    table = Table(title=f"kolors-story bench ({'quick' if result.get('quick') else 'full'})", show_lines=False)
+    for col, justify in (("section", "left"), ("measure", "left"), ("A", "right"), ("B", "right"), ("B / A", "right")):
+        table.add_column(col, justify=justify)
+    s = result.get("sections", {})
+    ok = {name: sec for name, sec in s.items() if isinstance(sec, dict) and "error" not in sec}
+    if "flops" in ok:
+        _flops_rows(table, ok["flops"])
+    for name in ("train", "generate", "score"):
+        if name not in ok:
+            continue
+        for c in ok[name]["comparisons"]:
+            table.add_row(name, f"{c['name']} (per {c['per']})", _fmt_s(c["a_median"]),
+                          _fmt_s(c["b_median"]), f"{c['ratio_b_over_a']:.2f}x")
+        if name == "train":
+            _train_rows(table, ok[name])
+    if "data" in ok:
+        _data_rows(table, ok["data"])
+    for name, sec in s.items():
+        if isinstance(sec, dict) and "error" in sec:
+            table.add_row(name, "FAILED", sec["error"][:80], "", "")
+    return table

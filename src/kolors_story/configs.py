@@ -1,0 +1,144 @@
+"""Hydra and OmegaConf helpers: from a composed (or recorded) config to typed settings.
+
+The entry points hand their composed config to :func:`to_settings` once; below that the library
+works with the dataclasses of :mod:`kolors_story.settings`. Recorded configs (a run's
+``.hydra/config.yaml``, a manifest's ``config``) go through the same function, so an old record
+missing a newer key gets that key's default instead of a ``.get(key, default)`` in the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from kolors_story.settings import DATASET_SCHEMAS, JOB_SCHEMAS
+
+
+def in_multirun() -> bool:
+    """True inside a ``-m`` sweep job."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # noqa: BLE001 - no Hydra context at all
+        return False
+
+
+def task_overrides(cfg) -> list[str]:
+    """The user's command-line overrides (Hydra run, or a compose() with return_hydra_config)."""
+    try:
+        if "hydra" in cfg and cfg.hydra.get("overrides") is not None:
+            return [str(o) for o in cfg.hydra.overrides.task]
+    except Exception:  # noqa: BLE001 - a config without hydra metadata simply has no overrides
+        pass
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return [str(o) for o in HydraConfig.get().overrides.task]
+    except Exception:  # noqa: BLE001
+        pass
+    return []
+
+
+def override_key(override: str) -> str:
+    """``+a.b=1`` -> ``a.b``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def group_choices(cfg) -> dict:
+    """The config group choices of this job (``{"model": "tiny", ...}``), Hydra run or compose()."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return dict(HydraConfig.get().runtime.choices)
+    except Exception:  # noqa: BLE001
+        pass
+    node = cfg.get("hydra") if isinstance(cfg, DictConfig) else None
+    choices = OmegaConf.select(node, "runtime.choices", default=None) if node is not None else None
+    return dict(OmegaConf.to_container(choices)) if isinstance(choices, DictConfig) else {}
+
+
+def saved_choices(run_dir: Path) -> dict:
+    """The group choices a run folder's ``.hydra/hydra.yaml`` recorded."""
+    f = Path(run_dir) / ".hydra" / "hydra.yaml"
+    if not f.exists():
+        return {}
+    choices = OmegaConf.select(OmegaConf.load(f), "hydra.runtime.choices", default={}) or {}
+    return OmegaConf.to_container(choices) if isinstance(choices, DictConfig) else dict(choices)
+
+
+def resolved_config(cfg) -> dict:
+    """The config as plain data, every interpolation resolved, without Hydra's own node.
+
+    ``output_dir`` (``${hydra:runtime.output_dir}``) is None outside a Hydra run unless set.
+    """
+    data = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else dict(cfg)
+    data.pop("hydra", None)
+    if "output_dir" in data:
+        try:
+            data["output_dir"] = None if cfg.get("output_dir") is None else str(cfg.output_dir)
+        except Exception:  # noqa: BLE001 - ${hydra:...} outside a Hydra run
+            data["output_dir"] = None
+    return OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+
+
+def _known_keys(data, schema) -> tuple[dict, list[str]]:
+    """``data`` without the keys ``schema`` does not have (recursively), and what was dropped."""
+    hints = typing.get_type_hints(schema)
+    kept, dropped = {}, []
+    for key, value in data.items():
+        if key not in hints:
+            dropped.append(key)
+            continue
+        sub = hints[key]
+        inner = [a for a in typing.get_args(sub) if dataclasses.is_dataclass(a)]  # Optional[X]
+        target = sub if dataclasses.is_dataclass(sub) else (inner[0] if inner else None)
+        if target is not None and isinstance(value, dict):
+            value, below = _known_keys(value, _schema_for(key, value, target))
+            dropped += [f"{key}.{k}" for k in below]
+        kept[key] = value
+    return kept, dropped
+
+
+def _schema_for(key: str, value, declared):
+    """The dataclass a group's values are checked against (the dataset's depends on its source)."""
+    if key == "dataset" and isinstance(value, dict):
+        return DATASET_SCHEMAS.get(str(value.get("source", "folder")), declared)
+    return declared
+
+
+def typed(data, schema, *, lenient: bool = False):
+    """``data`` (a plain, resolved mapping) as an instance of the dataclass ``schema``.
+
+    Keys ``data`` lacks get the schema's default; a wrong type raises OmegaConf's ValidationError
+    naming the key. ``lenient`` drops keys the schema does not know (records written by an older
+    version) with a warning, instead of refusing them.
+    """
+    if OmegaConf.is_config(data):
+        data = OmegaConf.to_container(data, resolve=True)
+    data = dict(data)
+    if lenient:
+        data, dropped = _known_keys(data, schema)
+        if dropped:
+            warnings.warn(f"ignoring config keys this version does not use: {', '.join(dropped)}", stacklevel=2)
+    base = OmegaConf.structured(schema)
+    hints = typing.get_type_hints(schema)
+    for key, value in data.items():  # groups whose options differ in keys: pick the option's schema
+        declared = hints.get(key)
+        if dataclasses.is_dataclass(declared) and isinstance(value, dict):
+            chosen = _schema_for(key, value, declared)
+            if chosen is not declared:
+                base[key] = OmegaConf.structured(chosen)
+    return OmegaConf.to_object(OmegaConf.merge(base, data))
+
+
+def to_settings(cfg, job: str, *, lenient: bool = False):
+    """The typed settings of a whole job config (``job``: train, generate or evaluate)."""
+    return typed(resolved_config(cfg), JOB_SCHEMAS[job], lenient=lenient)

@@ -1,0 +1,361 @@
+"""Latent + prompt-embedding cache: what the trainer consumes instead of images and captions.
+
+For every training image the cache holds one ``.safetensors`` file (see ``cache_files``); the
+story's scenes get one file with their prompt + negative embeddings.
+
+Design choices (why):
+- Prompt embeddings come from the pipeline's own ``encode_prompt`` (``models.prompts``), so a
+  cached embedding is exactly what generation computes.
+- Latents are the VAE posterior's *mean* times ``vae.config.scaling_factor``: deterministic, so the
+  cache is reproducible and its key means something. Sampling from the posterior (as some trainers
+  do every step) adds noise of std ~exp(logvar/2), which for the SDXL VAE is tiny next to the
+  diffusion noise; the trainer is free to treat the latents as fixed.
+- An item file is named ``<image_key>-<text_key>.safetensors``. The image key hashes the image
+  bytes, the resize/crop policy (``crop``), the dtype and a sampled fingerprint of the VAE weights;
+  the text key hashes the caption, the dtype and a fingerprint of the text encoder + tokenizer
+  files (a retrained model of the same shape must not reuse stale entries). A changed caption
+  therefore only needs a new text part: its latents are taken from the file that still carries the
+  old caption (same image key), and vice versa. Superseded files are left in place (cheap to keep,
+  and switching back to an old caption is then free); delete ``<data_dir>/cache`` to reclaim space.
+- Writes are atomic (temp + rename), so a killed run leaves either no file or a complete one.
+- The text encoder (the largest part of Kolors) is only constructed when some embedding is
+  missing, the VAE only when some latent is missing (never the UNet), and both are released
+  (del + gc) before ``build_cache`` returns, i.e. before the trainer loads the UNet. Files are
+  written as soon as both their parts exist (batch by batch), so an interrupted run keeps its work.
+- Embeddings are computed on ``model.device`` in ``model.dtype`` and stored as float32; the key
+  includes the dtype but not the device (CPU and GPU kernels may differ in the last bits).
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kolors_story.data.cache_files import CacheDisk, CacheError, ExpectedShapes, write_cache_file
+from kolors_story.data.crop import CROP_POLICIES, ImageDecodeError, preprocess_image, target_size
+from kolors_story.files import atomic_write_json, file_sha256, remove_stale_tmp
+from kolors_story.models.loading import (
+    component_fingerprint,
+    ensure_model,
+    load_vae,
+    model_hash,
+    resolve_layout,
+    to_dtype,
+)
+from kolors_story.models.prompts import MAX_SEQUENCE_LENGTH, encode_captions, encode_scenes, text_pipeline
+from kolors_story.settings import ModelSettings
+from kolors_story.story import Scene
+
+log = logging.getLogger(__name__)
+
+# Bump when what goes into a cache file changes (preprocessing, encoding): old files stop matching.
+CACHE_VERSION = 1
+
+
+@dataclass
+class TrainingCache:
+    cache_dir: Path
+    items: list[Path]  # one file per training image, metadata.csv order
+    story: Path | None  # the scenes' embeddings (None when no scenes were given)
+    model_hash: str
+    stats: dict = field(default_factory=dict)  # counts of reused / computed parts of this build
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class _Item:
+    image: Path
+    caption: str
+    sha: str
+    image_key: str
+    text_key: str
+    file: Path
+
+
+# ------------------------------------------------------------------------------------- the dataset
+
+
+def _resolve(train: Path, p: Path) -> Path:
+    return p if p.is_absolute() or not (train / p).exists() and p.exists() else train / p
+
+
+def _read_processed_folder(root: Path) -> tuple[Path, list[tuple[Path, str]]]:
+    train = root / "train" if (root / "train" / "metadata.csv").exists() else root
+    csv_path = train / "metadata.csv"
+    if not csv_path.is_file():
+        raise CacheError(
+            f"No processed dataset at {root}: expected {root / 'train' / 'metadata.csv'} (file_name,text). "
+            "Prepare it first with `python train.py stage=data`."
+        )
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = {"file_name", "text"} - set(reader.fieldnames or [])
+        if missing:
+            raise CacheError(f"{csv_path} lacks column(s) {sorted(missing)} (has {reader.fieldnames}).")
+        return train, [(train / row["file_name"], row["text"] or "") for row in reader]
+
+
+def dataset_items(prepared) -> tuple[list[tuple[Path, str]], str | None]:
+    """(image path, caption) pairs and the dataset hash of a ``PreparedDataset`` (duck-typed) or a
+    processed folder (``<dir>/train/metadata.csv``)."""
+    if isinstance(prepared, (str, os.PathLike)):
+        train, items = _read_processed_folder(Path(prepared))
+        dataset_hash = None
+    else:
+        train = Path(prepared.train_dir)
+        # paths may be absolute, relative to train_dir, or relative to the working directory
+        items = [(_resolve(train, Path(p)), str(t)) for p, t in prepared.items]
+        dataset_hash = getattr(prepared, "dataset_hash", None)
+    if not items:
+        raise CacheError(f"The processed dataset in {train} has no images: nothing to cache.")
+    missing = [str(p) for p, _ in items if not p.is_file()]
+    if missing:
+        raise CacheError(
+            f"{len(missing)} image(s) listed in {train / 'metadata.csv'} do not exist, e.g. {missing[:3]}. "
+            "Re-run `python train.py stage=data`."
+        )
+    return items, dataset_hash
+
+
+def _key(material: dict) -> str:
+    return hashlib.sha256(json.dumps(material, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:24]
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _bar(total: int, desc: str, unit: str):
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True)
+
+
+# ------------------------------------------------------------------------------------------ build
+
+
+class _CacheBuild:
+    """One ``build_cache`` call: which files exist, which parts can be reused, what to encode."""
+
+    def __init__(self, model: ModelSettings, resolution, crop: str, crop_seed: int, batch_size: int):
+        if crop not in CROP_POLICIES:
+            raise ValueError(f"dataset.crop={crop!r}: use one of {list(CROP_POLICIES)}")
+        if batch_size < 1:
+            raise ValueError(f"cache.batch_size={batch_size}: must be >= 1")
+        model_path = ensure_model(model)
+        self.layout = resolve_layout(model_path, model.vae_path)
+        self.mhash = model_hash(model_path, model.vae_path)
+        self.dtype = to_dtype(model.dtype)
+        self.dtype_name = str(self.dtype).removeprefix("torch.")
+        self.device = str(model.device)
+        self.target_hw = target_size(resolution)
+        self.crop, self.seed, self.batch_size = crop, int(crop_seed), int(batch_size)
+        self.disk = CacheDisk(ExpectedShapes.from_layout(self.layout, self.target_hw))
+        self.latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # image key -> (latents, add_time_ids)
+        self.texts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # text key -> (embeds, pooled)
+        self.todo: dict[Path, _Item] = {}  # files still to write
+        self.stats = {"items": 0, "files_reused": 0, "latents_reused": 0, "embeds_reused": 0,
+                      "latents_computed": 0, "embeds_computed": 0, "story": None, "bad_files": self.disk.bad}
+
+    def open(self, cache_dir: Path) -> None:
+        """Use ``cache_dir`` (items/ + story/), removing temp files a killed writer left there."""
+        self.cache_dir = cache_dir
+        self.items_dir, self.story_dir = cache_dir / "items", cache_dir / "story"
+        self.items_dir.mkdir(parents=True, exist_ok=True)
+        self.story_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(cache_dir, self.items_dir, self.story_dir)
+
+    def plan(self, pairs: list[tuple[Path, str]]) -> list[_Item]:
+        """Each item's keys, each part keyed by the component that produces it (VAE -> latents,
+        text encoder -> embeddings): swapping one component keeps the other part's cache."""
+        common = {"v": CACHE_VERSION, "dtype": self.dtype_name}
+        text_fp = component_fingerprint(self.layout, "text")
+        image_policy = {"size": list(self.target_hw), "crop": self.crop, "resample": "lanczos",
+                        "vae": component_fingerprint(self.layout, "vae"),
+                        **({"seed": self.seed} if self.crop == "random" else {})}
+        items = []
+        for image, caption in tqdm(pairs, desc="cache: hashing images", unit="img", dynamic_ncols=True):
+            sha = file_sha256(image)
+            ik = _key({**common, **image_policy, "image": sha})
+            tk = _key({**common, "text": caption, "max_len": MAX_SEQUENCE_LENGTH, "text_encoder": text_fp})
+            items.append(_Item(image, caption, sha, ik, tk, self.items_dir / f"{ik}-{tk}.safetensors"))
+        self.story_material = {**common, "max_len": MAX_SEQUENCE_LENGTH, "text_encoder": text_fp}
+        self.stats["items"] = len(items)
+        return items
+
+    def reuse_files(self, items: list[_Item]) -> None:
+        """1. Complete files that are already there and valid."""
+        for path, it in tqdm({it.file: it for it in items}.items(), desc="cache: checking", unit="file",
+                             dynamic_ncols=True):
+            if self.disk.item(path) is not None:
+                self.stats["files_reused"] += 1
+            else:
+                self.todo[path] = it
+
+    def reuse_parts(self) -> None:
+        """2. Parts of missing files that other files carry (same image, other caption, or vice versa)."""
+        if not self.todo:
+            return
+        by_image: dict[str, list[Path]] = {}
+        by_text: dict[str, list[Path]] = {}
+        for p in self.items_dir.glob("*.safetensors"):
+            ik, _, tk = p.stem.partition("-")
+            by_image.setdefault(ik, []).append(p)
+            by_text.setdefault(tk, []).append(p)
+        for it in self.todo.values():
+            for key, index, store, names in (
+                (it.image_key, by_image, self.latents, ("latents", "add_time_ids")),
+                (it.text_key, by_text, self.texts, ("prompt_embeds", "pooled_prompt_embeds")),
+            ):
+                for p in index.get(key, []):
+                    if key in store:
+                        break
+                    t = self.disk.item(p) if p.exists() else None
+                    if t is not None:
+                        store[key] = (t[names[0]], t[names[1]])
+        self.stats["latents_reused"] = sum(1 for k in {it.image_key for it in self.todo.values()} if k in self.latents)
+        self.stats["embeds_reused"] = sum(1 for k in {it.text_key for it in self.todo.values()} if k in self.texts)
+
+    def story_file(self, scenes: list[Scene]) -> Path:
+        """3. Where the story's embeddings live, and whether they are there already."""
+        sk = _key({**self.story_material, "scenes": [[s.prompt, s.negative] for s in scenes]})
+        path = self.story_dir / f"{sk}.safetensors"
+        self.stats["story"] = "reused" if self.disk.story(path, len(scenes)) is not None else "computed"
+        return path
+
+    def write_ready(self) -> None:
+        """Write every missing file whose two parts are known (called as parts arrive, so an
+        interrupted run keeps what it finished)."""
+        for path in [p for p, it in self.todo.items() if it.image_key in self.latents and it.text_key in self.texts]:
+            it = self.todo.pop(path)
+            lat, ids = self.latents[it.image_key]
+            emb, pooled = self.texts[it.text_key]
+            meta = {
+                "cache_version": str(CACHE_VERSION), "kind": "item", "image_file": it.image.name,
+                "image_sha256": it.sha, "caption": it.caption, "resolution": json.dumps(list(self.target_hw)),
+                "crop": self.crop, "crop_top_left": json.dumps([int(ids[2]), int(ids[3])]), "model_hash": self.mhash,
+                "dtype": self.dtype_name, "image_key": it.image_key, "text_key": it.text_key,
+            }
+            write_cache_file(path, {"latents": lat, "prompt_embeds": emb, "pooled_prompt_embeds": pooled,
+                                    "add_time_ids": ids}, meta)
+
+    @torch.no_grad()
+    def encode_texts(self, scenes: list[Scene], story_path: Path | None) -> None:
+        """4. The text encoder, only if some embedding (or the story) is missing; released after."""
+        need = sorted({it.text_key: it.caption for it in self.todo.values() if it.text_key not in self.texts}.items())
+        story_needed = story_path is not None and self.stats["story"] == "computed"
+        if not need and not story_needed:
+            return
+        pipe = text_pipeline(self.layout, self.dtype, self.device)
+        try:
+            if need:
+                with _bar(len(need), "cache: prompt embeddings", "caption") as bar:
+                    try:
+                        encoded = encode_captions(pipe, [c for _, c in need], self.device, self.batch_size, bar.update)
+                    except ValueError as exc:
+                        raise CacheError(f"{exc} (model.dtype={self.dtype}); try model.dtype=float32 or bfloat16.") from exc
+                for tk, caption in need:
+                    self.texts[tk] = encoded[caption]
+                self.stats["embeds_computed"] = len(need)
+            if story_needed:
+                with _bar(len(scenes), "cache: story prompts", "scene") as bar:
+                    # One call for all scenes, exactly as generation encodes them.
+                    story = {k: v.float().cpu().contiguous() for k, v in encode_scenes(pipe, scenes, self.device).items()}
+                    bar.update(len(scenes))
+                write_cache_file(story_path, story, {
+                    "cache_version": str(CACHE_VERSION), "kind": "story", "model_hash": self.mhash,
+                    "dtype": self.dtype_name, "prompts": json.dumps([s.prompt for s in scenes], ensure_ascii=False),
+                    "negatives": json.dumps([s.negative for s in scenes], ensure_ascii=False),
+                })
+        finally:
+            pipe.text_encoder = None
+            del pipe
+            _release()
+        self.write_ready()
+
+    @torch.no_grad()
+    def encode_images(self) -> None:
+        """5. The VAE, only if some latent is missing; files are written batch by batch."""
+        todo = list({it.image_key: it for it in self.todo.values() if it.image_key not in self.latents}.values())
+        if not todo:
+            return
+        vae = load_vae(self.layout, self.dtype).to(self.device).eval()
+        scale = float(vae.config.scaling_factor)
+        try:
+            with _bar(len(todo), "cache: VAE latents", "img") as bar:
+                for start in range(0, len(todo), self.batch_size):
+                    self._encode_image_batch(vae, scale, todo[start : start + self.batch_size])
+                    bar.update(len(todo[start : start + self.batch_size]))
+        finally:
+            del vae
+            _release()
+        self.stats["latents_computed"] = len(todo)
+
+    def _encode_image_batch(self, vae, scale: float, part: list[_Item]) -> None:
+        try:
+            pixels, ids = zip(*(preprocess_image(it.image, self.target_hw, self.crop, self.seed, it.sha) for it in part))
+        except ImageDecodeError as exc:
+            raise CacheError(str(exc)) from exc
+        x = torch.stack(pixels).to(device=self.device, dtype=vae.dtype)
+        latents = (vae.encode(x).latent_dist.mean * scale).float().cpu()
+        for i, it in enumerate(part):
+            if not torch.isfinite(latents[i]).all():
+                raise CacheError(
+                    f"The VAE produced NaN/inf latents for {it.image} (model.dtype={self.dtype}). The stock SDXL "
+                    "VAE overflows in float16: use the sdxl-vae-fp16-fix (model.vae_path) or model.dtype=float32."
+                )
+            self.latents[it.image_key] = (latents[i].clone(), torch.tensor(ids[i], dtype=torch.float32))
+        self.write_ready()
+
+
+def build_cache(model: ModelSettings, prepared, *, data_dir: str | Path | None = None, resolution=None,
+                crop: str = "center", crop_seed: int = 0, batch_size: int = 4,
+                scenes: list[Scene] | None = None) -> TrainingCache:
+    """Make sure every training item (and the story, if ``scenes``) has a valid cache file.
+
+    ``prepared`` is a ``PreparedDataset`` or a processed folder (``<dir>/train/metadata.csv``);
+    the cache goes to ``<data_dir>/cache`` (default: beside the processed ``train/``).
+    ``resolution`` (default ``model.resolution``), ``crop`` and ``crop_seed`` decide the pixels;
+    ``batch_size`` images/captions go through the VAE/text encoder at a time. Only what is missing
+    or unusable is computed; nothing is loaded when everything is cached.
+    """
+    # 1. Settings and model checked before any file is read; 2. the dataset; 3. what is there.
+    build = _CacheBuild(model, model.resolution if resolution is None else resolution, crop, crop_seed, batch_size)
+    pairs, dataset_hash = dataset_items(prepared)
+    cache_dir = Path(data_dir) / "cache" if data_dir is not None else Path(pairs[0][0]).parent.parent / "cache"
+    build.open(cache_dir)
+    items = build.plan(pairs)
+    build.reuse_files(items)
+    build.reuse_parts()
+    scenes = list(scenes or [])
+    story_path = build.story_file(scenes) if scenes else None
+    build.write_ready()
+    build.encode_texts(scenes, story_path)
+    build.encode_images()
+    if build.todo:  # cannot happen: every part was found or computed
+        raise CacheError(f"internal error: {len(build.todo)} cache file(s) were not written, e.g. {next(iter(build.todo))}")
+    stats = build.stats
+    atomic_write_json(cache_dir / "manifest.json", {
+        "model_hash": build.mhash, "dataset_hash": dataset_hash, "resolution": list(build.target_hw), "crop": crop,
+        "items": [{"image": str(it.image), "caption": it.caption, "file": it.file.name} for it in items],
+        "story": story_path.name if story_path else None, "stats": stats,
+    })
+    log.info(
+        "cache: %d items in %s (%d files reused; latents %d reused / %d computed; embeddings %d reused / %d "
+        "computed; story %s; %d bad files replaced)", len(items), cache_dir, stats["files_reused"],
+        stats["latents_reused"], stats["latents_computed"], stats["embeds_reused"], stats["embeds_computed"],
+        stats["story"], len(build.disk.bad),
+    )
+    return TrainingCache(cache_dir=cache_dir, items=[it.file for it in items], story=story_path,
+                         model_hash=build.mhash, stats=stats)

@@ -1,0 +1,255 @@
+"""Rank every (run, checkpoint) of a sweep by its story scores and point at the best one.
+
+Reads only the run folders (each job's ``metrics.jsonl`` and ``.hydra/``), so it needs no W&B
+server: ``python evaluate.py sweep=multirun/2026-11-21/10-00-00``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from kolors_story.files import atomic_write_text
+from kolors_story.records import METRICS_FILE, CheckpointRecord, read_metrics
+from kolors_story.settings import EvaluateConfig, LoggerSettings
+
+OBJECTIVES = ("mean", "min", "coherence")
+
+
+@dataclass
+class Row:
+    """One checkpoint of one run, or one run that produced no checkpoint (failed)."""
+
+    run: Path
+    overrides: list[str]
+    status: str  # finished | failed | interrupted | running | unknown
+    error: str | None = None
+    step: int | None = None
+    checkpoint: str | None = None  # folder relative to the run
+    mean: float | None = None
+    min: float | None = None
+    coherence: float | None = None
+    passed: bool | None = None
+    panel: str | None = None
+    scores: list[float] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return ",".join(self.overrides) or self.run.name
+
+
+def _overrides(run: Path) -> list[str]:
+    f = run / ".hydra" / "overrides.yaml"
+    if f.exists():
+        return [str(o) for o in (yaml.safe_load(f.read_text()) or [])]
+    return []
+
+
+def find_runs(sweep_dir: Path) -> list[Path]:
+    """Job folders of a multirun: every folder holding a .hydra/ or a metrics.jsonl."""
+    runs = {p.parent.parent for p in sweep_dir.glob("*/.hydra/config.yaml")}
+    runs |= {p.parent for p in sweep_dir.glob(f"*/{METRICS_FILE}")}
+    return sorted(runs, key=lambda p: (_job_num(p), p.name))
+
+
+def _job_num(run: Path) -> int:
+    head = run.name.split("_", 1)[0]
+    return int(head) if head.isdigit() else 1 << 30
+
+
+def rows_for_run(run: Path) -> list[Row]:
+    records = read_metrics(run / METRICS_FILE)
+    overrides = _overrides(run)
+    status_rec = next((r for r in reversed(records) if r.get("type") == "status"), None)
+    status = status_rec.get("status", "unknown") if status_rec else ("unknown" if records else "failed")
+    error = status_rec.get("error") if status_rec else (None if records else "no metrics.jsonl: the job died before training started")
+    checkpoints: list[CheckpointRecord] = [r for r in records if r.get("type") == "checkpoint"]
+    rows = []
+    for r in checkpoints:
+        rows.append(
+            Row(
+                run=run, overrides=overrides, status=status, error=error, step=r.get("step"),
+                checkpoint=r.get("dir"), mean=r.get("mean"), min=r.get("min"),
+                coherence=r.get("coherence"), passed=r.get("passed"), panel=r.get("panel"),
+                scores=list(r.get("scores") or []),
+            )
+        )
+    if not rows:
+        rows.append(Row(run=run, overrides=overrides, status=status, error=error))
+    return rows
+
+
+def _num(x) -> float:
+    return float(x) if isinstance(x, (int, float)) and not math.isnan(float(x)) else -math.inf
+
+
+def sort_key(row: Row, objective: str = "mean", require_pass: bool = True):
+    """Higher is better. Checkpoints that pass the gate come first (when required), then the
+    objective, then coherence, then the minimum score (the competition's weakest image)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"leaderboard.objective={objective!r}: choose one of {OBJECTIVES}")
+    scored = row.mean is not None
+    gate = bool(row.passed) if require_pass else True
+    return (scored, gate, _num(getattr(row, objective)), _num(row.coherence), _num(row.min))
+
+
+def build_leaderboard(sweep_dir: str | Path, objective: str = "mean", require_pass: bool = True) -> list[Row]:
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep folder {sweep_dir} does not exist (give the multirun/<date>/<time> folder)")
+    runs = find_runs(sweep_dir)
+    if not runs:
+        raise FileNotFoundError(
+            f"{sweep_dir} holds no job folders (no */.hydra/config.yaml or */metrics.jsonl); "
+            "give the folder `python train.py -m ...` printed"
+        )
+    rows = [row for run in runs for row in rows_for_run(run)]
+    rows.sort(key=lambda r: sort_key(r, objective, require_pass), reverse=True)
+    return rows
+
+
+def _fmt(x, nd=3) -> str:
+    return "" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+COLUMNS = ("rank", "run", "overrides", "checkpoint", "step", "mean", "min", "coherence", "passed", "status", "error")
+
+
+def _table(rows: list[Row], sweep_dir: Path) -> list[list[str]]:
+    out = []
+    for i, r in enumerate(rows, 1):
+        out.append([
+            str(i), str(r.run.relative_to(sweep_dir)), " ".join(r.overrides), r.checkpoint or "", _fmt(r.step),
+            _fmt(r.mean), _fmt(r.min), _fmt(r.coherence), _fmt(r.passed), r.status, (r.error or "").splitlines()[0] if r.error else "",
+        ])
+    return out
+
+
+def to_csv(rows: list[Row], sweep_dir: Path) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    w.writerows(_table(rows, sweep_dir))
+    return buf.getvalue()
+
+
+def to_markdown(rows: list[Row], sweep_dir: Path, thumbnails: int = 5) -> str:
+    lines = [f"# Leaderboard: {sweep_dir}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in _table(rows, sweep_dir)]
+    shown = [r for r in rows if r.panel][:thumbnails]
+    if shown:
+        lines += ["", "## Panels of the top checkpoints", ""]
+        for i, r in enumerate(shown, 1):
+            rel = (r.run / r.panel).relative_to(sweep_dir)
+            lines += [f"**{i}. {r.name} @ {r.checkpoint}** (mean {_fmt(r.mean)})", "", f'<img src="{rel}" width="256">', ""]
+    return "\n".join(lines) + "\n"
+
+
+def best_record(rows: list[Row]) -> dict | None:
+    """What `generate.py` needs to render the winner: run, checkpoint, scores, exact config."""
+    top = next((r for r in rows if r.mean is not None), None)
+    if top is None:
+        return None
+    config_file = top.run / ".hydra" / "config.yaml"
+    return {
+        "run": str(top.run.resolve()),
+        "checkpoint": top.checkpoint,
+        "checkpoint_dir": str((top.run / top.checkpoint).resolve()) if top.checkpoint else None,
+        "step": top.step,
+        "mean": top.mean,
+        "min": top.min,
+        "coherence": top.coherence,
+        "passed": top.passed,
+        "overrides": top.overrides,
+        "config": yaml.safe_load(config_file.read_text()) if config_file.exists() else None,
+    }
+
+
+def write_leaderboard(sweep_dir: str | Path, objective: str = "mean", require_pass: bool = True,
+                      out_dir: str | Path | None = None) -> dict:
+    """Write leaderboard.csv, leaderboard.md and best.yaml (into the sweep folder by default)."""
+    sweep_dir = Path(sweep_dir)
+    out_dir = Path(out_dir) if out_dir else sweep_dir
+    rows = build_leaderboard(sweep_dir, objective, require_pass)
+    paths = {
+        "csv": atomic_write_text(out_dir / "leaderboard.csv", to_csv(rows, sweep_dir)),
+        "md": atomic_write_text(out_dir / "leaderboard.md", to_markdown(rows, sweep_dir)),
+    }
+    best = best_record(rows)
+    if best is not None:
+        paths["best"] = atomic_write_text(out_dir / "best.yaml", yaml.safe_dump(best, sort_keys=False, allow_unicode=True))
+    return {"rows": rows, "best": best, "paths": paths}
+
+
+def print_leaderboard(rows: list[Row], sweep_dir: Path, top: int = 10) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Leaderboard {sweep_dir} (top {min(top, len(rows))} of {len(rows)})")
+    for col in ("rank", "run", "checkpoint", "mean", "min", "coherence", "passed", "status"):
+        table.add_column(col, justify="right" if col in ("rank", "mean", "min", "coherence") else "left")
+    for cells in _table(rows[:top], sweep_dir):
+        rank, run, _, ckpt, _, mean, mn, coh, passed, status, error = cells
+        table.add_row(rank, run, ckpt, mean, mn, coh, passed, status if not error else f"{status}: {error[:60]}")
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: don't squeeze run names into an 80-column box
+        console = Console(width=200)
+    console.print(table)
+
+
+def sweep_group(rows: list[Row], sweep_dir: Path) -> str:
+    """The W&B group the training jobs used: their ``hydra.sweep.dir`` as recorded in each job."""
+    for row in rows:
+        f = row.run / ".hydra" / "hydra.yaml"
+        if f.exists():
+            try:
+                return str(yaml.safe_load(f.read_text())["hydra"]["sweep"]["dir"])
+            except (KeyError, TypeError, yaml.YAMLError):
+                continue
+    return str(sweep_dir)
+
+
+def log_leaderboard_to_wandb(rows: list[Row], sweep_dir: Path, logger: LoggerSettings) -> bool:
+    """Mirror the leaderboard as a W&B table + summary in the sweep's group; never raises."""
+    if logger.mode == "disabled":
+        return False
+    try:
+        import wandb
+
+        run = wandb.init(
+            project=logger.project, entity=logger.entity, mode=logger.mode,
+            group=logger.group or sweep_group(rows, sweep_dir), name=f"leaderboard-{sweep_dir.name}",
+            job_type="leaderboard", dir=str(sweep_dir), reinit="finish_previous",
+        )
+        table = wandb.Table(columns=list(COLUMNS), data=_table(rows, sweep_dir))
+        run.log({"leaderboard": table})
+        best = next((r for r in rows if r.mean is not None), None)
+        if best is not None:
+            run.summary.update({"best_mean": best.mean, "best_min": best.min, "best_coherence": best.coherence,
+                                "best_run": best.name, "best_checkpoint": best.checkpoint})
+        run.finish()
+        return True
+    except Exception as exc:  # the dashboard is a mirror: files on disk are the result
+        print(f"warning: W&B logging of the leaderboard failed ({type(exc).__name__}: {exc}); files are written")
+        return False
+
+
+def run_leaderboard(job: EvaluateConfig) -> dict:
+    """The `evaluate.py sweep=<dir>` job."""
+    lb = job.leaderboard
+    sweep_dir = Path(str(job.sweep))
+    result = write_leaderboard(sweep_dir, objective=lb.objective, require_pass=lb.require_pass, out_dir=job.output_dir)
+    print_leaderboard(result["rows"], sweep_dir, top=lb.top)
+    for kind, path in result["paths"].items():
+        print(f"{kind}: {path}")
+    if result["best"] is None:
+        print("No run produced a scored checkpoint: see the status/error columns.")
+    else:
+        print(f"Render the winner: python generate.py run={result['paths']['best']}")
+    log_leaderboard_to_wandb(result["rows"], sweep_dir, job.logger)
+    return result

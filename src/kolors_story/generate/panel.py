@@ -1,0 +1,66 @@
+"""Story panels: the 8 scenes tiled 4 rows x 2 columns like the seeds' notebook, with captions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from kolors_story.files import atomic_save_image
+
+
+CJK_FONTS = (
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+)
+
+
+def _font(size: int) -> tuple[ImageFont.ImageFont, bool]:
+    """A CJK-capable font when the system has one (fonts-noto-cjk); else Pillow's built-in one."""
+    for candidate in CJK_FONTS:
+        if Path(candidate).exists():
+            return ImageFont.truetype(candidate, size), True
+    return ImageFont.load_default(size=size), False
+
+
+def _drawable(text: str, cjk: bool) -> str:
+    # Without a CJK font, Chinese captions would render as boxes: keep only the ASCII part.
+    return text if cjk else text.encode("ascii", "ignore").decode().strip()
+
+
+def make_panel(images: list[Image.Image], captions: list[str] | None = None, columns: int = 2,
+               tile: int | None = None, title: str | None = None,
+               ascii_captions: list[str] | None = None) -> Image.Image:
+    """Tile images row-major into ``columns`` columns; each tile gets ``"<n>. <caption>"`` under it.
+
+    ``ascii_captions`` (e.g. the English descriptions) replace captions the font cannot draw.
+    """
+    if not images:
+        raise ValueError("make_panel needs at least one image")
+    tile = tile or max(256, images[0].width)
+    rows = (len(images) + columns - 1) // columns
+    font, cjk = _font(max(12, tile // 20))
+    cap_h = max(18, tile // 12) if captions is not None else 0
+    title_h = cap_h if title else 0
+    panel = Image.new("RGB", (columns * tile, rows * (tile + cap_h) + title_h), "white")
+    draw = ImageDraw.Draw(panel)
+    if title:
+        draw.text((6, 2), _drawable(title, cjk), fill="black", font=font)
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        x, y = c * tile, title_h + r * (tile + cap_h)
+        panel.paste(img.convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS), (x, y))
+        if captions is not None:
+            caption = captions[i]
+            if not cjk and not caption.isascii() and ascii_captions and ascii_captions[i]:
+                caption = ascii_captions[i]
+            text = _drawable(f"{i + 1}. {caption}", cjk)
+            draw.text((x + 4, y + tile + 2), text, fill="black", font=font)
+    return panel
+
+
+def save_panel(images, path: str | Path, captions=None, **kw) -> Path:
+    path = Path(path)
+    atomic_save_image(make_panel(images, captions, **kw), path)
+    return path

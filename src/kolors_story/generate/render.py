@@ -1,0 +1,209 @@
+"""Rendering a story: the scenes denoised in batches from precomputed prompt embeddings, each
+from its own seed, optionally refined (two-stage hires) and chosen best-of-N by aesthetic score.
+
+Each scene draws its noise from its own CPU generator, so the images do not depend on how the
+scenes are batched, and a reproduction re-renders the same batches.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from kolors_story.generate.sampler import UPSCALERS, check_size, final_size, sampler_settings
+from kolors_story.models.loading import run_device
+from kolors_story.settings import SamplerSettings
+from kolors_story.story import Scene
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to render: which scene's embeddings, which seed, which best-of candidate."""
+
+    scene: int  # position in the scenes/embeds list (0-based)
+    seed: int
+    candidate: int = 0
+
+
+def _initial_noise(pipe, seed: int, height: int, width: int) -> tuple[torch.Tensor, torch.Generator]:
+    """Stage-1 latents from the scene's own CPU generator; the generator then keeps feeding this
+    scene's later random draws (ancestral steps, the img2img noise), so batching never mixes seeds."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    return torch.randn(shape, generator=g, dtype=torch.float32), g
+
+
+def _img2img_class():
+    from diffusers import KolorsImg2ImgPipeline
+
+    class StoryImg2ImgPipeline(KolorsImg2ImgPipeline):
+        """``KolorsImg2ImgPipeline`` that accepts precomputed embeddings.
+
+        diffusers 0.39's ``__call__`` forwards prompt_embeds/negative_prompt_embeds to
+        ``encode_prompt`` but drops the pooled ones, so with the text encoder released it fails on
+        ``None.shape`` (diffusers issue #13612). The pooled embeddings are carried over here.
+        """
+
+        _pooled = None
+
+        def __call__(self, *args, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, **kwargs):
+            self._pooled = (pooled_prompt_embeds, negative_pooled_prompt_embeds)
+            try:
+                return super().__call__(*args, pooled_prompt_embeds=pooled_prompt_embeds,
+                                        negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, **kwargs)
+            finally:
+                self._pooled = None
+
+        def encode_prompt(self, *args, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, **kwargs):
+            if pooled_prompt_embeds is None and self._pooled is not None:
+                pooled_prompt_embeds, negative_pooled_prompt_embeds = self._pooled
+            return super().encode_prompt(*args, pooled_prompt_embeds=pooled_prompt_embeds,
+                                         negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, **kwargs)
+
+    return StoryImg2ImgPipeline
+
+
+def img2img_pipeline(pipe):
+    """A ``KolorsImg2ImgPipeline`` sharing every weight of ``pipe`` (nothing is loaded again).
+
+    It gets its own scheduler object of the same kind and config, so the two pipelines never
+    share step state.
+    """
+    refiner = _img2img_class()(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=pipe.unet,
+        scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config),
+        force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
+    )
+    refiner.set_progress_bar_config(disable=True)
+    return refiner
+
+
+def _step_callback(bar):
+    def callback(_pipe, _i, _t, kwargs):
+        if bar is not None:
+            bar.update(1)
+        return kwargs
+
+    return callback
+
+
+def _embeds_of(embeds: dict[str, torch.Tensor], batch: list[Job]) -> dict[str, torch.Tensor]:
+    idx = torch.tensor([j.scene for j in batch], dtype=torch.long)
+    return {k: v[idx.to(v.device)] for k, v in embeds.items()}
+
+
+def _render_batch(pipe, refiner, batch: list[Job], embeds: dict[str, torch.Tensor], s: SamplerSettings,
+                  step_bar) -> list[Image.Image]:
+    """Stage 1 for one batch from the jobs' own seeds, then the hires refine when enabled."""
+    device = run_device(pipe)
+    noise, gens = zip(*(_initial_noise(pipe, j.seed, s.height, s.width) for j in batch))
+    latents = torch.cat(noise).to(device=device, dtype=pipe.unet.dtype)
+    e = _embeds_of(embeds, batch)
+    images = pipe(**e, num_inference_steps=s.steps, guidance_scale=s.cfg, height=s.height, width=s.width,
+                  latents=latents, generator=list(gens), callback_on_step_end=_step_callback(step_bar)).images
+    if not s.hires.enabled:
+        return images
+    h = s.hires
+    final_h, final_w = final_size(pipe, s)
+    upscaled = [im.resize((final_w, final_h), UPSCALERS[h.upscaler]) for im in images]
+    return refiner(image=upscaled, strength=h.strength, **e, num_inference_steps=h.steps,
+                   guidance_scale=s.cfg if h.cfg is None else h.cfg, height=final_h, width=final_w,
+                   generator=list(gens), callback_on_step_end=_step_callback(step_bar)).images
+
+
+@torch.no_grad()
+def render_jobs(pipe, jobs: list[Job], embeds: dict[str, torch.Tensor], settings: SamplerSettings, *,
+                labels: list | None = None, keep: list[bool] | None = None, refiner=None,
+                progress: bool = True) -> list[Image.Image | None]:
+    """Render ``jobs`` ``settings.batch_size`` at a time (stage 1, then the hires refine if set).
+
+    ``keep[i] = False`` marks a job whose image is not needed; batches with no kept job are
+    skipped (their slot is None). Batches that are rendered always hold the same jobs as the
+    original run, so a reproduction sees the same batch composition.
+    """
+    s = settings
+    if s.hires.enabled and refiner is None:
+        refiner = img2img_pipeline(pipe)
+    per_image_steps = s.steps + (int(s.hires.steps * s.hires.strength) if s.hires.enabled else 0)
+    size = s.batch_size
+    batches = [(n * size, jobs[n * size : (n + 1) * size]) for n in range((len(jobs) + size - 1) // size)]
+    wanted = [(first, b) for first, b in batches if keep is None or any(keep[first : first + len(b)])]
+    out: list[Image.Image | None] = [None] * len(jobs)
+    with tqdm(total=sum(len(b) for _, b in wanted), desc="scenes", unit="img", disable=not progress,
+              position=0) as scene_bar:
+        for first, batch in wanted:
+            names = [str(labels[first + i]) if labels else str(first + i + 1) for i in range(len(batch))]
+            with tqdm(total=per_image_steps, desc=f"scene {','.join(names)}", unit="step", leave=False,
+                      disable=not progress, position=1) as step_bar:
+                out[first : first + len(batch)] = _render_batch(pipe, refiner, batch, embeds, s, step_bar)
+            scene_bar.update(len(batch))
+    return out
+
+
+def render_scenes(pipe, scenes: list[Scene], embeds: dict[str, torch.Tensor], *, steps: int, cfg: float,
+                  height: int, width: int, batch_size: int = 8, progress: bool = False) -> list[Image.Image]:
+    """Denoise the scenes ``batch_size`` at a time, each from its own seed (plain sampler settings)."""
+    settings = sampler_settings(steps=int(steps), cfg=float(cfg), height=int(height), width=int(width),
+                                batch_size=int(batch_size), seeds=None)
+    jobs = [Job(pos, s.seed) for pos, s in enumerate(scenes)]
+    return render_jobs(pipe, jobs, embeds, settings, labels=[s.index for s in scenes], progress=progress)
+
+
+@dataclass
+class StoryRender:
+    """What one story render produced, with the record of how."""
+
+    images: list[Image.Image]
+    seeds: list[int]  # seed of the kept image of each scene
+    candidates: list[list[dict]] | None = None  # best-of: per scene [{candidate, seed, score}]
+    chosen: list[int] | None = None  # best-of: kept candidate index per scene
+    scores: list[float] | None = None  # aesthetic score of each kept image, when computed
+    size: tuple[int, int] = (0, 0)  # final (height, width)
+    seconds: float = 0.0
+
+
+def generate_story(pipe, scenes: list[Scene], embeds: dict[str, torch.Tensor], settings: SamplerSettings, *,
+                   scorer=None, choices: list[int] | None = None, progress: bool = True) -> StoryRender:
+    """Render every scene; with ``settings.best_of.n > 1`` render N candidates per scene and keep the
+    best-scoring one (or the recorded ``choices``, when reproducing: then no scorer is needed)."""
+    t0 = time.perf_counter()
+    check_size(pipe, settings)
+    n, stride = settings.best_of.n, settings.best_of.seed_stride
+    jobs = [Job(pos, s.seed + k * stride, k) for k in range(n) for pos, s in enumerate(scenes)]
+    labels = [f"{scenes[j.scene].index}" + (f"/{j.candidate + 1}" if n > 1 else "") for j in jobs]
+    keep = None
+    if n > 1 and choices is not None:
+        if len(choices) != len(scenes) or any(not 0 <= int(c) < n for c in choices):
+            raise ValueError(f"recorded best-of choices {choices} do not fit {len(scenes)} scenes x {n} candidates")
+        keep = [int(choices[j.scene]) == j.candidate for j in jobs]
+    elif n > 1 and scorer is None:
+        raise ValueError("sampler.best_of.n > 1 needs the aesthetic scorer (scorer group) to pick the best candidate")
+    rendered = render_jobs(pipe, jobs, embeds, settings, labels=labels, keep=keep, progress=progress)
+    size = final_size(pipe, settings)
+    if n == 1:
+        return StoryRender(images=list(rendered), seeds=[s.seed for s in scenes], size=size,
+                           seconds=time.perf_counter() - t0)
+    by_scene: list[list[tuple[Job, Image.Image | None]]] = [[] for _ in scenes]
+    for job, image in zip(jobs, rendered):
+        by_scene[job.scene].append((job, image))
+    if choices is None:
+        scores = scorer.score(list(rendered))
+        score_of = {id(job): float(sc) for job, sc in zip(jobs, scores)}
+        chosen = [max(range(n), key=lambda k, c=cands: (score_of[id(c[k][0])], -k)) for cands in by_scene]
+    else:
+        score_of, chosen = {}, [int(c) for c in choices]
+    candidates = [
+        [{"candidate": j.candidate, "seed": j.seed, "score": score_of.get(id(j))} for j, _ in cands] for cands in by_scene
+    ]
+    images = [cands[k][1] for cands, k in zip(by_scene, chosen)]
+    scores = [score_of[id(cands[k][0])] for cands, k in zip(by_scene, chosen)] if score_of else None
+    return StoryRender(images=images, seeds=[cands[k][0].seed for cands, k in zip(by_scene, chosen)],
+                       candidates=candidates, chosen=chosen, scores=scores, size=size,
+                       seconds=time.perf_counter() - t0)

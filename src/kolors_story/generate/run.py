@@ -1,0 +1,137 @@
+"""The `generate.py` job: render a story with the configured model, LoRAs, sampler and memory
+modes, then write the images, panel, prompts, scores and manifest (and a submission bundle).
+
+    job = configs.to_settings(cfg, "generate")
+    result = generate(job)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from kolors_story.evaluate.scorer import AestheticScorer
+from kolors_story.evaluate.summary import story_scores
+from kolors_story.files import atomic_write_json
+from kolors_story.generate.loras import LoraSpec, load_loras, lora_specs
+from kolors_story.generate.manifest import ModelInfo, build_manifest, png_fields
+from kolors_story.generate.memory import after_prompt_encoding, apply_memory_modes, load_device, memory_modes
+from kolors_story.generate.outputs import panel_title, png_metadata, save_story, write_prompts_csv
+from kolors_story.generate.render import StoryRender, generate_story
+from kolors_story.generate.sampler import check_sampler
+from kolors_story.generate.schedulers import build_scheduler
+from kolors_story.models.loading import ensure_model, is_tiny, load_pipeline, model_hash, run_device
+from kolors_story.models.prompts import encode_scenes
+from kolors_story.records import MANIFEST_FILE, SCORES_FILE, TINY_NOTE, Manifest, StoryScores
+from kolors_story.settings import GenerateConfig
+from kolors_story.story import Scene, story_scenes
+
+
+@dataclass
+class GenerationResult:
+    out_dir: Path
+    manifest: Manifest
+    images: list[Path]
+    panel: Path
+    render: StoryRender
+    scenes: list[Scene]
+    loras: list[LoraSpec]
+    summary: StoryScores | None = None  # when scored
+    bundle: Path | None = None
+
+
+def wants_scores(job: GenerateConfig) -> bool:
+    return job.score or bool(job.submit.team and job.submit.score)
+
+
+def _load(job: GenerateConfig, loras: list[LoraSpec]):
+    """The pipeline with the job's sampler, LoRAs and memory modes; its model identity and the
+    memory record."""
+    model_path = ensure_model(job.model)
+    memory = memory_modes(job.memory)
+    pipe = load_pipeline(model_path, vae_path=job.model.vae_path, dtype=job.model.dtype,
+                         device=load_device(job.model.device, memory))
+    pipe.scheduler = build_scheduler(job.sampler.scheduler, pipe.scheduler.config, **job.sampler.scheduler_kwargs)
+    load_loras(pipe, loras)  # before offload hooks wrap the UNet
+    memory_record = apply_memory_modes(pipe, memory, device=job.model.device)
+    info = ModelInfo(path=Path(model_path), hash=model_hash(model_path, job.model.vae_path),
+                     tiny=is_tiny(job.model, model_path))
+    return pipe, info, memory_record
+
+
+def _score(job: GenerateConfig, scorer: AestheticScorer, render: StoryRender, tiny: bool) -> StoryScores:
+    scores, embeddings = scorer.score_and_embed(render.images)
+    render.scores = [float(s) for s in scores]
+    summary = story_scores(render.scores, embeddings, job.scorer.threshold)
+    if tiny:
+        summary["note"] = f"scored by a {TINY_NOTE}" if job.scorer.tiny is not None else TINY_NOTE
+    return summary
+
+
+def _write_images(job: GenerateConfig, out_dir: Path, scenes: list[Scene], render: StoryRender, info: ModelInfo,
+                  loras: list[LoraSpec]) -> tuple[list[Path], Path]:
+    records = [lo.as_record() for lo in loras]
+    title = panel_title(job.story.title, job.model.name, info.tiny, records)
+    pnginfo = [png_metadata(f) for f in png_fields(job, scenes, render, info, records)]
+    written = save_story(render.images, scenes, out_dir, title=title, pnginfo=pnginfo)
+    write_prompts_csv(out_dir / "prompts.csv", scenes, render.seeds)
+    return [Path(p) for p in written["images"]], Path(written["panel"])
+
+
+def generate(job: GenerateConfig, *, out_dir: str | Path | None = None, loras: list[LoraSpec] | None = None,
+             choices: list[int] | None = None, source: dict | None = None, overrides: list[str] | None = None,
+             progress: bool = True) -> GenerationResult:
+    """Render the story of ``job`` and write every output into ``out_dir`` (default ``job.output_dir``).
+
+    ``loras``/``choices`` let a reproduction pass the recorded LoRA files and best-of picks.
+    """
+    # 1. What to render: checked settings, the scenes, the LoRA files, the scorer if needed.
+    out_dir = Path(out_dir if out_dir is not None else job.output_dir)
+    job = dataclasses.replace(job, output_dir=str(out_dir), sampler=check_sampler(job.sampler))
+    scenes = story_scenes(job.story, job.sampler)
+    loras = lora_specs(job) if loras is None else loras
+    picking = job.sampler.best_of.n > 1 and choices is None
+    scorer = AestheticScorer.from_settings(job.scorer) if (wants_scores(job) or picking) else None
+    # 2. The pipeline, with sampler, LoRAs and memory modes.
+    pipe, info, memory_record = _load(job, loras)
+    # 3. The prompts, encoded once; the text encoder may go afterwards.
+    embeds = encode_scenes(pipe, scenes, device=run_device(pipe))
+    memory_record["text_encoder_released_bytes"] = after_prompt_encoding(pipe, job.memory)
+    # 4. The images (best-of: by score, or the recorded picks).
+    render = generate_story(pipe, scenes, embeds, job.sampler, scorer=scorer, choices=choices, progress=progress)
+    summary = _score(job, scorer, render, info.tiny) if wants_scores(job) else None
+    # 5. Files: images with PNG text, panel, prompts.csv, scores.json, manifest.json.
+    images, panel = _write_images(job, out_dir, scenes, render, info, loras)
+    if summary is not None:
+        atomic_write_json(out_dir / SCORES_FILE, {**summary, "images": [p.name for p in images]})
+    manifest = build_manifest(job, scenes=scenes, render=render, model=info, loras=[lo.as_record() for lo in loras],
+                              scheduler=pipe.scheduler, memory=memory_record, images=images, panel=panel,
+                              scores=summary, source=source, overrides=overrides or [], reproduced=choices is not None)
+    atomic_write_json(out_dir / MANIFEST_FILE, manifest)
+    return GenerationResult(out_dir=out_dir, manifest=manifest, images=images, panel=panel, render=render,
+                            scenes=scenes, loras=loras, summary=summary)
+
+
+def report(result: GenerationResult) -> None:
+    """What the user reads at the end of `generate.py`."""
+    line = f"Wrote {len(result.images)} images, {result.panel.name}, prompts.csv and manifest.json to {result.out_dir}"
+    if result.manifest["tiny_model"]:
+        line += f" ({TINY_NOTE})"
+    print(line)
+    if result.summary:
+        print(f"Aesthetic mean {result.summary['mean']:.3f} min {result.summary['min']:.3f} "
+              f"({'pass' if result.summary['passed'] else 'FAIL'})")
+
+
+def render_story(job: GenerateConfig, *, source=None, overrides: list[str] | None = None) -> GenerationResult:
+    """The `generate.py` job without reproduce: render, bundle when ``submit.team`` is set, report."""
+    result = generate(job, source=source.as_dict() if source else None, overrides=overrides)
+    if job.submit.team:
+        from kolors_story.generate.submission import write_bundle
+
+        result.bundle = write_bundle(result, job, root=job.submit.dir or result.out_dir, source=source)
+        print(f"Submission bundle: {result.bundle}")
+    report(result)
+    return result
+

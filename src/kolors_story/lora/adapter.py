@@ -1,0 +1,157 @@
+"""A LoRA adapter on the Kolors UNet (peft through diffusers): adding one to train, loading one or
+several from files to render with, and their strengths.
+
+Stacked LoRAs are separate peft adapters on the same UNet, each with its own scale (``scale`` =
+strength; the update is scale x alpha / rank x B A).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from kolors_story.lora.files import LoraFile, read_lora
+from kolors_story.lora.keys import LoraFormatError, arch_index, check_shapes
+from kolors_story.settings import LoraSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# lora.init values -> peft's init_lora_weights ("kaiming" is what DiffSynth calls peft's default).
+INIT_CHOICES = {"gaussian": "gaussian", "default": True, "kaiming": True}
+
+
+def _peft_init(init) -> str | bool:
+    if init is True:
+        return True
+    key = str(init).lower()
+    if key not in INIT_CHOICES:
+        raise ValueError(f"lora.init={init!r} is not supported; use one of {sorted(INIT_CHOICES)}")
+    return INIT_CHOICES[key]
+
+
+def add_lora(unet, rank: int, alpha: float, target_modules=DEFAULT_TARGETS, init="gaussian",
+             dropout: float = 0.0, adapter_name: str = "default"):
+    """Add a peft LoRA adapter to ``unet`` (``unet.add_adapter(LoraConfig(...))``) and make only it trainable.
+
+    Returns the UNet. ``init="gaussian"`` (DiffSynth/baseline) draws lora_A from N(0, 1/rank);
+    lora_B starts at zero in every init, so a fresh LoRA does not change the output.
+    """
+    from peft import LoraConfig
+
+    rank, alpha, dropout = int(rank), float(alpha), float(dropout)
+    if rank < 1:
+        raise ValueError(f"lora.rank={rank}: must be >= 1")
+    if alpha <= 0:
+        raise ValueError(f"lora.alpha={alpha}: must be > 0")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lora.dropout={dropout}: must be in [0, 1)")
+    targets = [str(t) for t in ([target_modules] if isinstance(target_modules, str) else target_modules)]
+    if not targets:
+        raise ValueError("lora.target_modules is empty; e.g. [to_q, to_k, to_v, to_out.0]")
+    if adapter_name in (getattr(unet, "peft_config", None) or {}):
+        raise ValueError(f"the UNet already has a LoRA adapter named {adapter_name!r}")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
+                        init_lora_weights=_peft_init(init), lora_dropout=dropout)
+    try:
+        unet.add_adapter(config, adapter_name=adapter_name)
+    except ValueError as e:
+        if "not found" in str(e) or "Target module" in str(e):
+            raise ValueError(f"lora.target_modules={targets} does not fit this UNet: {e}") from e
+        raise
+    # Train only this adapter: the base UNet (and any other adapter) stays frozen.
+    marker = f".{adapter_name}."
+    for name, p in unet.named_parameters():
+        p.requires_grad_((".lora_A" in name or ".lora_B" in name) and marker in name)
+    return unet
+
+
+
+def add_lora_from_settings(unet, lora: LoraSettings, adapter_name: str = "default"):
+    """``add_lora`` with the ``lora`` settings group (rank, alpha, target_modules, init, dropout)."""
+    return add_lora(unet, rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules),
+                    init=lora.init, dropout=lora.dropout, adapter_name=adapter_name)
+
+
+def _unet_of(pipe_or_unet):
+    return getattr(pipe_or_unet, "unet", pipe_or_unet)
+
+
+def lora_scales(pipe_or_unet) -> dict[str, float]:
+    """The active adapters of the UNet and their strengths (``scale`` of load_lora_into_pipeline)."""
+    from peft.tuners.lora import LoraLayer
+
+    unet = _unet_of(pipe_or_unet)
+    active = list(unet.active_adapters()) if getattr(unet, "peft_config", None) else []
+    scales = {}
+    for name in active:
+        for m in unet.modules():
+            if isinstance(m, LoraLayer) and name in m.scaling and m.lora_alpha.get(name):
+                scales[name] = float(m.scaling[name] * m.r[name] / m.lora_alpha[name])
+                break
+        else:
+            scales[name] = 1.0
+    return scales
+
+
+def set_lora_scales(pipe_or_unet, scales: Mapping[str, float]) -> None:
+    """Activate exactly the adapters in ``scales`` with those strengths (0 -> the base model's output)."""
+    unet = _unet_of(pipe_or_unet)
+    names = list(scales)
+    missing = [n for n in names if n not in (getattr(unet, "peft_config", None) or {})]
+    if missing:
+        raise ValueError(f"no LoRA adapter named {missing} on this UNet (it has {sorted(unet.peft_config)})")
+    unet.set_adapters(names, weights=[float(scales[n]) for n in names])
+
+
+def _adapter_name_for(unet, path: Path | None) -> str:
+    base = re.sub(r"[^0-9A-Za-z_]", "_", path.stem if path else "lora").strip("_") or "lora"
+    if base[0].isdigit():
+        base = "lora_" + base
+    taken = set(getattr(unet, "peft_config", None) or {})
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def load_lora_into_pipeline(pipe, path, scale: float = 1.0, adapter_name: str | None = None,
+                            default_alpha: float | None = None) -> str:
+    """Add the LoRA in ``path`` (any supported format, or a :class:`LoraFile`) to ``pipe.unet``.
+
+    rank/alpha come from the file. LoRAs already loaded stay active with their own scales, so
+    calling this several times stacks them; ``scale=0`` leaves the output equal to the base model.
+    Returns the adapter name (for :func:`set_lora_scales`).
+    """
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    unet = _unet_of(pipe)
+    lf = path if isinstance(path, LoraFile) else read_lora(path, unet_config=unet.config, default_alpha=default_alpha)
+    what = str(lf.path or "LoRA")
+    check_shapes(lf.state_dict, arch_index(unet.config), what)
+    existing = getattr(unet, "peft_config", None) or {}
+    if adapter_name is None:
+        adapter_name = _adapter_name_for(unet, lf.path)
+    elif adapter_name in existing:
+        raise ValueError(f"a LoRA adapter named {adapter_name!r} is already loaded; pick another adapter_name")
+    if "." in adapter_name:
+        raise ValueError(f"adapter_name={adapter_name!r} must not contain '.'")
+    previous = lora_scales(unet) if existing else {}
+
+    # Exact module paths as targets: the adapter lands on precisely the modules the file has weights for.
+    config = LoraConfig(r=lf.rank, lora_alpha=lf.alpha, target_modules=lf.modules, init_lora_weights=False)
+    unet.add_adapter(config, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(unet, lf.state_dict, adapter_name=adapter_name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
+    missing = [k for k in getattr(result, "missing_keys", []) if f".{adapter_name}." in k and ".lora_" in k]
+    if unexpected or missing:
+        unet.delete_adapters(adapter_name)
+        raise LoraFormatError(f"{what}: LoRA keys did not land (unexpected {unexpected[:3]}, missing {missing[:3]})")
+    set_lora_scales(unet, {**previous, adapter_name: float(scale)})
+    log.info("Loaded LoRA %s (%s, rank %d, alpha %g) as %r at scale %g",
+             what, lf.format, lf.rank, lf.alpha, adapter_name, scale)
+    return adapter_name
+

@@ -1,0 +1,253 @@
+"""Model configs: the real Kolors release's (UNet, ChatGLM3-6B, SDXL VAE, scheduler, the aesthetic
+predictor's CLIP ViT-L/14) and the smaller ones built from them for the random test models.
+
+- tiny: narrower and shallower, same classes and wiring; every code path runs on a CPU in seconds.
+- bench: between tiny and real, sized for a few hundred ms per LoRA step here (``python -m
+  kolors_story.bench``).
+The real configs are also what the meta-device accounting counts (bench ``flops`` section).
+"""
+
+from __future__ import annotations
+
+# Real Kolors scheduler config (scheduler/scheduler_config.json of the release).
+KOLORS_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.014,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "dynamic_thresholding_ratio": 0.995,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1100,
+    "prediction_type": "epsilon",
+    "rescale_betas_zero_snr": False,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "thresholding": False,
+    "timestep_spacing": "leading",
+    "timestep_type": "discrete",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+
+# Real Kolors UNet config (unet/config.json of the release): SDXL's UNet fed by ChatGLM3 (4096-d).
+KOLORS_UNET_CONFIG = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "encoder_hid_dim": 4096,
+    "encoder_hid_dim_type": "text_proj",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 5632,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": False,
+    "use_linear_projection": True,
+}
+
+
+# Real ChatGLM3-6B config (text_encoder/config.json of the release).
+KOLORS_TEXT_ENCODER_CONFIG = {
+    "add_bias_linear": False,
+    "add_qkv_bias": True,
+    "apply_query_key_layer_scaling": True,
+    "apply_residual_connection_post_layernorm": False,
+    "attention_dropout": 0.0,
+    "attention_softmax_in_fp32": True,
+    "bias_dropout_fusion": True,
+    "ffn_hidden_size": 13696,
+    "fp32_residual_connection": False,
+    "hidden_dropout": 0.0,
+    "hidden_size": 4096,
+    "kv_channels": 128,
+    "layernorm_epsilon": 1e-05,
+    "multi_query_attention": True,
+    "multi_query_group_num": 2,
+    "num_attention_heads": 32,
+    "num_layers": 28,
+    "original_rope": True,
+    "padded_vocab_size": 65024,
+    "post_layer_norm": True,
+    "rmsnorm": True,
+    "seq_length": 32768,
+    "use_cache": True,
+}
+
+
+# SDXL VAE config (vae/config.json of the release and of sdxl-vae-fp16-fix).
+SDXL_VAE_CONFIG = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "force_upcast": True,
+}
+
+
+# The real predictor's config.json: OpenAI CLIP ViT-L/14's vision tower (what
+# AestheticsPredictorV2Linear subclasses) with a 768-d projection feeding the MLP head.
+REAL_PREDICTOR_CONFIG = {
+    "architectures": ["AestheticsPredictorV2Linear"],
+    "model_type": "clip_vision_model",
+    "attention_dropout": 0.0,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 1024,
+    "image_size": 224,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 4096,
+    "layer_norm_eps": 1e-05,
+    "num_attention_heads": 16,
+    "num_channels": 3,
+    "num_hidden_layers": 24,
+    "patch_size": 14,
+    "projection_dim": 768,
+}
+
+
+# OpenAI CLIP ViT-L/14 preprocessing (openai/clip-vit-large-patch14's preprocessor_config.json):
+# shortest edge -> 224 (bicubic), center crop 224x224, scale to [0, 1], normalise with CLIP's stats.
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+REAL_PREPROCESSOR_SETTINGS = {
+    "do_convert_rgb": True,
+    "do_resize": True,
+    "size": {"shortest_edge": 224},
+    "resample": 3,  # PIL.Image.BICUBIC
+    "do_center_crop": True,
+    "crop_size": {"height": 224, "width": 224},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": CLIP_MEAN,
+    "image_std": CLIP_STD,
+}
+
+
+# ------------------------------------------------------------------------------------- tiny
+
+TINY_TEXT_HIDDEN = 32
+TINY_TIME_EMBED = 8
+
+
+def tiny_text_encoder_config() -> dict:
+    cfg = dict(KOLORS_TEXT_ENCODER_CONFIG)
+    cfg.update(
+        hidden_size=TINY_TEXT_HIDDEN,
+        ffn_hidden_size=64,
+        kv_channels=8,
+        num_attention_heads=4,
+        num_layers=2,
+        multi_query_group_num=2,
+        seq_length=512,
+    )
+    return cfg
+
+
+def tiny_unet_config() -> dict:
+    cfg = dict(KOLORS_UNET_CONFIG)
+    cfg.update(
+        attention_head_dim=[2, 4, 4],
+        block_out_channels=[32, 64, 64],
+        cross_attention_dim=32,
+        encoder_hid_dim=TINY_TEXT_HIDDEN,
+        addition_time_embed_dim=TINY_TIME_EMBED,
+        # 6 micro-conditioning numbers (original size, crop, target size) x time embed + pooled text
+        projection_class_embeddings_input_dim=6 * TINY_TIME_EMBED + TINY_TEXT_HIDDEN,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=8,
+        transformer_layers_per_block=[1, 1, 1],
+    )
+    return cfg
+
+
+def tiny_vae_config() -> dict:
+    cfg = dict(SDXL_VAE_CONFIG)
+    cfg.update(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8, sample_size=64)
+    return cfg
+
+
+# Tiny vision tower: same input size/patching as the real one (so the real preprocessing applies
+# unchanged), but 32-d and 2 layers: ~0.2 M parameters, a few ms per image on a CPU.
+TINY_PREDICTOR_OVERRIDES = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "projection_dim": 16,
+}
+
+
+def tiny_predictor_config() -> dict:
+    cfg = dict(REAL_PREDICTOR_CONFIG)
+    cfg.update(TINY_PREDICTOR_OVERRIDES)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ bench
+# Same classes and wiring as Kolors (ChatGLM text_proj into an SDXL UNet with text_time
+# micro-conditioning, SDXL-style VAE), sized between tiny and real: ~9 M UNet parameters at 128x128
+# (16x16 latents), a few hundred ms per LoRA training step on a 2-core CPU.
+
+BENCH_RESOLUTION = 128
+BENCH_TEXT_HIDDEN = 256
+BENCH_TIME_EMBED = 32
+
+
+def bench_unet_config() -> dict:
+    cfg = dict(KOLORS_UNET_CONFIG)
+    cfg.update(
+        block_out_channels=[32, 64, 128],
+        attention_head_dim=[1, 2, 4],  # 32-d heads, as Kolors' 64-d heads scaled down
+        cross_attention_dim=128,
+        encoder_hid_dim=BENCH_TEXT_HIDDEN,
+        addition_time_embed_dim=BENCH_TIME_EMBED,
+        projection_class_embeddings_input_dim=6 * BENCH_TIME_EMBED + BENCH_TEXT_HIDDEN,
+        layers_per_block=2,
+        norm_num_groups=16,
+        sample_size=BENCH_RESOLUTION // 8,
+        transformer_layers_per_block=[1, 1, 2],
+    )
+    return cfg
+
+
+def bench_text_encoder_config() -> dict:
+    cfg = dict(KOLORS_TEXT_ENCODER_CONFIG)
+    cfg.update(hidden_size=BENCH_TEXT_HIDDEN, ffn_hidden_size=3 * BENCH_TEXT_HIDDEN, kv_channels=32,
+               num_attention_heads=8, num_layers=6, multi_query_group_num=2, seq_length=512)
+    return cfg
+
+
+def bench_vae_config() -> dict:
+    cfg = dict(SDXL_VAE_CONFIG)
+    cfg.update(block_out_channels=[16, 32, 64, 64], norm_num_groups=16, sample_size=BENCH_RESOLUTION)
+    return cfg

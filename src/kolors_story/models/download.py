@@ -1,0 +1,86 @@
+"""Fetch the real weights from ModelScope into the folders the configs expect.
+
+    python -m kolors_story.download                 # Kolors + fp16-fix VAE + aesthetic scorer
+    python -m kolors_story.download kolors --dir /data/models
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Weights:
+    name: str
+    model_id: str  # ModelScope repository
+    subdir: str  # folder under --dir; conf/ points here by default
+    needed_for: str
+
+
+WEIGHTS = {
+    w.name: w
+    for w in (
+        Weights("kolors", "Kwai-Kolors/Kolors", "kolors/Kolors", "model=kolors (model.path)"),
+        Weights("vae", "AI-ModelScope/sdxl-vae-fp16-fix", "sdxl-vae-fp16-fix", "fp16 decoding without NaNs (model.vae_path)"),
+        Weights(
+            "scorer",
+            "AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE",
+            "aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE",
+            "the competition's aesthetic score (scorer.path)",
+        ),
+    )
+}
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def target_paths(names: list[str], root: str | Path) -> dict[str, Path]:
+    """Where each requested item goes; unknown names raise with the valid choices."""
+    unknown = [n for n in names if n not in WEIGHTS]
+    if unknown:
+        raise DownloadError(f"unknown weights {unknown}; choose from {sorted(WEIGHTS)}")
+    return {n: Path(root) / WEIGHTS[n].subdir for n in names}
+
+
+def download(names: list[str], root: str | Path = "models", snapshot_download=None) -> dict[str, Path]:
+    """Download each item with modelscope's ``snapshot_download`` into ``root/<subdir>``."""
+    if snapshot_download is None:
+        from modelscope import snapshot_download
+    done = {}
+    for name, path in target_paths(names, root).items():
+        w = WEIGHTS[name]
+        path.mkdir(parents=True, exist_ok=True)
+        print(f"Downloading {w.model_id} -> {path}  ({w.needed_for})", flush=True)
+        try:
+            done[name] = Path(snapshot_download(w.model_id, local_dir=str(path)))
+        except Exception as exc:  # network, auth, disk: all end the same way for the user
+            raise DownloadError(
+                f"Could not download {w.model_id} from ModelScope into {path}: {type(exc).__name__}: {exc}\n"
+                f"Check the network (or a proxy / MODELSCOPE_DOMAIN), or copy that model's files into {path} "
+                "by hand; the loaders only need the files in place."
+            ) from exc
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kolors_story.download", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", nargs="*", default=list(WEIGHTS), help=f"any of {sorted(WEIGHTS)} (default: all)")
+    parser.add_argument("--dir", default="models", help="root folder (default: models/, as in conf/)")
+    args = parser.parse_args(argv)
+    try:
+        for name, path in download(args.what, args.dir).items():
+            print(f"{name}: {path}")
+    except DownloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

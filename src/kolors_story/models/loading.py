@@ -1,0 +1,285 @@
+"""Load a Kolors pipeline component by component from either release layout, and name a model.
+
+Layouts understood (see ARCHITECTURE.md):
+- ``Kwai-Kolors/Kolors``: text_encoder/ holds the ChatGLM3 weights *and* the tokenizer files,
+  plus unet/, vae/, scheduler/ (the ``.bin`` shards of the text encoder are read with
+  ``weights_only`` loading by transformers).
+- ``Kolors-diffusers``: the same plus model_index.json and a separate tokenizer/ folder, with
+  ``.fp16`` weight variants.
+An optional separate VAE (``sdxl-vae-fp16-fix``: the stock SDXL VAE overflows in fp16) replaces vae/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kolors_story.settings import ModelSettings
+
+DOWNLOAD_HINT = "Download the weights with `python -m kolors_story.download` (or run with model=tiny)."
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder is missing parts; the message lists each missing component and path."""
+
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def to_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"model.dtype={name!r} is not a dtype; use one of {sorted(DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class KolorsLayout:
+    """Where each component of a Kolors release lives on disk."""
+
+    root: Path
+    unet: Path
+    vae: Path
+    vae_file: Path | None  # a single .safetensors file for the VAE (fp16-fix given as a file)
+    text_encoder: Path
+    tokenizer: Path
+    scheduler: Path
+    kind: str  # "kolors" or "diffusers"
+
+
+def _has_weights(folder: Path) -> bool:
+    return folder.is_dir() and any(
+        p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir() if p.is_file()
+    )
+
+
+def _variant(folder: Path, stem: str = "diffusion_pytorch_model") -> str | None:
+    """'fp16' when the folder only has the fp16 variant file, as Kolors-diffusers ships."""
+    if (folder / f"{stem}.safetensors").exists() or (folder / f"{stem}.bin").exists():
+        return None
+    if (folder / f"{stem}.fp16.safetensors").exists() or (folder / f"{stem}.fp16.bin").exists():
+        return "fp16"
+    return None
+
+
+def resolve_layout(path: str | Path, vae_path: str | Path | None = None) -> KolorsLayout:
+    """Find every component or raise one ModelLoadError naming all that are missing."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ModelLoadError(f"Kolors model folder {root} does not exist. {DOWNLOAD_HINT}")
+    kind = "diffusers" if (root / "model_index.json").exists() else "kolors"
+    tokenizer = root / "tokenizer"
+    if not all((tokenizer / f).exists() for f in TOKENIZER_FILES):
+        tokenizer = root / "text_encoder"  # the Kwai-Kolors/Kolors layout keeps it here
+
+    vae_file = None
+    if vae_path is not None:
+        vae = Path(vae_path).expanduser()
+        if vae.is_file():
+            vae_file, vae = vae, vae.parent
+    else:
+        vae = root / "vae"
+
+    missing = []
+    checks = [
+        ("unet", root / "unet", lambda p: (p / "config.json").exists() and _has_weights(p)),
+        ("text_encoder", root / "text_encoder", lambda p: (p / "config.json").exists() and _has_weights(p)),
+        ("tokenizer", tokenizer, lambda p: all((p / f).exists() for f in TOKENIZER_FILES)),
+        ("scheduler", root / "scheduler", lambda p: (p / "scheduler_config.json").exists()),
+    ]
+    if vae_file is None:
+        checks.append(("vae", vae, lambda p: (p / "config.json").exists() and _has_weights(p)))
+    elif not (vae / "config.json").exists() and not (root / "vae" / "config.json").exists():
+        missing.append(f"  - vae config: neither {vae / 'config.json'} nor {root / 'vae' / 'config.json'}")
+    for name, folder, ok in checks:
+        if not ok(folder):
+            what = {
+                "tokenizer": f"{', '.join(TOKENIZER_FILES)} in {root / 'tokenizer'} or {root / 'text_encoder'}",
+                "scheduler": f"{folder / 'scheduler_config.json'}",
+            }.get(name, f"config.json + weights ({'/'.join(WEIGHT_SUFFIXES)}) in {folder}")
+            missing.append(f"  - {name}: {what}")
+    if missing:
+        raise ModelLoadError(
+            f"Kolors model at {root} is incomplete; missing:\n" + "\n".join(missing) + f"\n{DOWNLOAD_HINT}"
+        )
+    return KolorsLayout(
+        root=root,
+        unet=root / "unet",
+        vae=vae,
+        vae_file=vae_file,
+        text_encoder=root / "text_encoder",
+        tokenizer=tokenizer,
+        scheduler=root / "scheduler",
+        kind=kind,
+    )
+
+
+def load_tokenizer(layout: KolorsLayout):
+    from diffusers.pipelines.kolors import ChatGLMTokenizer
+
+    return ChatGLMTokenizer.from_pretrained(str(layout.tokenizer))
+
+
+def load_text_encoder(layout: KolorsLayout, dtype: torch.dtype):
+    from diffusers.pipelines.kolors import ChatGLMModel
+
+    # Loaded straight into the target dtype (no fp32 upcast copy: that is where peak memory goes).
+    return ChatGLMModel.from_pretrained(str(layout.text_encoder), dtype=dtype)
+
+
+def load_unet(layout: KolorsLayout, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(
+        str(layout.unet), torch_dtype=dtype, variant=_variant(layout.unet)
+    )
+
+
+def load_vae(layout: KolorsLayout, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    if layout.vae_file is not None:
+        config = layout.vae / "config.json"
+        if not config.exists():
+            config = layout.root / "vae" / "config.json"
+        return AutoencoderKL.from_single_file(
+            str(layout.vae_file), config=str(config.parent), torch_dtype=dtype
+        )
+    return AutoencoderKL.from_pretrained(str(layout.vae), torch_dtype=dtype, variant=_variant(layout.vae))
+
+
+def load_scheduler(layout: KolorsLayout):
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_pretrained(str(layout.scheduler))
+
+
+def load_pipeline(
+    path: str | Path,
+    vae_path: str | Path | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    text_encoder: bool = True,
+):
+    """Build a ``KolorsPipeline`` from a Kolors folder (either layout) and an optional separate VAE.
+
+    ``text_encoder=False`` leaves the ChatGLM encoder out (it is the largest part; training from
+    cached embeddings never needs it): the pipeline then only accepts precomputed embeddings.
+    """
+    from diffusers import KolorsPipeline
+
+    layout = resolve_layout(path, vae_path)
+    torch_dtype = to_dtype(dtype)
+    pipe = KolorsPipeline(
+        vae=load_vae(layout, torch_dtype),
+        text_encoder=load_text_encoder(layout, torch_dtype) if text_encoder else None,
+        tokenizer=load_tokenizer(layout),
+        unet=load_unet(layout, torch_dtype),
+        scheduler=load_scheduler(layout),
+        force_zeros_for_empty_prompt=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+FINGERPRINT_CHUNK = 1 << 20
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """Size + hash of the first, middle and last MiB: cheap on multi-GB weights, yet different
+    for two checkpoints of the same architecture (whose names and sizes are identical)."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        for offset in sorted({0, max(0, size // 2 - FINGERPRINT_CHUNK // 2), max(0, size - FINGERPRINT_CHUNK)}):
+            f.seek(offset)
+            h.update(f.read(FINGERPRINT_CHUNK))
+    return h.hexdigest()
+
+
+def component_files(layout: KolorsLayout, component: str) -> list[Path]:
+    """The config + weight files that define one component (``vae`` honours a separate VAE file)."""
+    if component == "vae" and layout.vae_file is not None:
+        config = layout.vae / "config.json"
+        return [layout.vae_file, config if config.exists() else layout.root / "vae" / "config.json"]
+    folder = {"unet": layout.unet, "vae": layout.vae, "text_encoder": layout.text_encoder,
+              "scheduler": layout.scheduler}[component]
+    files = [p for p in sorted(folder.iterdir())
+             if p.is_file() and (p.suffix == ".json" or p.name.endswith(WEIGHT_SUFFIXES))]
+    if component == "text_encoder":
+        files += [layout.tokenizer / name for name in TOKENIZER_FILES]
+    return files
+
+
+def model_hash(path: str | Path, vae_path: str | Path | None = None) -> str:
+    """A short identity of a model: configs plus a sampled fingerprint of every weight file.
+
+    Weights are multi-GB, so not every byte is read; names, sizes and three 1 MiB samples per file
+    tell apart any two releases or fine-tunes, which is what caches and manifests need.
+    """
+    layout = resolve_layout(path, vae_path)
+    h = hashlib.sha256()
+    for component in ("unet", "vae", "text_encoder", "scheduler"):
+        for f in component_files(layout, component):
+            h.update(f"{component}/{file_fingerprint(f)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def ensure_model(model: ModelSettings) -> Path:
+    """The model folder of ``model``: for ``model=tiny`` the tiny model is built there first."""
+    path = Path(str(model.path)).expanduser()
+    if model.tiny is not None:
+        from kolors_story.models.random_init import ensure_tiny_model
+
+        ensure_tiny_model(path, seed=int(model.tiny.seed), layout=str(model.tiny.layout))
+    return path
+
+
+def is_tiny(model: ModelSettings, path: str | Path | None = None) -> bool:
+    """A tiny random model (``model=tiny``, or a folder the tiny builder wrote)."""
+    return model.tiny is not None or (path is not None and (Path(path) / "TINY_MODEL.txt").exists())
+
+
+def run_device(pipe) -> torch.device:
+    """Where latents and embeddings must go: the UNet's device, or the pipeline's execution device
+    when offload hooks move the UNet on use (it may sit on the CPU or the meta device in between)."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        return torch.device(pipe._execution_device)
+    device = unet.device
+    if device.type == "meta" or hasattr(unet, "_hf_hook"):
+        return torch.device(pipe._execution_device)
+    return device
+
+
+def component_fingerprint(layout: KolorsLayout, part: str) -> str:
+    """Identity of the files that produce a cache part: ``vae`` (latents) or ``text`` (embeddings),
+    so a new text encoder does not invalidate latents and a new VAE does not invalidate embeddings."""
+    if part not in ("vae", "text"):
+        raise ValueError(f"part={part!r}: use 'vae' or 'text'")
+    files = component_files(layout, "vae" if part == "vae" else "text_encoder")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(file_fingerprint(f).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,314 @@
+"""Every config key of the project: its type, its default and a one-line comment, in one place.
+
+These dataclasses are registered with Hydra's ConfigStore (:func:`register_configs`) as the
+schema of each config group: every option file in ``conf/<group>/`` starts from its schema
+(``defaults: [/<group>_schema@_here_]``) and sets only what it changes, so a default lives here
+once, and a mistyped value (``trainer.seed=abc``) fails when the config is composed, with Hydra's
+message naming the key. The library receives these objects (built from a composed or recorded
+config by :func:`kolors_story.configs.to_settings`), never the raw config.
+
+Defaults written ``II("...")`` are interpolations Hydra fills in (``sampler.height`` follows
+``model.resolution``); code that builds these objects directly passes real values for them.
+"""
+
+# No ``from __future__ import annotations`` here: OmegaConf reads these annotations at runtime.
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import II, MISSING, SI
+
+# ----------------------------------------------------------------------------------- model
+
+
+@dataclass
+class TinyModelSpec:
+    seed: int = 0  # seed of the random weights: same seed -> same model, bit for bit
+    layout: str = "kolors"  # release layout it is saved in: kolors (Kwai-Kolors/Kolors) or diffusers (Kolors-diffusers)
+
+
+@dataclass
+class ModelSettings:
+    name: str = "kolors"  # shown in outputs, manifests and W&B
+    path: str = "models/kolors/Kolors"  # folder in either layout: Kwai-Kolors/Kolors (tokenizer in text_encoder/) or Kolors-diffusers
+    vae_path: Optional[str] = "models/sdxl-vae-fp16-fix"  # separate fp16-fix VAE (folder or .safetensors); null -> the release's own vae/
+    dtype: str = "float16"  # dtype the weights are loaded in: float16, bfloat16 or float32
+    device: str = "cuda"  # device the pipeline runs on: cuda, cuda:1, cpu
+    resolution: int = 1024  # native training/sampling size; sampler and dataset default to it
+    tiny: Optional[TinyModelSpec] = None  # only for model=tiny: the spec of the random model built into `path`
+
+
+@dataclass
+class TinyScorerSpec:
+    seed: int = 0  # seed of the tiny random predictor's weights
+
+
+@dataclass
+class ScorerSettings:
+    path: str = "models/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"  # the competition's predictor folder (python -m kolors_story.download scorer)
+    device: str = II("model.device")  # device the CLIP ViT-L/14 runs on
+    batch_size: int = 8  # images per forward pass (scores are identical to one-by-one)
+    threshold: float = 6.0  # pass/fail gate on the mean score (competition rule)
+    tiny: Optional[TinyScorerSpec] = None  # non-null -> build a tiny random predictor into `path` first (plumbing tests only)
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class DatasetSettings:
+    name: str = MISSING  # dataset name: the processed data goes to data/<name>
+    source: str = "folder"  # folder | lowres_anime | demo
+    path: str = "data/my_style"  # the folder of images (not searched recursively; metadata rows may name sub-folders)
+    caption_prefix: str = ""  # fixed text put before every caption (trigger words, e.g. "二次元，")
+    default_caption: Optional[str] = None  # caption for images without one (null: a missing caption is reported as a bad file)
+    on_bad_file: str = "skip"  # skip: drop bad files and list them in report.json; fail: stop with the list
+    max_pixels: Optional[int] = 100_000_000  # decompression-bomb guard: images declaring more pixels are rejected unread
+    rebuild: bool = False  # true: redo preflight + filtering even when sources, captions and recipe are unchanged
+    resolution: Any = II("model.resolution")  # training size: an int (square) or [height, width]; resized to cover it, then cropped
+    crop: str = "center"  # center or random (a random crop is drawn once per image from trainer.seed and cached)
+
+
+@dataclass
+class DemoDatasetSettings(DatasetSettings):
+    source: str = "demo"  # drawn by code (kolors_story.data.demo)
+    seed: int = 0  # drawing seed: same seed -> same images, bit for bit
+
+
+@dataclass
+class ModelScopeDatasetSettings(DatasetSettings):
+    source: str = "lowres_anime"  # the baseline's ModelScope dataset
+    repo: str = "AI-ModelScope/lowres_anime"  # ModelScope dataset id, loaded with MsDataset.load
+    subset: str = "default"  # MsDataset subset_name
+    split: str = "train"  # MsDataset split
+    limit: Optional[int] = None  # take only the first N images (null: all)
+    caption: Optional[str] = "二次元"  # caption of every image (the baseline's); null: use the dataset's own text column
+
+
+# dataset.source -> the schema of that source's keys
+DATASET_SCHEMAS = {"folder": DatasetSettings, "demo": DemoDatasetSettings, "lowres_anime": ModelScopeDatasetSettings}
+
+
+@dataclass
+class FilterSettings:
+    name: str = MISSING  # recipe name, recorded in report.json
+    process: List[Any] = field(default_factory=list)  # data-juicer ops, passed to dj-process as they are (batch_size 1 is added per op)
+    np: int = 1  # dj-process worker processes (1 is fastest for a few hundred images)
+    timeout: Optional[float] = None  # seconds before dj-process is stopped (null: no limit)
+
+
+@dataclass
+class CacheSettings:
+    batch_size: int = 4  # images / captions per VAE / text-encoder call when building the latent/embedding cache
+
+
+# ----------------------------------------------------------------------------------- train
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 16  # LoRA rank r: capacity of the low-rank update
+    alpha: float = 4.0  # LoRA alpha: the update is scaled by alpha / rank
+    target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # UNet attention projections that get a LoRA
+    init: str = "gaussian"  # initialisation of lora_A: gaussian (as DiffSynth/baseline), default or kaiming (peft's)
+    dropout: float = 0.0  # dropout on the LoRA input during training
+
+
+@dataclass
+class OptimSettings:
+    name: str = "adamw"  # optimiser: adamw
+    lr: float = 1.0e-4  # peak learning rate
+    weight_decay: float = 0.01  # AdamW weight decay on the LoRA weights
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1.0e-8  # AdamW epsilon
+    schedule: str = "constant"  # constant or cosine (after warmup)
+    warmup_steps: int = 0  # linear warmup steps from 0 to lr
+
+
+@dataclass
+class TrainerSettings:
+    accelerator: str = "auto"  # auto, gpu, cpu
+    devices: Any = 1  # number of devices (processes with ddp), a list of ids, or auto
+    num_nodes: int = 1  # machines (multi-node ddp/deepspeed)
+    strategy: str = "auto"  # auto, ddp, deepspeed_stage_2 ... (Lightning strategy names)
+    precision: str = "16-mixed"  # 32, 16-mixed, bf16-mixed; 16-mixed falls back to 32 on a CPU-only machine
+    gradient_checkpointing: bool = True  # recompute UNet activations in backward: less memory, ~1/3 more time
+    accumulate_grad_batches: int = 1  # optimizer step every N batches
+    gradient_clip_val: Optional[float] = None  # clip the gradient norm to this value; null -> no clipping
+    batch_size: int = 1  # images per batch (per device)
+    num_workers: int = 0  # dataloader worker processes
+    max_epochs: Optional[int] = 1  # epochs to train (null -> until max_steps)
+    max_steps: int = -1  # stop after this many optimizer steps (-1: no limit)
+    steps_per_epoch: Optional[int] = 500  # batches per epoch (DiffSynth's default; images are cycled); null -> one pass over the dataset
+    checkpoint_every_n_steps: int = 250  # save LoRA + render the validation story every N optimizer steps (and at the end)
+    log_every_n_steps: int = 1  # a metrics.jsonl/W&B train line every N optimizer steps
+    min_snr_gamma: Optional[float] = None  # min-SNR-gamma loss weighting (5.0 is the paper's value); null -> plain MSE
+    noise_offset: float = 0.0  # offset noise strength (e.g. 0.05: darker darks / brighter brights); 0 -> off
+    progress_bar: bool = True  # Lightning's progress bar (steps/epoch counts)
+    seed: int = 42  # seed of LoRA init, noise, timesteps, data order and random crops
+
+
+@dataclass
+class LoggerSettings:
+    project: str = "kolors-story"  # W&B project
+    entity: Optional[str] = None  # W&B team/user; null -> your default
+    mode: str = SI("${oc.env:WANDB_MODE,offline}")  # online, offline or disabled
+    group: Optional[str] = None  # W&B group; multiruns default to the sweep folder name
+    name: Optional[str] = None  # run name; null -> built from the overrides
+    tags: List[str] = field(default_factory=list)  # extra tags
+    dir: Optional[str] = None  # folder W&B writes its run files into; null -> the run folder (<run>/wandb/)
+
+
+# ------------------------------------------------------------------------ story + sampling
+
+
+@dataclass
+class StorySettings:
+    title: str = "story"  # used in the submission bundle name <Team>-KolorsTraining-<title>
+    language: str = "zh"  # which prompt language to render: zh or en (Kolors reads both; zh is its strength)
+    trigger: str = ""  # text put in front of every prompt, e.g. the LoRA's trigger words ("二次元，")
+    style: Optional[str] = None  # the style's name, shown in the model card (null: the prompts speak for it)
+    seeds: Optional[List[int]] = None  # per-scene seeds; null -> sampler.base_seed + scene index
+    scenes: List[Any] = field(default_factory=list)  # each {description, prompt, negative}, a text or {zh: ..., en: ...}
+
+
+@dataclass
+class HiresSettings:
+    enabled: bool = False  # two-stage: generate at height x width, upscale, refine with KolorsImg2ImgPipeline
+    scale: float = 1.5  # final size = stage-1 size x scale (rounded to what the UNet accepts)
+    upscaler: str = "lanczos"  # pixel upscaling before the refine: lanczos, bicubic, bilinear, nearest
+    strength: float = 0.35  # share of the schedule the refine re-noises: 0 keeps the upscale, 1 redraws
+    steps: int = 30  # refine schedule length; int(steps x strength) steps actually run
+    cfg: Optional[float] = None  # guidance of the refine; null -> sampler.cfg
+
+
+@dataclass
+class BestOfSettings:
+    n: int = 1  # candidates per scene, the highest aesthetic score is kept (1 = off)
+    seed_stride: int = 1000  # candidate k of a scene uses its seed + k x seed_stride (k=0: the scene's own seed)
+
+
+@dataclass
+class SamplerSettings:
+    scheduler: str = "euler"  # euler (what Kolors ships), euler_karras, euler_a, heun, lms, ddim, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde_karras, unipc
+    scheduler_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra scheduler options on top of the model's config, e.g. {timestep_spacing: trailing}
+    steps: int = 50  # denoising steps per image
+    cfg: float = 4.0  # classifier-free guidance scale (prompt vs negative prompt)
+    height: int = II("model.resolution")  # image height in pixels (multiple of 8 x the UNet's downsampling)
+    width: int = II("model.resolution")  # image width in pixels
+    base_seed: int = 0  # seed of scene i is base_seed + i when no per-scene list is given
+    seeds: Optional[List[int]] = II("story.seeds")  # per-scene seed list (the story's own by default); null -> base_seed + index
+    batch_size: int = 8  # scenes denoised together; lower it when GPU memory is short
+    hires: HiresSettings = field(default_factory=HiresSettings)  # the two-stage hires refine
+    best_of: BestOfSettings = field(default_factory=BestOfSettings)  # best-of-N candidates per scene
+
+
+@dataclass
+class MemorySettings:
+    offload: str = "none"  # none | model (one whole model on the GPU at a time) | sequential (layer by layer: least VRAM, slowest)
+    offload_device: Optional[str] = None  # device to offload to; null -> model.device (skipped with a warning when there is no GPU)
+    vae_tiling: bool = False  # VAE in overlapping tiles above its native 1024² (hires 2048²); a no-op when the image fits one tile
+    vae_slicing: bool = False  # VAE decodes a batch one image at a time: peak VAE memory of a single image
+    release_text_encoder: bool = False  # drop ChatGLM3 (12.5 GB fp16) once the story's prompts are encoded
+    attention: str = "sdpa"  # sdpa (torch scaled_dot_product_attention) | eager (plain matmul+softmax) | sliced (attention slicing)
+    attention_slice_size: Any = "auto"  # with attention=sliced: auto (half the heads at a time), max (one head) or a number of heads
+    channels_last: bool = False  # UNet and VAE convolutions in channels-last memory layout (usually faster on recent GPUs)
+    compile: bool = False  # torch.compile the UNet: a long first call (minutes on a CPU), faster afterwards on a GPU
+    compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs
+    compile_backend: str = "inductor"  # torch.compile backend: inductor (real speedup) or eager/aot_eager (only checks tracing)
+
+
+@dataclass
+class SubmitSettings:
+    team: Optional[str] = None  # your team name; set it to write the bundle <team>-KolorsTraining-<story.title>/
+    dir: Optional[str] = None  # where the bundle folder goes; null -> output_dir
+    score: bool = True  # put aesthetic scores (per image, mean, min, coherence) in the bundle and model card
+    overwrite: bool = False  # replace an existing bundle folder of the same name
+
+
+@dataclass
+class LeaderboardSettings:
+    objective: str = "mean"  # mean, min or coherence of the checkpoint's story scores
+    require_pass: bool = True  # checkpoints passing the gate (mean >= scorer.threshold) rank first
+    top: int = 10  # rows printed
+
+
+# ------------------------------------------------------------------------------ the jobs
+
+
+@dataclass
+class TrainConfig:
+    """`python train.py`: conf/train.yaml."""
+
+    model: ModelSettings = MISSING
+    scorer: ScorerSettings = MISSING
+    dataset: DatasetSettings = MISSING
+    filter: FilterSettings = MISSING
+    lora: LoraSettings = MISSING
+    optim: OptimSettings = MISSING
+    trainer: TrainerSettings = MISSING
+    story: StorySettings = MISSING
+    sampler: SamplerSettings = MISSING
+    logger: LoggerSettings = MISSING
+    stage: str = "all"  # all (data + train), data (prepare + cache only) or train (reuse prepared data)
+    resume: Optional[str] = None  # a previous run folder (or one of its checkpoints/step-* folders): continue from its last checkpoint
+    validate: bool = True  # render + score the story (sampler group) at every checkpoint
+    data_dir: str = "data/${dataset.name}"  # processed dataset + report.json + cache for this dataset (shared by runs)
+    output_dir: Optional[str] = II("hydra:runtime.output_dir")  # run folder: checkpoints/, metrics.jsonl, panels, W&B files
+    cache: CacheSettings = field(default_factory=CacheSettings)  # the latent/embedding cache
+
+
+@dataclass
+class GenerateConfig:
+    """`python generate.py`: conf/generate.yaml."""
+
+    model: ModelSettings = MISSING
+    scorer: ScorerSettings = MISSING
+    story: StorySettings = MISSING
+    sampler: SamplerSettings = MISSING
+    memory: MemorySettings = MISSING
+    output_dir: Optional[str] = II("hydra:runtime.output_dir")  # where 1.png..8.png, panel.png, prompts.csv, manifest.json are written
+    lora_path: Optional[str] = None  # a LoRA file (any of the three formats or a DiffSynth epoch=..-step=..ckpt); rank/alpha are read from it
+    lora_scale: float = 1.0  # strength of lora_path (or of run='s checkpoint): 0 -> the base model's image, 1 -> as trained
+    loras: List[Any] = field(default_factory=list)  # more LoRAs stacked after lora_path: [{path: <file>, scale: 1.0}, ...]
+    run: Optional[str] = None  # a train.py run folder (or a best.yaml): model/story/sampler from its config, LoRA from `checkpoint`
+    checkpoint: str = "last"  # with run=: step-XXXXXX, last, best (best.yaml in the run/sweep folder) or a best.yaml path
+    reproduce: Optional[str] = None  # a manifest.json, output folder or bundle: regenerate it and compare pixel by pixel (exit 1 if any differs)
+    score: bool = False  # score the images with the aesthetic predictor (scores.json + manifest); bundles always score
+    submit: SubmitSettings = field(default_factory=SubmitSettings)  # the competition submission bundle
+
+
+@dataclass
+class EvaluateConfig:
+    """`python evaluate.py`: conf/evaluate.yaml."""
+
+    model: ModelSettings = MISSING
+    scorer: ScorerSettings = MISSING
+    logger: LoggerSettings = MISSING
+    images: Optional[str] = None  # folder with the story images (1.png..8.png, or any images) or a generate.py run folder
+    output_dir: Optional[str] = None  # folder for scores.json; null -> beside the images (like a checkpoint's scores.json)
+    sweep: Optional[str] = None  # a multirun folder (python train.py -m ...): rank its runs x checkpoints
+    leaderboard: LeaderboardSettings = field(default_factory=LeaderboardSettings)  # how sweep= ranks checkpoints
+    expected_images: int = 8  # the competition's story length; other counts are scored with a warning
+
+
+# group -> schema (a group whose options differ in keys picks its schema per option: DATASET_SCHEMAS)
+GROUP_SCHEMAS = {
+    "model": ModelSettings, "scorer": ScorerSettings, "filter": FilterSettings, "lora": LoraSettings,
+    "optim": OptimSettings, "trainer": TrainerSettings, "logger": LoggerSettings, "story": StorySettings,
+    "sampler": SamplerSettings, "memory": MemorySettings,
+}
+JOB_SCHEMAS = {"train": TrainConfig, "generate": GenerateConfig, "evaluate": EvaluateConfig}
+
+
+def register_configs() -> None:
+    """Put every schema into Hydra's ConfigStore (idempotent): ``<group>_schema`` for the group
+    option files, ``<source>_dataset_schema`` per data source, ``<job>_schema`` for the job files."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(name=f"{group}_schema", node=schema)
+    for source, schema in DATASET_SCHEMAS.items():
+        store.store(name=f"{source}_dataset_schema", node=schema)
+    for job, schema in JOB_SCHEMAS.items():
+        store.store(name=f"{job}_schema", node=schema)

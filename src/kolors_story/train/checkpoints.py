@@ -1,0 +1,179 @@
+"""The run's callback: a ``train`` line per optimizer step, a checkpoint every N steps and at the
+end (LoRA in three formats, the validation story + scores, the trainer state for resume=), and
+one more on Ctrl-C.
+
+A checkpoint folder ``<run>/checkpoints/step-XXXXXX/`` is built beside its final name and swapped
+in whole (``files.atomic_dir``), then ``checkpoints/last`` is pointed at it: a killed run never
+leaves a half-written checkpoint in use. With DDP only rank 0 writes files and talks to W&B.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from kolors_story.files import atomic_dir, atomic_write_text
+from kolors_story.lora import save_lora
+from kolors_story.records import CHECKPOINTS, LAST_FILE, TRAINER_STATE, CheckpointRecord, checkpoint_name
+from kolors_story.train.logger import RunLogger
+from kolors_story.train.validation import StoryValidator
+
+
+@dataclass
+class RunContext:
+    """What the checkpoint callback needs; only rank 0 has a logger and a validator."""
+
+    run_dir: Path
+    logger: RunLogger
+    metadata: dict  # written into every LoRA file (base model/dataset hashes, resolved config)
+    every_n_steps: int
+    log_every_n_steps: int = 1
+    validator: StoryValidator | None = None
+    scenes: list | None = None
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def checkpoint_record(step: int, epoch: int, rel: str, files: dict, story: dict | None, *, interrupted: bool,
+                      validation_error: str | None) -> CheckpointRecord:
+    """The ``checkpoint`` line of metrics.jsonl (paths relative to the run folder)."""
+    record = CheckpointRecord(step=step, epoch=epoch, dir=rel, scores=None, mean=None, min=None, passed=None,
+                              coherence=None, panel=None, images=[],
+                              files={fmt: f"{rel}/{Path(p).name}" for fmt, p in files.items()},
+                              trainer_state=f"{rel}/{TRAINER_STATE}")
+    if story is not None:
+        record.update(scores=story["scores"], mean=story["mean"], min=story["min"], passed=story["passed"],
+                      coherence=story["coherence"], outlier=story["outlier"], panel=f"{rel}/{story['panel']}",
+                      images=[f"{rel}/{p}" for p in story["images"]])
+    if interrupted:
+        record["interrupted"] = True
+    if validation_error:
+        record["validation_error"] = validation_error
+    return record
+
+
+class CheckpointCallback(L.Callback):
+    """Writes the train lines, saves + validates checkpoints, saves one on Ctrl-C."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.seen_step = -1
+        self.last_saved = -1
+        self.interrupted = False
+        self.exception: BaseException | None = None
+        self.saved: list[Path] = []
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.ctx.run_dir / CHECKPOINTS
+
+    def on_train_start(self, trainer, pl_module):
+        self.seen_step = trainer.global_step
+        if trainer.global_step > 0:  # resumed: that step's checkpoint exists already
+            self.last_saved = trainer.global_step
+            if trainer.is_global_zero:
+                # train lines after this step from before the resume are superseded by the new ones
+                self.ctx.logger.event({"type": "resume", "step": trainer.global_step, "epoch": trainer.current_epoch})
+
+    @staticmethod
+    def _stopping(trainer) -> bool:
+        if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            return True
+        me = trainer.max_epochs
+        return bool(me is not None and me >= 0 and trainer.is_last_batch and trainer.current_epoch + 1 >= me)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step == self.seen_step:  # still accumulating gradients
+            return
+        self.seen_step = step
+        losses = pl_module.step_losses
+        loss = torch.stack(losses).float().mean() if losses else torch.tensor(float("nan"))
+        pl_module.step_losses = []
+        if trainer.world_size > 1:
+            loss = trainer.strategy.reduce(loss.to(pl_module.device), reduce_op="mean")
+        if trainer.is_global_zero and (step % max(1, self.ctx.log_every_n_steps) == 0 or self._stopping(trainer)):
+            self.ctx.logger.train(step, trainer.current_epoch, float(loss), float(pl_module.current_lr or 0.0))
+        if step % max(1, self.ctx.every_n_steps) == 0 or self._stopping(trainer):
+            self.save(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_step > max(self.last_saved, 0):
+            self.save(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.exception = exception
+        if isinstance(exception, KeyboardInterrupt):
+            self.interrupted = True
+            if trainer.is_global_zero and trainer.global_step > max(self.last_saved, 0):
+                print(f"\nCtrl-C: saving a checkpoint at step {trainer.global_step} before stopping ...")
+                self.save(trainer, pl_module, interrupted=True)
+
+    def _validate(self, folder: Path, step: int) -> tuple[dict | None, str | None]:
+        """The story render + scores, or the reason it failed (a failed render must not cost the LoRA)."""
+        try:
+            return self.ctx.validator.run(folder, self.ctx.run_dir, step), None
+        except Exception as exc:  # noqa: BLE001
+            error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"story validation at step {step} failed ({error}); the checkpoint is saved without "
+                          "scores", RuntimeWarning, stacklevel=2)
+            print(f"WARNING: story validation at step {step} failed: {error}")
+            return None, error
+
+    @staticmethod
+    def _save_trainer_state(trainer, path: Path, interrupted: bool) -> None:
+        if interrupted:  # no collective calls here: other ranks may already be gone
+            ckpt = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            trainer.strategy.checkpoint_io.save_checkpoint(ckpt, path)
+        else:  # every rank calls it (DDP: rank 0 writes, with a barrier)
+            trainer.save_checkpoint(path, weights_only=False)
+
+    def save(self, trainer, pl_module, interrupted: bool = False) -> None:
+        step, epoch = trainer.global_step, trainer.current_epoch
+        name = checkpoint_name(step)
+        final = self.ckpt_root / name
+        tmp = self.ckpt_root / f".{name}.tmp"  # fixed: every rank must know where rank 0 writes
+        rank0 = trainer.is_global_zero
+        files, story, validation_error = {}, None, None
+        with atomic_dir(final, tmp=tmp) if rank0 else nullcontext(tmp):
+            if rank0:
+                files = save_lora(pl_module.unet, tmp, {**self.ctx.metadata, "step": step, "epoch": epoch})
+                if self.ctx.validator is not None and not interrupted:
+                    story, validation_error = self._validate(tmp, step)
+            self._save_trainer_state(trainer, tmp / TRAINER_STATE, interrupted)
+        if rank0:
+            atomic_write_text(self.ckpt_root / LAST_FILE, name + "\n")
+            self.saved.append(final)
+            rel = _rel(final, self.ctx.run_dir)
+            record = checkpoint_record(step, epoch, rel, files, story, interrupted=interrupted,
+                                       validation_error=validation_error)
+            self.ctx.logger.checkpoint(record, self.ctx.scenes)
+            if story is not None:
+                verdict = "PASS" if story["passed"] else "below the gate"
+                print(f"checkpoint {rel}: aesthetic mean {story['mean']:.3f} (min {story['min']:.3f}, "
+                      f"{verdict}), coherence {story['coherence']:.3f}")
+        self.last_saved = step
+        if not interrupted and trainer.world_size > 1:
+            trainer.strategy.barrier("kolors_story.checkpoint")
+
+
+class VaeToDevice(L.Callback):
+    """The VAE is not part of the trained module: rank 0 moves it to the training device for the
+    story renders (other ranks never decode, so theirs stays on the CPU)."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def on_fit_start(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self.pipe.vae.to(pl_module.device)

@@ -1,0 +1,145 @@
+"""Feeding the trainer: the cached items as a dataset, and a resumable, rank-aware batch sampler
+that gives every sample its own noise seed (so noise does not depend on batching or resumes)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kolors_story.data.cache_files import ITEM_KEYS, load_cached_item
+from kolors_story.settings import TrainerSettings
+from kolors_story.train.errors import TrainingError
+
+
+class CachedItems(torch.utils.data.Dataset):
+    """The training items: cache files (``data.cache_files.load_cached_item``) or in-memory dicts
+    with the same keys. Indexed by ``(item index, noise seed)`` pairs from :class:`StreamBatchSampler`."""
+
+    def __init__(self, items: Sequence[Path | str | dict]):
+        if len(items) == 0:
+            raise TrainingError("the training set is empty: the data stage kept no image (see <data_dir>/report.json)")
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def describe(self, index: int) -> str:
+        item = self.items[index]
+        return str(item) if isinstance(item, (str, Path)) else f"item {index}"
+
+    def __getitem__(self, key):
+        index, seed = key
+        item = self.items[index]
+        if isinstance(item, (str, Path)):
+            item = load_cached_item(item)
+        out = {k: item[k] for k in ITEM_KEYS}
+        out["noise_seed"] = torch.tensor(int(seed), dtype=torch.int64)
+        out["index"] = torch.tensor(int(index), dtype=torch.int64)
+        return out
+
+
+def _mix(*values: int) -> int:
+    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class StreamBatchSampler:
+    """``batches_per_epoch`` batches per epoch (DiffSynth's ``steps_per_epoch``), however many items.
+
+    Epoch ``e`` walks a stream of seeded permutations of the dataset (cycling when an epoch is
+    longer than the dataset, so every image is seen equally often); rank ``r`` of ``w`` takes
+    every ``w``-th batch. Each sample carries its own noise seed, derived from (seed, epoch,
+    position), so the noise does not depend on batching, resumes or the global RNG.
+
+    Resumable: ``state_dict`` records the epoch and how many of its batches the trainer has
+    processed; a resumed run continues with the next batch of the same stream.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, batches_per_epoch: int | None, seed: int):
+        self.n_items = int(n_items)
+        self.batch_size = max(1, int(batch_size))
+        self.seed = int(seed)
+        self._fixed = batches_per_epoch
+        self.epoch = 0
+        self._skip = 0
+        self.trainer = None  # set once the Trainer exists: its progress counters are the state
+
+    def __len__(self) -> int:
+        if self._fixed:
+            return int(self._fixed)
+        _, world = _dist()
+        return max(1, math.ceil(self.n_items / (self.batch_size * world)))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def sampler(self):
+        # Lightning calls set_epoch on ``loader.sampler`` and ``loader.batch_sampler.sampler``
+        # only: exposing ourselves there is how each epoch gets its own order.
+        return self
+
+    def _permutation(self, epoch: int, k: int) -> list[int]:
+        g = torch.Generator().manual_seed(_mix(self.seed, epoch, k, 0xDA7A))
+        return torch.randperm(self.n_items, generator=g).tolist()
+
+    def batches(self, epoch: int, rank: int = 0, world: int = 1) -> list[list[tuple[int, int]]]:
+        n_batches = len(self)
+        need = n_batches * self.batch_size * world
+        stream: list[int] = []
+        k = 0
+        while len(stream) < need:
+            stream.extend(self._permutation(epoch, k))
+            k += 1
+        out = []
+        for b in range(n_batches):
+            start = (b * world + rank) * self.batch_size
+            out.append([(stream[j], _mix(self.seed, epoch, j, 0x401E)) for j in range(start, start + self.batch_size)])
+        return out
+
+    def __iter__(self):
+        rank, world = _dist()
+        skip, self._skip = self._skip, 0
+        yield from self.batches(self.epoch, rank, world)[skip:]
+
+    def state_dict(self) -> dict:
+        t = self.trainer
+        if t is None:
+            return {"epoch": self.epoch, "batches_done": 0}
+        # ``processed`` counts batches whose training step completed: the next one to train is
+        # this index both for checkpoints taken at on_train_batch_end and for interrupts.
+        done = t.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": int(t.current_epoch), "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state.get("epoch", 0))
+        self._skip = int(state.get("batches_done", 0))
+        if self._skip >= len(self):  # the checkpoint closed its epoch: start the next one
+            self.epoch += 1
+            self._skip = 0
+
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    """A DataLoader Lightning treats as stateful, so mid-epoch resumes continue the same stream."""
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
+def make_loader(items: Sequence, trainer: TrainerSettings) -> ResumableLoader:
+    dataset = CachedItems(items)
+    sampler = StreamBatchSampler(len(dataset), trainer.batch_size, trainer.steps_per_epoch, trainer.seed)
+    return ResumableLoader(dataset, batch_sampler=sampler, num_workers=int(trainer.num_workers or 0),
+                           persistent_workers=False)

@@ -1,0 +1,225 @@
+"""The LightningModule: a LoRA on the Kolors UNet trained with the noise-prediction loss.
+
+Batches carry what the cache stores per image (``latents``, ``prompt_embeds``,
+``pooled_prompt_embeds``, ``add_time_ids``) plus a ``noise_seed`` per sample drawn by the
+sampler (``kolors_story.train.loader.StreamBatchSampler``). Noise and timesteps come from that seed,
+not from the global RNG, so a run resumed from a checkpoint draws exactly the noise the
+uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kolors_story.settings import OptimSettings
+
+NAN_HINT = (
+    "Likely cause: fp16 overflow. The stock SDXL VAE overflows in float16 (NaN latents, black "
+    "images): set model.vae_path to the fp16-fix VAE (models/sdxl-vae-fp16-fix, "
+    "`python -m kolors_story.download`) and rebuild the cache with `python train.py stage=data`, "
+    "or train in bfloat16 (trainer.precision=bf16-mixed, model.dtype=bfloat16). If the run is "
+    "already fp32/bf16, lower optim.lr (now {lr:g})."
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN/Inf; training stops and the last good checkpoint is kept."""
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimizer step ``step``: linear warmup, then constant or cosine.
+
+    A closure (not a callable object), so LambdaLR does not store it in the checkpoint: a resumed
+    run with a longer ``max_steps`` stretches the cosine to the new length.
+    """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.schedule={schedule!r}: use constant or cosine")
+    warmup_steps = max(0, int(warmup_steps))
+    total_steps = max(1, int(total_steps))
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def sample_generators(seeds: torch.Tensor) -> list[torch.Generator]:
+    return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds.tolist()]
+
+
+class KolorsLoraModule(L.LightningModule):
+    """Trains only the parameters of ``unet`` that require grad (the LoRA); everything else is frozen.
+
+    ``scheduler_config`` is the model's own scheduler config (Kolors: 1100 steps, scaled_linear
+    0.00085..0.014, epsilon); a ``DDPMScheduler`` built from it adds the noise, because
+    ``EulerDiscreteScheduler.add_noise`` only accepts timesteps from its inference schedule.
+    """
+
+    def __init__(self, unet: torch.nn.Module, scheduler_config: dict, optim: OptimSettings, *,
+                 min_snr_gamma: float | None = None, noise_offset: float = 0.0, nan_hint: str | None = None):
+        super().__init__()
+        from diffusers import DDPMScheduler
+
+        self.unet = unet
+        self.noise_scheduler = DDPMScheduler.from_config(dict(scheduler_config))
+        self.num_train_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
+        self.prediction_type = str(self.noise_scheduler.config.prediction_type)
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"scheduler prediction_type={self.prediction_type!r} is not supported (epsilon, v_prediction)")
+        self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
+        self.optim = optim
+        if str(optim.name).lower() != "adamw":
+            raise ValueError(f"optim.name={optim.name!r}: only adamw is implemented")
+        self.min_snr_gamma = float(min_snr_gamma) if min_snr_gamma not in (None, 0, 0.0) else None
+        self.noise_offset = float(noise_offset or 0.0)
+        self.nan_hint = nan_hint if nan_hint is not None else NAN_HINT.format(lr=float(optim.lr))
+        # The checkpoint holds only the LoRA weights, not the frozen multi-GB base.
+        self.strict_loading = False
+        self.step_losses: list[torch.Tensor] = []  # micro-batch losses since the last optimizer step
+        self.current_lr: float | None = None
+        self.total_steps: int | None = None  # optimizer steps of the whole run (cosine schedule length)
+        self.describe_sample: Callable[[int], str] | None = None  # names a dataset item in errors
+
+    # ------------------------------------------------------------------------------ parameters
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------------ loss
+    def noise_and_timesteps(self, latents: torch.Tensor, seeds: torch.Tensor):
+        """Per-sample noise (+ optional offset noise) and timesteps, each from the sample's own seed."""
+        b, c = latents.shape[:2]
+        noise, offsets, steps = [], [], []
+        for g in sample_generators(seeds):
+            steps.append(torch.randint(0, self.num_train_timesteps, (1,), generator=g))
+            noise.append(torch.randn(latents.shape[1:], generator=g))
+            offsets.append(torch.randn((c, 1, 1), generator=g))
+        noise = torch.stack(noise)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.stack(offsets)
+        timesteps = torch.cat(steps)
+        return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
+
+    def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon targets."""
+        ac = self.alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = ac / (1.0 - ac)
+        clipped = torch.clamp(snr, max=self.min_snr_gamma)
+        return clipped / (snr + 1.0) if self.prediction_type == "v_prediction" else clipped / snr
+
+    def compute_loss(self, batch: dict, seeds: torch.Tensor | None = None) -> torch.Tensor:
+        latents = batch["latents"].float()
+        seeds = batch["noise_seed"] if seeds is None else seeds
+        noise, timesteps = self.noise_and_timesteps(latents, seeds)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        dtype = self.unet.dtype
+        # Called exactly as KolorsPipeline calls it during sampling.
+        pred = self.unet(
+            noisy.to(dtype),
+            timesteps,
+            encoder_hidden_states=batch["prompt_embeds"].to(dtype),
+            added_cond_kwargs={
+                "text_embeds": batch["pooled_prompt_embeds"].to(dtype),
+                "time_ids": batch["add_time_ids"].to(dtype),
+            },
+            return_dict=False,
+        )[0].float()
+        if self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        per_sample = F.mse_loss(pred, target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+        if self.min_snr_gamma is not None:
+            per_sample = per_sample * self.snr_weights(timesteps)
+        return per_sample.mean()
+
+    # ------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # LoRA dropout draws from the global RNG: seed it from the batch so resumes replay it.
+        torch.manual_seed(int(batch["noise_seed"][0]) ^ 0x5EED)
+        opt = self.optimizers(use_pl_optimizer=False)
+        self.current_lr = float(opt.param_groups[0]["lr"])
+        loss = self.compute_loss(batch)
+        bad = not bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:  # every rank stops together (or DDP would hang)
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            self.raise_non_finite(loss, batch)
+        self.step_losses.append(loss.detach())
+        return loss
+
+    def raise_non_finite(self, loss: torch.Tensor, batch: dict) -> None:
+        step = self.trainer.global_step + 1 if self._trainer is not None else None
+        where = ""
+        latents = batch.get("latents")
+        if latents is not None and not bool(torch.isfinite(latents).all()):
+            bad = [i for i in range(latents.shape[0]) if not bool(torch.isfinite(latents[i]).all())]
+            names = []
+            for i in bad:
+                idx = int(batch["index"][i]) if "index" in batch else i
+                names.append(self.describe_sample(idx) if self.describe_sample else f"item {idx}")
+            where = f" The cached latents of {', '.join(names)} are NaN/Inf: the VAE overflowed when the cache was built."
+        raise NonFiniteLossError(
+            f"Training stopped at step {step}: the loss is {float(loss.detach().float())} (not finite).{where} "
+            + self.nan_hint
+        )
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: add a LoRA to the UNet before training")
+        o = self.optim
+        opt = torch.optim.AdamW(
+            params,
+            lr=float(o.lr),
+            betas=tuple(float(b) for b in o.betas),
+            eps=float(o.eps),
+            weight_decay=float(o.weight_decay),
+        )
+        total = self.total_steps
+        if total is None:
+            # Note: with a finite max_epochs this sets up the dataloader before a checkpoint's
+            # loader state is restored; run_training passes total_steps to avoid that.
+            total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        total = int(total) if math.isfinite(total) else 1
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(str(o.schedule), int(o.warmup_steps or 0), total)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        names = set(self.trainable_names())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+        # Plain tensors/ints only: Lightning reads checkpoints with torch.load(weights_only=True).
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = sorted(set(self.trainable_names()) - set(checkpoint.get("state_dict", {})))
+        if missing:
+            raise ValueError(
+                f"the checkpoint has no weights for {len(missing)} LoRA parameters (e.g. {missing[0]}): "
+                "it was written with other lora.* settings (rank, target_modules); resume with the same ones"
+            )
+        rng = checkpoint.get("rng_states")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            name, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(rng["python"])

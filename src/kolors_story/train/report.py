@@ -1,0 +1,74 @@
+"""What ``train.py`` prints at the end: where everything is, the checkpoints' scores, the next
+commands. Logs and pipes get full paths on one line (rich would wrap them at 80 columns)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from kolors_story.records import last_checkpoint
+from kolors_story.settings import TrainConfig
+
+
+def _console():
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def print_data_summary(prepared, cache) -> None:
+    from rich.table import Table
+
+    t = Table(title="Data stage done (stage=data)", show_header=False)
+    t.add_row("processed dataset", f"{prepared.train_dir} ({len(prepared.items)} images)")
+    t.add_row("report", str(Path(prepared.data_dir) / "report.json"))
+    t.add_row("cache", f"{cache.cache_dir} ({len(cache.items)} items)")
+    t.add_row("story embeddings", str(cache.story))
+    t.add_row("next", "the same command with stage=train (or without stage=) trains on it")
+    _console().print(t)
+
+
+def _checkpoint_table(result):
+    from rich.table import Table
+
+    c = Table(title=f"Checkpoints in {result.run_dir} (story panel + aesthetic scores)")
+    for col in ("step", "mean", "min", "pass", "coherence", "panel"):
+        c.add_column(col)
+    for r in result.checkpoints:
+        fmt = (lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-")
+        c.add_row(str(r["step"]), fmt(r.get("mean")), fmt(r.get("min")),
+                  {True: "yes", False: "no", None: "-"}[r.get("passed")], fmt(r.get("coherence")),
+                  str(r["panel"]) if r.get("panel") else "-")
+    return c
+
+
+def print_summary(job: TrainConfig, result, cache=None) -> None:
+    """The run table (folders, W&B, error, next commands) and the checkpoints' scores."""
+    from rich.table import Table
+
+    console = _console()
+    colour = {"finished": "green", "failed": "red", "interrupted": "yellow"}[result.status]
+    t = Table(title=f"Training {result.status} at step {result.step}", title_style=colour, show_header=False)
+    t.add_row("run folder", str(result.run_dir))
+    t.add_row("metrics", str(result.run_dir / "metrics.jsonl"))
+    t.add_row("config", str(result.run_dir / ".hydra" / "config.yaml"))
+    if cache is not None:
+        t.add_row("cache", str(cache.cache_dir))
+    last = last_checkpoint(result.run_dir)
+    t.add_row("last checkpoint", str(last) if last else "-")
+    if result.wandb_dir:
+        hint = f"  (wandb sync {result.wandb_dir})" if job.logger.mode == "offline" else ""
+        t.add_row("W&B", f"{job.logger.mode}: {result.wandb_dir}{hint}")
+    elif result.wandb_error:
+        t.add_row("W&B", f"off ({result.wandb_error}); metrics.jsonl is complete")
+    if result.error:
+        t.add_row("error", result.error)
+    if last is not None:
+        t.add_row("resume", f"python train.py resume={result.run_dir}")
+        t.add_row("generate", f"python generate.py run={result.run_dir}")
+    console.print(t)
+    if result.checkpoints:
+        console.print(_checkpoint_table(result))
+    if job.model.tiny is not None:
+        console.print("[bold yellow]model=tiny: a tiny random model - images and scores only exercise the "
+                      "code paths, they are not a real result.[/]")

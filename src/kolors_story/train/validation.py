@@ -1,0 +1,84 @@
+"""Render and score the story at a training checkpoint, with the LoRA as it is at that step.
+
+The story's 8 prompts were encoded once by the cache stage (the text encoder is not resident
+while training); each checkpoint denoises the same scenes with the same seeds (``sampler`` group,
+``validation`` preset: fewer steps than the final render), writes ``1.png``..``8.png`` + the panel,
+and scores them with the competition's aesthetic predictor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kolors_story.evaluate.scorer import AestheticScorer
+from kolors_story.evaluate.summary import story_scores
+from kolors_story.files import atomic_write_json
+from kolors_story.generate.outputs import save_story
+from kolors_story.generate.render import render_scenes
+from kolors_story.generate.schedulers import build_scheduler
+from kolors_story.records import SCORES_FILE, CheckpointScores
+from kolors_story.settings import SamplerSettings, ScorerSettings
+from kolors_story.story import Scene
+
+
+class StoryValidator:
+    """Renders ``scenes`` from precomputed ``embeds`` with ``pipe`` (whose UNet is the one being trained)."""
+
+    def __init__(self, pipe, scenes: list[Scene], embeds: dict[str, torch.Tensor], sampler: SamplerSettings,
+                 scorer: ScorerSettings, title: str = "story"):
+        self.pipe = pipe
+        self.scenes = list(scenes)
+        n = embeds["prompt_embeds"].shape[0]
+        if n != len(self.scenes):
+            raise ValueError(
+                f"the cached story embeddings hold {n} scenes but the story has {len(self.scenes)}; "
+                "rebuild them with `python train.py stage=data`"
+            )
+        self.embeds = embeds
+        self.sampler = sampler
+        self.scorer_settings = scorer
+        self.title = title
+        self._scorer = None
+        # The sampler the final render will use (the training schedule is not touched).
+        pipe.scheduler = build_scheduler(sampler.scheduler, pipe.scheduler.config, **sampler.scheduler_kwargs)
+
+    @property
+    def scorer(self) -> AestheticScorer:
+        if self._scorer is None:  # loaded at the first checkpoint (or earlier by the caller), then kept
+            self._scorer = AestheticScorer.from_settings(self.scorer_settings)
+        return self._scorer
+
+    def render(self):
+        unet = self.pipe.unet
+        was_training = unet.training
+        device, dtype = unet.device, unet.dtype
+        embeds = {k: v.to(device=device, dtype=dtype) for k, v in self.embeds.items()}
+        s = self.sampler
+        # Own RNG scope: rendering must not shift the training run's random streams.
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            unet.eval()
+            try:
+                return render_scenes(self.pipe, self.scenes, embeds, steps=s.steps, cfg=s.cfg, height=s.height,
+                                     width=s.width, batch_size=s.batch_size)
+            finally:
+                unet.train(was_training)
+
+    def run(self, out_dir: str | Path, run_dir: str | Path, step: int) -> dict:
+        """Render, save and score into ``out_dir``; the result adds the image and panel file names."""
+        out_dir = Path(out_dir)
+        images = self.render()
+        saved = save_story(images, self.scenes, out_dir, title=f"{self.title} | step {step}")
+        scores, embeddings = self.scorer.score_and_embed(images)
+        summary = story_scores(scores, embeddings, self.scorer_settings.threshold)
+        result = CheckpointScores(
+            step=int(step), **summary,
+            scenes=[{"index": sc.index, "seed": sc.seed, "description": sc.description, "prompt": sc.prompt,
+                     "score": float(score), "image": Path(p).name}
+                    for sc, score, p in zip(self.scenes, summary["scores"], saved["images"])],
+            sampler={k: getattr(self.sampler, k) for k in ("scheduler", "steps", "cfg", "height", "width")},
+            tiny_scorer=bool(self.scorer.tiny),
+        )
+        atomic_write_json(out_dir / SCORES_FILE, result)
+        return {**result, "images": [Path(p).name for p in saved["images"]], "panel": Path(saved["panel"]).name}
