@@ -98,7 +98,8 @@ def _memory_cfg(preset: str) -> MemorySettings:
 
 
 def test_vae_tiling_exact_at_native_size_and_bounded_above(tiny_pipe):
-    """Up to the VAE's native size (Kolors: 1024x1024) the image is one tile: tiling changes nothing.
+    """memory.vae_tiling as the project applies it (apply_memory_modes), on diffusers' tiled decode.
+    Up to the VAE's native size (Kolors: 1024x1024) the image is one tile: tiling changes nothing.
     Above it, tiles are decoded one by one and blended at the seams (approximate by design: the
     VAE's mid-block attention is global), with peak memory bounded by a tile instead of the image."""
     from kolors_story.accounting import PeakTensorMemory
@@ -111,7 +112,8 @@ def test_vae_tiling_exact_at_native_size_and_bounded_above(tiny_pipe):
     peaks = {}
     with torch.no_grad():
         for tiled in (False, True):
-            vae.enable_tiling() if tiled else vae.disable_tiling()
+            if tiled:  # the default mode leaves tiling off; the mode turns it on
+                assert apply_memory_modes(tiny_pipe, {"vae_tiling": True}, device="cpu")["vae_tiling"] is True
             peaks[tiled] = [vae.decode(small).sample]
             with PeakTensorMemory() as mem:
                 out = vae.decode(large).sample
