@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+
 @pytest.fixture(scope="session", autouse=True)
 def offline_env(tmp_path_factory):
     """No network, W&B offline into a temp dir, the tiny model cache in a temp dir."""

@@ -10,8 +10,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "kolors_story"
 
-# Top-level modules every stage may use: files, settings, configs, records, story, accounting.
-FOUNDATION = {"files", "settings", "configs", "records", "story", "accounting"}
+# Top-level modules every stage may use: files, errors, settings, configs, records, story, accounting.
+FOUNDATION = {"files", "errors", "settings", "configs", "records", "story", "accounting"}
 # What each stage may import besides the foundation (the data flow: models -> lora/evaluate ->
 # data -> generate -> train; the entry layers bench/cli/download see everything).
 ALLOWED = {

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from kolors_story.accounting import PeakTensorMemory
 from kolors_story.bench import flops, run, timing
 from kolors_story.models import configs, random_init
-from kolors_story.accounting import PeakTensorMemory
 
 REPO = Path(__file__).resolve().parents[1]
 

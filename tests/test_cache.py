@@ -23,7 +23,12 @@ from safetensors.torch import load_file, save_file
 
 from kolors_story.data import cache as cache_module
 from kolors_story.data.cache import build_cache
-from kolors_story.data.cache_files import CacheError, load_cached_item, load_story_embeddings, read_cache_metadata
+from kolors_story.data.cache_files import (
+    CacheError,
+    load_cached_item,
+    load_story_embeddings,
+    read_cache_metadata,
+)
 from kolors_story.data.crop import crop_geometry
 from kolors_story.files import STALE_TMP_SECONDS
 from kolors_story.models import loading, prompts

@@ -50,7 +50,12 @@ def test_presets_and_trainer_defaults():
 def test_defaults_live_in_the_schemas_and_reach_the_library():
     """conf/ default options add nothing to their schema; the library sees the schema's values
     (the old code fallbacks disagreed: seed 0 vs 42, checkpoint every 500 vs 250 steps)."""
-    from kolors_story.settings import LoraSettings, MemorySettings, OptimSettings, TrainerSettings
+    from kolors_story.settings import (
+        LoraSettings,
+        MemorySettings,
+        OptimSettings,
+        TrainerSettings,
+    )
 
     job = settings("train", [])
     assert job.trainer == TrainerSettings() and job.lora == LoraSettings() and job.optim == OptimSettings()

@@ -67,8 +67,8 @@ def maxdiff(a, b) -> float:
 @pytest.fixture(scope="module")
 def made(tiny_model_dir, tmp_path_factory):
     """Base image, an in-memory LoRA (rank 4, alpha 2) and its image, its three files, a second LoRA."""
-    from kolors_story.models.prompts import encode_scenes
     from kolors_story.models.loading import load_pipeline
+    from kolors_story.models.prompts import encode_scenes
     from kolors_story.story import Scene
 
     full = load_pipeline(tiny_model_dir)

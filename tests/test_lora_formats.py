@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from kolors_story.lora import add_lora, read_lora, save_lora
-from kolors_story.lora.files import CKPT_META_PREFIX, COMPETITION_TARGETS, DIFFSYNTH_DEFAULT_ALPHA
+from kolors_story.lora.files import (
+    CKPT_META_PREFIX,
+    COMPETITION_TARGETS,
+    DIFFSYNTH_DEFAULT_ALPHA,
+)
 from kolors_story.models.configs import KOLORS_UNET_CONFIG
 
 RANK, ALPHA = 2, 8.0

@@ -13,12 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_story.evaluate.scorer import DOWNLOAD_COMMAND, REAL_FOLDER_NAME, AestheticScorer, ScorerError
+from kolors_story.evaluate.scorer import (
+    DOWNLOAD_COMMAND,
+    REAL_FOLDER_NAME,
+    AestheticScorer,
+    ScorerError,
+)
 from kolors_story.evaluate.summary import coherence, summarize_scores
 from kolors_story.models.configs import REAL_PREDICTOR_CONFIG
 from kolors_story.models.random_init import build_tiny_predictor
 from tests.helpers import settings
-
 
 # ---------------------------------------------------------------------------- helpers
 

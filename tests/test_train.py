@@ -13,12 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_story.train.module import KolorsLoraModule, lr_lambda
-from kolors_story.records import read_metrics
-from kolors_story.records import last_checkpoint
+from kolors_story.records import last_checkpoint, read_metrics
 from kolors_story.settings import OptimSettings
 from kolors_story.train.devices import resolve_precision
 from kolors_story.train.loader import StreamBatchSampler
+from kolors_story.train.module import KolorsLoraModule, lr_lambda
 from kolors_story.train.run import run_training
 from tests.helpers import compose, settings
 
@@ -339,7 +338,6 @@ def test_wandb_each_job_gets_its_own_run_grouped_by_sweep(tmp_path, tiny_batches
     from omegaconf import open_dict
 
     from kolors_story.configs import to_settings
-
     from tests.wandb_reader import read_wandb_run
 
     runs = []
@@ -382,7 +380,7 @@ def test_accumulation_counts_optimizer_steps(tmp_path, tiny_batches):
 
 
 def test_resume_errors_name_the_problem(tmp_path):
-    from kolors_story.train.errors import TrainingError
+    from kolors_story.errors import TrainingError
     from kolors_story.train.resume import resume_config
 
     with pytest.raises(TrainingError, match="no such folder"):

@@ -8,14 +8,48 @@ lists it with its error. A single run still raises, so the user sees the full er
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import traceback
 from pathlib import Path
 
 from kolors_story.configs import in_multirun, task_overrides, to_settings
+from kolors_story.errors import UserError
 from kolors_story.records import record_failure
 
 FAILED_OBJECTIVE = float("-inf")  # what Optuna sees for a failed trial: worse than any score
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The message to show for an error the user can fix (a setting, a file, the disk), or None
+    for anything else (a bug: it keeps its traceback)."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return (f"no space left on the device{where}: free some space or choose another output folder; "
+                "results written before were left as they were")
+    if isinstance(exc, OSError) and exc.errno in _NOT_ALLOWED + (errno.ENOENT,):
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc)
+    return None
+
+
+def exit_on_user_error(fn, cfg):
+    """``fn(cfg)``; an error the user can fix ends the run with one ``error: ...`` message and exit
+    code 2 (``HYDRA_FULL_ERROR=1`` shows the traceback instead)."""
+    try:
+        return fn(cfg)
+    except Exception as exc:  # noqa: BLE001 - sorted below: bugs are re-raised untouched
+        message = user_error_message(exc)
+        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run_job(fn, cfg, *, objective_on_failure=FAILED_OBJECTIVE):
@@ -29,7 +63,8 @@ def run_job(fn, cfg, *, objective_on_failure=FAILED_OBJECTIVE):
             run_dir = Path(str(cfg.output_dir))
         except Exception:  # noqa: BLE001 - an unresolvable output_dir
             run_dir = None
-        print(f"JOB FAILED ({run_dir}): {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        details = "" if user_error_message(exc) is not None else f"\n{traceback.format_exc()}"
+        print(f"JOB FAILED ({run_dir}): {type(exc).__name__}: {exc}{details}\n"
               "The sweep continues with the next job; the leaderboard lists this one as failed.")
         if run_dir is not None:
             try:
@@ -49,6 +84,7 @@ def run_job(fn, cfg, *, objective_on_failure=FAILED_OBJECTIVE):
 
 def train_from_config(cfg) -> float | None:
     """The `train.py` job: resume= merged into the run's own config, then ``train.run.train``."""
+    from kolors_story.train.checks import check_train
     from kolors_story.train.resume import resume_config, save_run_config
     from kolors_story.train.run import handoff_pending, run_handoff, train
 
@@ -60,6 +96,7 @@ def train_from_config(cfg) -> float | None:
         cfg, run_dir, resume_from = resume_config(cfg)
         print(f"Resuming {run_dir} from {resume_from.parent.name}")
     job = to_settings(cfg, "train", lenient=resume_from is not None)  # a resumed run's config may be older
+    check_train(job)  # before any data or model work, and before anything is written to the run
     if job.stage != "data" and job.output_dir:
         save_run_config(cfg, Path(job.output_dir))
     return train(job, resume_from=resume_from)
@@ -67,7 +104,7 @@ def train_from_config(cfg) -> float | None:
 
 def train_main(cfg) -> float | None:
     """`train.py`: returns the last checkpoint's mean aesthetic score (what the Optuna sweeper maximises)."""
-    return run_job(train_from_config, cfg)
+    return exit_on_user_error(lambda c: run_job(train_from_config, c), cfg)
 
 
 def generate_from_config(cfg):
@@ -80,14 +117,18 @@ def generate_from_config(cfg):
     return render_story(job, source=source, overrides=task_overrides(cfg))
 
 
-def generate_main(cfg) -> int:
-    """`generate.py`: a reproduction (exit code 1 when any image differs) or a rendered story."""
+def _generate(cfg) -> int:
     if cfg.get("reproduce"):
         from kolors_story.generate.reproduce import reproduce_from_config
 
         return 0 if reproduce_from_config(cfg)["all_identical"] else 1
     generate_from_config(cfg)
     return 0
+
+
+def generate_main(cfg) -> int:
+    """`generate.py`: a reproduction (exit code 1 when any image differs) or a rendered story."""
+    return exit_on_user_error(_generate, cfg)
 
 
 def evaluate_from_config(cfg) -> dict:
@@ -113,12 +154,5 @@ def evaluate_from_config(cfg) -> dict:
 
 def evaluate_main(cfg) -> int:
     """`evaluate.py`: bad input is one line on stderr and exit code 2, no traceback."""
-    from kolors_story.evaluate.folder import EvaluationError
-    from kolors_story.evaluate.scorer import ScorerError
-
-    try:
-        evaluate_from_config(cfg)
-    except (EvaluationError, ScorerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    exit_on_user_error(evaluate_from_config, cfg)
     return 0

@@ -97,6 +97,24 @@ def atomic_dir(final: str | Path, *, overwrite: bool = True, tmp: str | Path | N
             shutil.rmtree(work, ignore_errors=True)
 
 
+def publish_files(staging: Path, dest: Path, *, last: str, replace: list[Path] = ()) -> list[Path]:
+    """Move every file of ``staging`` into ``dest`` (renames: no new disk space), ``last`` at the end.
+
+    ``dest/last`` and the ``replace`` files go first, so a run stopped half-way leaves ``dest``
+    without ``last`` (visibly incomplete) instead of a ``last`` that describes other files.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in [dest / last, *replace]:
+        if old.exists():
+            old.unlink()
+    names = sorted(p.name for p in staging.iterdir() if p.is_file())
+    moved = []
+    for name in [n for n in names if n != last] + ([last] if last in names else []):
+        os.replace(staging / name, dest / name)
+        moved.append(dest / name)
+    return moved
+
+
 def recover_dir(final: str | Path) -> None:
     """Tidy up after an :func:`atomic_dir` killed mid-swap: a complete ``.<name>.old-*`` is put
     back when ``final`` is missing; half-built temp folders and old copies are removed."""

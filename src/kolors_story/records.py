@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any, TypedDict
 
+from kolors_story.errors import MissingFileError, SettingsError
+
 # --------------------------------------------------------------------------- run folder layout
 
 METRICS_FILE = "metrics.jsonl"
@@ -26,6 +28,8 @@ TRAINER_STATE = "trainer_state.ckpt"  # what resume= restores (optimizer, schedu
 SCORES_FILE = "scores.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "kolors-story-manifest/1"
+PROMPTS_FILE = "prompts.csv"
+PANEL_FILE = "panel.png"
 WANDB_ID_FILE = "wandb_run.json"  # the run's W&B id, so a resumed run continues the same W&B run
 TINY_NOTE = "tiny random model: not a real result"
 
@@ -224,6 +228,17 @@ class Manifest(TypedDict, total=False):
     bundle: dict  # only inside a submission bundle
 
 
+def story_files(folder: str | Path) -> list[Path]:
+    """The files a rendered story consists of in ``folder`` (images ``<n>.png``, panel, prompts,
+    scores, manifest); bundles and Hydra's own files beside them are not part of it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    named = {MANIFEST_FILE, SCORES_FILE, PROMPTS_FILE, PANEL_FILE}
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and (p.name in named or (p.suffix == ".png" and p.stem.isdigit())))
+
+
 def load_manifest(source: str | Path) -> tuple[Manifest, Path]:
     """The manifest and the folder holding its images (a bundle, output folder or the file itself)."""
     path = Path(str(source)).expanduser()
@@ -232,16 +247,16 @@ def load_manifest(source: str | Path) -> tuple[Manifest, Path]:
     elif path.is_file():
         manifest_path = path
     else:
-        raise FileNotFoundError(f"reproduce={source}: no such file or folder")
+        raise MissingFileError(f"reproduce={source}: no such file or folder")
     if not manifest_path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"reproduce={source}: {manifest_path} does not exist; give a generate.py output folder, a submission "
             "bundle or a manifest.json"
         )
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{manifest_path} is not valid JSON ({err}); it is not a kolors-story manifest") from None
+        raise SettingsError(f"{manifest_path} is not valid JSON ({err}); it is not a kolors-story manifest") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or "config" not in manifest:
-        raise ValueError(f"{manifest_path} is not a kolors-story manifest (expected format {MANIFEST_FORMAT!r})")
+        raise SettingsError(f"{manifest_path} is not a kolors-story manifest (expected format {MANIFEST_FORMAT!r})")
     return manifest, manifest_path.parent

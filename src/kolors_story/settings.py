@@ -63,6 +63,7 @@ class DatasetSettings:
     default_caption: Optional[str] = None  # caption for images without one (null: a missing caption is reported as a bad file)
     on_bad_file: str = "skip"  # skip: drop bad files and list them in report.json; fail: stop with the list
     max_pixels: Optional[int] = 100_000_000  # decompression-bomb guard: images declaring more pixels are rejected unread
+    allow_outside: bool = False  # false: files resolving outside `path` (../x, /abs, links out) are rejected unread
     rebuild: bool = False  # true: redo preflight + filtering even when sources, captions and recipe are unchanged
     resolution: Any = II("model.resolution")  # training size: an int (square) or [height, width]; resized to cover it, then cropped
     crop: str = "center"  # center or random (a random crop is drawn once per image from trainer.seed and cached)
@@ -274,6 +275,7 @@ class GenerateConfig:
     checkpoint: str = "last"  # with run=: step-XXXXXX, last, best (best.yaml in the run/sweep folder) or a best.yaml path
     reproduce: Optional[str] = None  # a manifest.json, output folder or bundle: regenerate it and compare pixel by pixel (exit 1 if any differs)
     score: bool = False  # score the images with the aesthetic predictor (scores.json + manifest); bundles always score
+    overwrite: bool = False  # replace a story already in output_dir (refused otherwise); it is replaced as one unit
     submit: SubmitSettings = field(default_factory=SubmitSettings)  # the competition submission bundle
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from kolors_story.errors import SettingsError
 from kolors_story.settings import SamplerSettings, StorySettings
 
 STORY_LENGTH = 8
@@ -34,7 +35,7 @@ def _pick(value, language: str, where: str) -> str:
         return value
     if language in value:
         return str(value[language])
-    raise KeyError(f"{where} has no '{language}' text (has: {sorted(value)}); set story.language to one of those")
+    raise SettingsError(f"{where} has no '{language}' text (has: {sorted(value)}); set story.language to one of those")
 
 
 def _ascii_caption(value) -> str:
@@ -50,7 +51,7 @@ def scene_seeds(n: int, seeds=None, base_seed: int = 0) -> list[int]:
         return [int(base_seed) + i for i in range(n)]
     seeds = [int(s) for s in seeds]
     if len(seeds) != n:
-        raise ValueError(f"sampler.seeds has {len(seeds)} seeds for {n} scenes; give one per scene or null")
+        raise SettingsError(f"sampler.seeds has {len(seeds)} seeds for {n} scenes; give one per scene or null")
     return seeds
 
 
@@ -62,7 +63,7 @@ def story_scenes(story: StorySettings, sampler: SamplerSettings | None = None) -
     """
     raw = list(story.scenes)
     if not raw:
-        raise ValueError("story.scenes is empty: a story needs its scenes (8 for the competition)")
+        raise SettingsError("story.scenes is empty: a story needs its scenes (8 for the competition)")
     if sampler is not None:
         seeds = scene_seeds(len(raw), sampler.seeds, sampler.base_seed)
     else:
@@ -73,7 +74,7 @@ def story_scenes(story: StorySettings, sampler: SamplerSettings | None = None) -
         where = f"story.scenes[{i - 1}]"
         prompt = _pick(item.get("prompt"), language, f"{where}.prompt")
         if not prompt.strip():
-            raise ValueError(f"{where}.prompt is empty")
+            raise SettingsError(f"{where}.prompt is empty")
         scenes.append(
             Scene(
                 index=i,

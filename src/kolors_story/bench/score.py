@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kolors_story.bench.timing import SCORE_TOLERANCE, BenchContext, BenchError, Comparison, alternate, median
+from kolors_story.bench.timing import (
+    SCORE_TOLERANCE,
+    BenchContext,
+    BenchError,
+    Comparison,
+    alternate,
+    median,
+)
 
 
 def _score_images(n: int, size: int) -> list:

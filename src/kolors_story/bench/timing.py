@@ -12,7 +12,11 @@ from pathlib import Path
 
 from kolors_story.accounting import PeakTensorMemory
 from kolors_story.models.configs import BENCH_RESOLUTION
-from kolors_story.models.random_init import BENCH_VERSION, ensure_bench_model, ensure_tiny_model
+from kolors_story.models.random_init import (
+    BENCH_VERSION,
+    ensure_bench_model,
+    ensure_tiny_model,
+)
 
 GB = 1e9
 TFLOP = 1e12

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import torch
 
-from kolors_story.bench.timing import BenchContext, BenchError, Comparison, alternate, median, param_bytes, peak
+from kolors_story.bench.timing import (
+    BenchContext,
+    BenchError,
+    Comparison,
+    alternate,
+    median,
+    param_bytes,
+    peak,
+)
 from kolors_story.files import file_sha256
 from kolors_story.settings import ModelSettings, OptimSettings, TrainerSettings
 

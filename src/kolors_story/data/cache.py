@@ -40,8 +40,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kolors_story.data.cache_files import CacheDisk, CacheError, ExpectedShapes, write_cache_file
-from kolors_story.data.crop import CROP_POLICIES, ImageDecodeError, preprocess_image, target_size
+from kolors_story.data.cache_files import (
+    CacheDisk,
+    CacheError,
+    ExpectedShapes,
+    write_cache_file,
+)
+from kolors_story.data.crop import (
+    CROP_POLICIES,
+    ImageDecodeError,
+    preprocess_image,
+    target_size,
+)
+from kolors_story.errors import SettingsError
 from kolors_story.files import atomic_write_json, file_sha256, remove_stale_tmp
 from kolors_story.models.loading import (
     component_fingerprint,
@@ -51,7 +62,12 @@ from kolors_story.models.loading import (
     resolve_layout,
     to_dtype,
 )
-from kolors_story.models.prompts import MAX_SEQUENCE_LENGTH, encode_captions, encode_scenes, text_pipeline
+from kolors_story.models.prompts import (
+    MAX_SEQUENCE_LENGTH,
+    encode_captions,
+    encode_scenes,
+    text_pipeline,
+)
 from kolors_story.settings import ModelSettings
 from kolors_story.story import Scene
 
@@ -150,9 +166,9 @@ class _CacheBuild:
 
     def __init__(self, model: ModelSettings, resolution, crop: str, crop_seed: int, batch_size: int):
         if crop not in CROP_POLICIES:
-            raise ValueError(f"dataset.crop={crop!r}: use one of {list(CROP_POLICIES)}")
+            raise SettingsError(f"dataset.crop={crop!r}: use one of {list(CROP_POLICIES)}")
         if batch_size < 1:
-            raise ValueError(f"cache.batch_size={batch_size}: must be >= 1")
+            raise SettingsError(f"cache.batch_size={batch_size}: must be >= 1")
         model_path = ensure_model(model)
         self.layout = resolve_layout(model_path, model.vae_path)
         self.mhash = model_hash(model_path, model.vae_path)

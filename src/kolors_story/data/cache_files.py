@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
+from kolors_story.errors import SettingsError, UserError
 from kolors_story.files import atomic_path
 from kolors_story.models.loading import KolorsLayout, read_json
 from kolors_story.models.prompts import MAX_SEQUENCE_LENGTH, STORY_KEYS
@@ -28,7 +29,7 @@ ITEM_KEYS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "add_time_ids")
 REBUILD_HINT = "Rebuild it with `python train.py stage=data` (bad cache files are recomputed)."
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A cache file or the dataset feeding the cache is unusable; the message names it."""
 
 
@@ -107,7 +108,7 @@ class ExpectedShapes:
         vae = read_json(vae_cfg)
         factor = 2 ** (len(vae["block_out_channels"]) - 1)
         if target_hw[0] % factor or target_hw[1] % factor:
-            raise ValueError(f"dataset.resolution={list(target_hw)} is not a multiple of the VAE factor {factor}")
+            raise SettingsError(f"dataset.resolution={list(target_hw)} is not a multiple of the VAE factor {factor}")
         text = read_json(layout.text_encoder / "config.json")
         latents = (int(vae.get("latent_channels", 4)), target_hw[0] // factor, target_hw[1] // factor)
         return cls(latents=latents, hidden=int(text["hidden_size"]), target_hw=target_hw)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from kolors_story.errors import SettingsError
+
 CROP_POLICIES = ("center", "random")
 RESAMPLE = Image.Resampling.LANCZOS
 
@@ -32,9 +34,9 @@ def target_size(resolution) -> tuple[int, int]:
         try:
             h, w = (int(v) for v in resolution)
         except Exception:
-            raise ValueError(f"dataset.resolution={resolution!r}: give one int or [height, width]") from None
+            raise SettingsError(f"dataset.resolution={resolution!r}: give one int or [height, width]") from None
     if h <= 0 or w <= 0 or h % 8 or w % 8:
-        raise ValueError(f"dataset.resolution={resolution!r}: sizes must be positive multiples of 8 (the VAE downsamples 8x)")
+        raise SettingsError(f"dataset.resolution={resolution!r}: sizes must be positive multiples of 8 (the VAE downsamples 8x)")
     return h, w
 
 
@@ -45,7 +47,7 @@ def crop_geometry(orig_hw: tuple[int, int], target_hw: tuple[int, int], crop: st
     ``(seed, image_sha)`` only, so it is the same for an image on every run and in every order.
     """
     if crop not in CROP_POLICIES:
-        raise ValueError(f"dataset.crop={crop!r}: use one of {list(CROP_POLICIES)}")
+        raise SettingsError(f"dataset.crop={crop!r}: use one of {list(CROP_POLICIES)}")
     oh, ow = orig_hw
     th, tw = target_hw
     scale = max(th / oh, tw / ow)

@@ -135,10 +135,44 @@ def _write_recipe(rows: list[dict], ops: list[tuple[str, dict]], work_dir: Path,
     return recipe_path
 
 
+# dj-process runs under this watchdog, in a process group of its own: the watchdog holds the read
+# end of a pipe whose write end only the parent has. However the parent ends (exception, SIGTERM,
+# kill -9), the kernel closes that end; the watchdog reads EOF and kills the whole group, workers too.
+_WATCHDOG = """
+import os, signal, subprocess, sys, threading
+child = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)
+def watch():
+    while os.read(0, 4096):  # unbuffered: returns b"" at EOF, when the parent is gone (or done)
+        pass
+    os.killpg(0, signal.SIGKILL)
+threading.Thread(target=watch, daemon=True).start()
+code = child.wait()
+os._exit(code if code >= 0 else 128 - code)  # no interpreter shutdown with the watcher still blocked
+"""
+PID_FILE = "dj-process.pid"
+
+
+def stop_stale_run(work_dir: Path) -> str | None:
+    """Kill a dj-process an earlier run left behind in ``work_dir`` (its pid file names the process
+    group; the group is only killed when it still runs this folder's recipe). Returns a note."""
+    try:
+        pgid = int((work_dir / PID_FILE).read_text().strip())
+        cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError):
+        return None
+    if str(work_dir / "recipe.yaml") not in cmdline:
+        return None  # the pid was reused by something else
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        return None
+    return f"stopped a dj-process (pid {pgid}) that an earlier, interrupted run left running"
+
+
 def _run_dj(recipe_path: Path, work_dir: Path, log_path: Path, name: str, n_ops: int, timeout: float | None,
             progress: bool) -> tuple[int, list[tuple[str, int]], float, bool]:
-    """dj-process with its output in ``log_path`` and a bar per finished op: (return code, (op,
-    samples left) per op, seconds, killed by the timeout)."""
+    """dj-process (under the watchdog) with its output in ``log_path`` and a bar per finished op:
+    (return code, (op, samples left) per op, seconds, killed by the timeout)."""
     from tqdm.auto import tqdm
 
     cmd = [*dj_command(), "--config", str(recipe_path)]
@@ -147,8 +181,10 @@ def _run_dj(recipe_path: Path, work_dir: Path, log_path: Path, name: str, n_ops:
     bar = tqdm(total=n_ops, desc=f"data-juicer ({name})", unit="op", dynamic_ncols=True, disable=not progress)
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                env=hardened_env(work_dir), cwd=str(work_dir), start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG, *cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace", env=hardened_env(work_dir),
+                                cwd=str(work_dir), start_new_session=True)
+        (work_dir / PID_FILE).write_text(f"{proc.pid}\n")
         timer = threading.Timer(timeout, _kill, (proc,)) if timeout else None
         if timer:
             timer.start()
@@ -167,9 +203,19 @@ def _run_dj(recipe_path: Path, work_dir: Path, log_path: Path, name: str, n_ops:
             if proc.poll() is None:  # Ctrl-C or an error while reading: don't leave it running
                 _kill(proc)
                 proc.wait()
+            proc.stdin.close()
+            (work_dir / PID_FILE).unlink(missing_ok=True)
             bar.close()
     seconds = time.monotonic() - start
     return rc, done, seconds, bool(timer and seconds >= timeout)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill dj-process and any workers it started (they share the watchdog's process group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        proc.kill()
 
 
 def _traced_drops(ops: list[tuple[str, dict]], work_dir: Path, kept_ids: set[int]) -> dict[int, tuple[str, str]]:
@@ -217,6 +263,7 @@ def run_recipe(rows: list[dict], process, work_dir: str | Path, *, name: str = "
     """
     ops = recipe_ops(process)
     work_dir = Path(work_dir).resolve()
+    stale = stop_stale_run(work_dir)
     if work_dir.exists():
         shutil.rmtree(work_dir)  # stale exports/traces would be mistaken for this run's
     work_dir.mkdir(parents=True)
@@ -233,23 +280,15 @@ def run_recipe(rows: list[dict], process, work_dir: str | Path, *, name: str = "
     kept.sort(key=lambda r: int(r["id"]))
     kept_ids = {int(r["id"]) for r in kept}
     dropped = _traced_drops(ops, work_dir, kept_ids)
-    notes = []
+    notes = [stale] if stale else []
     for row in rows:
         rid = int(row["id"])
         if rid not in kept_ids and rid not in dropped:
             dropped[rid] = ("data-juicer", f"dropped by data-juicer without a trace (an op error? see {log_path})")
-            if not notes:
+            if not any("without a trace" in n for n in notes):
                 notes.append("some samples were dropped without a trace: check the dj-process log for op errors")
     counts = _op_counts(ops, done, dropped, len(rows), notes)
     return FilterResult(kept, dropped, counts, export_path, log_path, seconds, notes)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """Kill dj-process and any workers it started (it runs in its own process group)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, OSError):
-        proc.kill()
 
 
 def _short(value) -> str:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kolors_story.errors import UserError
+
 # Extensions a source folder is scanned for (case-insensitive). Anything else is listed as ignored.
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A data-stage failure the user has to act on. ``report`` holds the bad files found so far
     (the same dict that is written to ``report.failed.json``); ``step`` names the step that failed."""
 

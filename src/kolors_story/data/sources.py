@@ -17,7 +17,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from kolors_story.data.records import IMAGE_EXTS, Candidate, DataError, Dropped, SourceListing
+from kolors_story.data.records import (
+    IMAGE_EXTS,
+    Candidate,
+    DataError,
+    Dropped,
+    SourceListing,
+)
 from kolors_story.files import atomic_write_json, atomic_write_text
 from kolors_story.settings import DatasetSettings, ModelScopeDatasetSettings
 
@@ -86,9 +92,94 @@ def _read_metadata(path: Path) -> list[tuple[int, str | None, str | None, str | 
     return rows
 
 
-def list_folder(path: str | Path, *, caption_prefix: str = "", default_caption: str | None = None) -> SourceListing:
+class _Folder:
+    """One dataset folder being listed: its root, caption rules and the outside-the-folder rule."""
+
+    def __init__(self, root: Path, caption_prefix: str, default_caption: str | None, allow_outside: bool):
+        self.root = root
+        self.real_root = root.resolve()
+        self.prefix = str(caption_prefix or "")
+        self.default = normalise_caption(default_caption) if default_caption else None
+        self.allow_outside = allow_outside
+
+    def caption(self, text: str | None) -> str | None:
+        return None if text is None else normalise_caption(self.prefix + text)
+
+    def outside(self, path: Path, name: str) -> str | None:
+        """Why ``path`` must not be read (it resolves outside the folder, e.g. ``../x.png``, an
+        absolute path or a symlink pointing out), or None. Resolving follows links without opening."""
+        if self.allow_outside:
+            return None
+        real = path.resolve()
+        if real == self.real_root or self.real_root in real.parents:
+            return None
+        return (f"outside the dataset folder: {name} resolves to {real}, which is not inside {self.root}; "
+                "copy the file into the folder (or set dataset.allow_outside=true)")
+
+    def from_metadata(self, meta: Path, images: list[Path]) -> list[Candidate]:
+        rows = _read_metadata(meta)
+        if not rows:
+            report = {"dropped": [Dropped(meta.name, "source", f"empty metadata: {meta.name} has no rows").as_dict()]}
+            raise DataError(f"empty metadata: {meta} has no rows. Add `file_name,text` rows (one per image), "
+                            "or delete it to caption images with same-name .txt files", step="source", report=report)
+        candidates, seen = [], {}
+        for n, name, text, problem in rows:
+            where = f"{meta.name} {'row' if meta.suffix == '.csv' else 'line'} {n}"
+            if problem or not name:
+                candidates.append(Candidate(where, None, None, problem or f"{where}: empty file_name"))
+                continue
+            file = self.root / name
+            caption = normalise_caption(text) if text is not None else ""
+            outside = self.outside(file, name)
+            if outside:  # rejected unread: not even checked for existence beyond resolving the name
+                candidates.append(Candidate(name, None, self.caption(caption) if caption else None, outside))
+                continue
+            key = file.resolve()
+            if key in seen:
+                candidates.append(Candidate(name, None, None, f"duplicate: {name} is listed again in {where} (first on {seen[key]})"))
+                continue
+            seen[key] = n
+            if not file.exists():
+                candidates.append(Candidate(name, None, self.caption(caption) if caption else None,
+                                            f"missing file: {where} names {name}, which is not in {self.root}"))
+            elif not caption:
+                candidates.append(Candidate(name, file, None, f"empty caption: {where} has no text for {name}"))
+            else:
+                candidates.append(Candidate(name, file, self.caption(caption)))
+        for img in images:
+            if img.resolve() in seen:
+                continue
+            if self.default:
+                candidates.append(Candidate(img.name, img, self.caption(self.default)))
+            else:
+                candidates.append(Candidate(img.name, img, None, f"caption missing: {img.name} is not listed in {meta.name}"))
+        return candidates
+
+    def from_txt_files(self, images: list[Path], files: list[Path]) -> list[Candidate]:
+        candidates = []
+        for img in images:
+            txt = img.with_suffix(".txt")
+            outside = self.outside(txt, txt.name) if txt.is_symlink() else None  # a linked caption is not read either
+            if outside:
+                candidates.append(Candidate(img.name, img, None, outside))
+            elif txt.is_file():
+                caption, problem = _read_caption_file(txt)
+                candidates.append(Candidate(img.name, img, self.caption(caption), problem))
+            elif self.default:
+                candidates.append(Candidate(img.name, img, self.caption(self.default)))
+            else:
+                candidates.append(Candidate(img.name, img, None, f"caption missing: no {txt.name} beside {img.name}"))
+        stems = {p.stem for p in images}
+        for txt in (p for p in files if p.suffix.lower() == ".txt" and p.stem not in stems):
+            candidates.append(Candidate(txt.name, None, None, f"missing file: caption {txt.name} has no image named {txt.stem}.*"))
+        return candidates
+
+
+def list_folder(path: str | Path, *, caption_prefix: str = "", default_caption: str | None = None,
+                allow_outside: bool = False) -> SourceListing:
     """Candidates of a folder of images (non-recursive for ``.txt`` captions; metadata rows may name
-    files in sub-folders)."""
+    files in sub-folders). Every file must resolve inside the folder (links followed); what does
+    not is listed as a bad file and never opened, unless ``allow_outside``."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(
@@ -96,75 +187,26 @@ def list_folder(path: str | Path, *, caption_prefix: str = "", default_caption: 
             "with same-name .txt captions or a metadata.csv (file_name,text)",
             step="source",
         )
-    prefix = str(caption_prefix or "")
-    default = normalise_caption(default_caption) if default_caption else None
-
-    def with_prefix(text: str | None) -> str | None:
-        return None if text is None else normalise_caption(prefix + text)
-
+    folder = _Folder(root, caption_prefix, default_caption, allow_outside)
     present = [m for m in METADATA_FILES if (root / m).is_file()]
     if len(present) > 1:
         raise DataError(f"{root} has both metadata.csv and metadata.jsonl: keep one of them", step="source")
     files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in MARKER_FILES)
+    outside = [Candidate(p.name, None, None, folder.outside(p, p.name)) for p in files if folder.outside(p, p.name)]
+    files = [p for p in files if not folder.outside(p, p.name)]  # links pointing out are never read
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTS]
-    candidates: list[Candidate] = []
-
     if present:
         meta = root / present[0]
-        rows = _read_metadata(meta)
-        if not rows:
-            report = {"dropped": [Dropped(meta.name, "source", f"empty metadata: {meta.name} has no rows").as_dict()]}
-            raise DataError(
-                f"empty metadata: {meta} has no rows. Add `file_name,text` rows (one per image), "
-                "or delete it to caption images with same-name .txt files",
-                step="source",
-                report=report,
-            )
-        seen: dict[Path, int] = {}
-        for n, name, text, problem in rows:
-            where = f"{meta.name} {'row' if meta.suffix == '.csv' else 'line'} {n}"
-            if problem or not name:
-                candidates.append(Candidate(where, None, None, problem or f"{where}: empty file_name"))
-                continue
-            file = (root / name)
-            key = file.resolve()
-            if key in seen:
-                candidates.append(Candidate(name, None, None, f"duplicate: {name} is listed again in {where} (first on {seen[key]})"))
-                continue
-            seen[key] = n
-            caption = normalise_caption(text) if text is not None else ""
-            if not file.exists():
-                candidates.append(Candidate(name, None, with_prefix(caption) if caption else None,
-                                            f"missing file: {where} names {name}, which is not in {root}"))
-            elif not caption:
-                candidates.append(Candidate(name, file, None, f"empty caption: {where} has no text for {name}"))
-            else:
-                candidates.append(Candidate(name, file, with_prefix(caption)))
-        listed = set(seen)
-        for img in images:
-            if img.resolve() in listed:
-                continue
-            if default:
-                candidates.append(Candidate(img.name, img, with_prefix(default)))
-            else:
-                candidates.append(Candidate(img.name, img, None, f"caption missing: {img.name} is not listed in {meta.name}"))
+        if meta not in files:
+            raise DataError(f"{meta} is a link to a file outside the dataset folder: keep the metadata file in "
+                            f"{root} (or set dataset.allow_outside=true)", step="source")
+        candidates = folder.from_metadata(meta, images)
+        named = {c.name for c in candidates}
         ignored = [p.name for p in files if p not in images and p != meta and p.suffix.lower() != ".txt"]
-        return SourceListing(root, candidates, meta.name, ignored)
-
-    stems = {p.stem for p in images}
-    for img in images:
-        txt = img.with_suffix(".txt")
-        if txt.is_file():
-            caption, problem = _read_caption_file(txt)
-            candidates.append(Candidate(img.name, img, with_prefix(caption), problem))
-        elif default:
-            candidates.append(Candidate(img.name, img, with_prefix(default)))
-        else:
-            candidates.append(Candidate(img.name, img, None, f"caption missing: no {txt.name} beside {img.name}"))
-    for txt in (p for p in files if p.suffix.lower() == ".txt" and p.stem not in stems):
-        candidates.append(Candidate(txt.name, None, None, f"missing file: caption {txt.name} has no image named {txt.stem}.*"))
+        return SourceListing(root, candidates + [c for c in outside if c.name not in named], meta.name, ignored)
+    candidates = folder.from_txt_files(images, files)
     ignored = [p.name for p in files if p not in images and p.suffix.lower() != ".txt"]
-    return SourceListing(root, candidates, ".txt files", ignored)
+    return SourceListing(root, candidates + outside, ".txt files", ignored)
 
 
 # --------------------------------------------------------------------------- ModelScope source
@@ -264,19 +306,20 @@ def list_source(dataset: DatasetSettings) -> SourceListing:
     """Materialise (lowres_anime, demo) and list the configured source."""
     source = str(dataset.source)
     prefix, default = dataset.caption_prefix or "", dataset.default_caption
+    outside = dataset.allow_outside
     if source == "folder":
-        return list_folder(dataset.path, caption_prefix=prefix, default_caption=default)
+        return list_folder(dataset.path, caption_prefix=prefix, default_caption=default, allow_outside=outside)
     if source == "demo":
         from kolors_story.data.demo import make_demo_dataset
 
         folder = make_demo_dataset(dataset.path, seed=int(getattr(dataset, "seed", 0)))
-        return list_folder(folder, caption_prefix=prefix, default_caption=default)
+        return list_folder(folder, caption_prefix=prefix, default_caption=default, allow_outside=outside)
     if source == "lowres_anime":
         if not isinstance(dataset, ModelScopeDatasetSettings):
             raise DataError("dataset.source=lowres_anime needs the ModelScope keys (repo, subset, split, limit, "
                             "caption): use dataset=lowres_anime", step="source")
         folder = fetch_modelscope(dataset, dataset.path)
-        listing = list_folder(folder, caption_prefix=prefix, default_caption=default)
+        listing = list_folder(folder, caption_prefix=prefix, default_caption=default, allow_outside=outside)
         listing.candidates.extend(_download_errors(folder))
         return listing
     raise DataError(f"dataset.source={source!r} is not known: use one of {', '.join(SOURCES)}", step="source")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from kolors_story.errors import UserError
 from kolors_story.evaluate.scorer import AestheticScorer
 from kolors_story.evaluate.summary import story_scores
 from kolors_story.files import atomic_write_json
@@ -30,7 +31,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _NUMBERED = re.compile(r"^(\d+)$")
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(UserError, RuntimeError):
     """Bad input to the evaluation (folder missing/empty, unreadable image, bad key)."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from kolors_story.errors import MissingFileError, SettingsError
 from kolors_story.files import atomic_write_text
 from kolors_story.records import METRICS_FILE, CheckpointRecord, read_metrics
 from kolors_story.settings import EvaluateConfig, LoggerSettings
@@ -92,7 +93,7 @@ def sort_key(row: Row, objective: str = "mean", require_pass: bool = True):
     """Higher is better. Checkpoints that pass the gate come first (when required), then the
     objective, then coherence, then the minimum score (the competition's weakest image)."""
     if objective not in OBJECTIVES:
-        raise ValueError(f"leaderboard.objective={objective!r}: choose one of {OBJECTIVES}")
+        raise SettingsError(f"leaderboard.objective={objective!r}: choose one of {OBJECTIVES}")
     scored = row.mean is not None
     gate = bool(row.passed) if require_pass else True
     return (scored, gate, _num(getattr(row, objective)), _num(row.coherence), _num(row.min))
@@ -101,10 +102,10 @@ def sort_key(row: Row, objective: str = "mean", require_pass: bool = True):
 def build_leaderboard(sweep_dir: str | Path, objective: str = "mean", require_pass: bool = True) -> list[Row]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep folder {sweep_dir} does not exist (give the multirun/<date>/<time> folder)")
+        raise MissingFileError(f"sweep folder {sweep_dir} does not exist (give the multirun/<date>/<time> folder)")
     runs = find_runs(sweep_dir)
     if not runs:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{sweep_dir} holds no job folders (no */.hydra/config.yaml or */metrics.jsonl); "
             "give the folder `python train.py -m ...` printed"
         )

@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kolors_story.errors import UserError
 from kolors_story.models.random_init import ensure_tiny_scorer, is_tiny_scorer
 from kolors_story.settings import ScorerSettings
 
@@ -33,7 +34,7 @@ REAL_FOLDER_NAME = "aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-class ScorerError(RuntimeError):
+class ScorerError(UserError, RuntimeError):
     """The scorer cannot be loaded or run; the message names the path/key and what to do."""
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kolors_story.errors import MissingFileError, SettingsError
 from kolors_story.files import file_sha256
 from kolors_story.records import LoraRecord
 from kolors_story.settings import GenerateConfig
@@ -35,12 +36,12 @@ def lora_specs(job: GenerateConfig) -> list[LoraSpec]:
             path, scale = item, 1.0
         else:
             if not item.get("path"):
-                raise ValueError(f"loras[{n}] has no path: give each entry as {{path: <file>, scale: <float>}}")
+                raise SettingsError(f"loras[{n}] has no path: give each entry as {{path: <file>, scale: <float>}}")
             path, scale = item["path"], item.get("scale", 1.0)
         specs.append(LoraSpec(Path(str(path)).expanduser(), float(scale)))
     for n, spec in enumerate(specs):
         if not spec.path.is_file():
-            raise FileNotFoundError(f"LoRA file {spec.path} (LoRA #{n + 1}) does not exist; check lora_path / loras")
+            raise MissingFileError(f"LoRA file {spec.path} (LoRA #{n + 1}) does not exist; check lora_path / loras")
     return specs
 
 

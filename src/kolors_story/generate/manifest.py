@@ -15,7 +15,13 @@ from omegaconf import OmegaConf
 from kolors_story.files import file_sha256
 from kolors_story.generate.render import StoryRender
 from kolors_story.generate.schedulers import describe
-from kolors_story.records import MANIFEST_FORMAT, TINY_NOTE, LoraRecord, Manifest, SceneRecord
+from kolors_story.records import (
+    MANIFEST_FORMAT,
+    TINY_NOTE,
+    LoraRecord,
+    Manifest,
+    SceneRecord,
+)
 from kolors_story.settings import GenerateConfig
 from kolors_story.story import Scene
 

@@ -24,6 +24,7 @@ from dataclasses import asdict
 
 import torch
 
+from kolors_story.errors import UserError
 from kolors_story.settings import MemorySettings
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ ATTENTION_MODES = ("sdpa", "eager", "sliced")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-class MemoryConfigError(ValueError):
+class MemoryConfigError(UserError, ValueError):
     """A ``memory.*`` key has a value this module cannot apply; the message names key and choices."""
 
 

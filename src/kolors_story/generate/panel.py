@@ -8,7 +8,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from kolors_story.files import atomic_save_image
 
-
 CJK_FONTS = (
     "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
     "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",

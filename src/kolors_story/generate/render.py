@@ -14,7 +14,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from kolors_story.generate.sampler import UPSCALERS, check_size, final_size, sampler_settings
+from kolors_story.generate.sampler import (
+    UPSCALERS,
+    check_size,
+    final_size,
+    sampler_settings,
+)
 from kolors_story.models.loading import run_device
 from kolors_story.settings import SamplerSettings
 from kolors_story.story import Scene

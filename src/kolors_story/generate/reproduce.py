@@ -16,11 +16,13 @@ from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from kolors_story.configs import override_key, task_overrides, typed
+from kolors_story.errors import SettingsError, UserError
 from kolors_story.files import atomic_write_json, file_sha256
 from kolors_story.generate.loras import LoraSpec
 from kolors_story.generate.run import generate
 from kolors_story.records import Manifest, load_manifest
 from kolors_story.settings import GenerateConfig
+from kolors_story.story import story_scenes
 
 # Keys a user may change with reproduce=: where things live and what runs them, never what is
 # rendered (memory modes change pixels by at most fp rounding, which the report shows).
@@ -32,7 +34,7 @@ def is_location_key(key: str) -> bool:
     return key in LOCATION_KEYS or key.startswith("memory.")
 
 
-class ReproduceError(RuntimeError):
+class ReproduceError(UserError, RuntimeError):
     """The recorded result cannot be regenerated as recorded (missing or changed inputs)."""
 
 
@@ -91,7 +93,7 @@ def compare_images(recorded: str | Path, regenerated: str | Path) -> dict:
 def _location_overrides(overrides: list[str]) -> list[str]:
     bad = [o for o in overrides if not is_location_key(override_key(o)) and override_key(o) != "reproduce"]
     if bad:
-        raise ValueError(
+        raise SettingsError(
             f"reproduce= regenerates with the recorded settings; only {', '.join(LOCATION_KEYS)} may be changed "
             f"(got {', '.join(bad)}). To render with other settings run generate.py without reproduce="
         )
@@ -105,12 +107,40 @@ def recorded_job(manifest: Manifest, locations: dict | None = None) -> GenerateC
     with open_dict(config):
         for key, value in (locations or {}).items():
             if not is_location_key(key):
-                raise ValueError(f"reproduce cannot change {key}; only {', '.join(LOCATION_KEYS)}")
+                raise SettingsError(f"reproduce cannot change {key}; only {', '.join(LOCATION_KEYS)}")
             OmegaConf.update(config, key, value, force_add=True)
     job = typed(config, GenerateConfig, lenient=True)  # manifests of older versions carry retired keys
     job.run, job.reproduce, job.score, job.lora_path, job.loras = None, None, False, None, []
     job.submit.team = None
     return job
+
+
+def manifest_problems(manifest: Manifest, folder: Path, job: GenerateConfig) -> list[str]:
+    """Where the manifest disagrees with itself or with the files beside it: each scene record
+    against what its own config implies (prompt, negative, seeds), each recorded sha256 against
+    the image table and the file on disk. An edited manifest cannot claim a reproduction."""
+    problems = []
+    expected = story_scenes(job.story, job.sampler)
+    scenes = manifest.get("scenes") or []
+    if len(scenes) != len(expected):
+        problems.append(f"scenes: {len(scenes)} recorded, the recorded config gives {len(expected)}")
+    stride = job.sampler.best_of.seed_stride
+    for n, (rec, want) in enumerate(zip(scenes, expected)):
+        chosen = int(rec.get("chosen_candidate", 0) or 0)
+        implied = {"index": want.index, "prompt": want.prompt, "negative": want.negative,
+                   "description": want.description, "scene_seed": want.seed, "seed": want.seed + chosen * stride,
+                   "image": f"{want.index}.png"}
+        problems += [f"scenes[{n}].{key}: recorded {rec.get(key)!r}, the recorded config gives {value!r}"
+                     for key, value in implied.items() if rec.get(key) != value]
+        table = (manifest.get("images") or {}).get(rec.get("image"))
+        if rec.get("sha256") != table:
+            problems.append(f"scenes[{n}].sha256 {str(rec.get('sha256'))[:12]}... differs from images[{rec.get('image')!r}] "
+                            f"{str(table)[:12]}...")
+        on_disk = folder / str(rec.get("image"))
+        if on_disk.is_file() and file_sha256(on_disk) != rec.get("sha256"):
+            problems.append(f"scenes[{n}].sha256: {on_disk.name} on disk does not match the recorded sha256 "
+                            "(the image was edited after generation)")
+    return problems
 
 
 def reproduce(source: str | Path, out_dir: str | Path, locations: dict | None = None, progress: bool = True) -> dict:
@@ -145,6 +175,7 @@ def reproduce(source: str | Path, out_dir: str | Path, locations: dict | None = 
             row["recorded_matches_manifest"] = file_sha256(recorded) == scene.get("sha256")
         rows.append(row)
     identical = sum(r["status"] == "identical" for r in rows)
+    problems = manifest_problems(manifest, folder, job)
     report = {
         "source": str(Path(str(source)).resolve()),
         "out_dir": str(out_dir),
@@ -154,7 +185,8 @@ def reproduce(source: str | Path, out_dir: str | Path, locations: dict | None = 
         "images": rows,
         "identical": identical,
         "total": len(rows),
-        "all_identical": identical == len(rows) and len(rows) == len(manifest["scenes"]),
+        "manifest_problems": problems,
+        "all_identical": identical == len(rows) and len(rows) == len(manifest["scenes"]) and not problems,
     }
     atomic_write_json(out_dir / "reproduce.json", report)
     return report
@@ -176,6 +208,8 @@ def format_report(report: dict) -> str:
         if row.get("recorded_matches_manifest") is False:
             text += "  (recorded file does not match its manifest sha256: edited after generation)"
         lines.append(f"  {row['image']:>6}  {text}")
+    for problem in report.get("manifest_problems", []):
+        lines.append(f"  MANIFEST  {problem}")
     lines.append(f"{report['identical']}/{report['total']} identical -> "
                  + ("REPRODUCED" if report["all_identical"] else "NOT reproduced")
                  + f"  (regenerated images in {report['out_dir']})")

@@ -8,22 +8,48 @@ modes, then write the images, panel, prompts, scores and manifest (and a submiss
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from kolors_story.evaluate.scorer import AestheticScorer
 from kolors_story.evaluate.summary import story_scores
-from kolors_story.files import atomic_write_json
-from kolors_story.generate.loras import LoraSpec, load_loras, lora_specs
+from kolors_story.files import atomic_write_json, publish_files
+from kolors_story.generate.checks import check_generate, wants_scores
+from kolors_story.generate.loras import LoraSpec, load_loras
 from kolors_story.generate.manifest import ModelInfo, build_manifest, png_fields
-from kolors_story.generate.memory import after_prompt_encoding, apply_memory_modes, load_device, memory_modes
-from kolors_story.generate.outputs import panel_title, png_metadata, save_story, write_prompts_csv
+from kolors_story.generate.memory import (
+    after_prompt_encoding,
+    apply_memory_modes,
+    load_device,
+    memory_modes,
+)
+from kolors_story.generate.outputs import (
+    panel_title,
+    png_metadata,
+    save_story,
+    write_prompts_csv,
+)
 from kolors_story.generate.render import StoryRender, generate_story
 from kolors_story.generate.sampler import check_sampler
 from kolors_story.generate.schedulers import build_scheduler
-from kolors_story.models.loading import ensure_model, is_tiny, load_pipeline, model_hash, run_device
+from kolors_story.models.loading import (
+    ensure_model,
+    is_tiny,
+    load_pipeline,
+    model_hash,
+    run_device,
+)
 from kolors_story.models.prompts import encode_scenes
-from kolors_story.records import MANIFEST_FILE, SCORES_FILE, TINY_NOTE, Manifest, StoryScores
+from kolors_story.records import (
+    MANIFEST_FILE,
+    PROMPTS_FILE,
+    SCORES_FILE,
+    TINY_NOTE,
+    Manifest,
+    StoryScores,
+    story_files,
+)
 from kolors_story.settings import GenerateConfig
 from kolors_story.story import Scene, story_scenes
 
@@ -39,10 +65,6 @@ class GenerationResult:
     loras: list[LoraSpec]
     summary: StoryScores | None = None  # when scored
     bundle: Path | None = None
-
-
-def wants_scores(job: GenerateConfig) -> bool:
-    return job.score or bool(job.submit.team and job.submit.score)
 
 
 def _load(job: GenerateConfig, loras: list[LoraSpec]):
@@ -69,14 +91,18 @@ def _score(job: GenerateConfig, scorer: AestheticScorer, render: StoryRender, ti
     return summary
 
 
-def _write_images(job: GenerateConfig, out_dir: Path, scenes: list[Scene], render: StoryRender, info: ModelInfo,
-                  loras: list[LoraSpec]) -> tuple[list[Path], Path]:
+def _write_outputs(job: GenerateConfig, folder: Path, scenes: list[Scene], render: StoryRender, info: ModelInfo,
+                   loras: list[LoraSpec], summary: StoryScores | None) -> tuple[list[Path], Path]:
+    """Images with their PNG text, panel, prompts.csv and scores.json into ``folder``."""
     records = [lo.as_record() for lo in loras]
     title = panel_title(job.story.title, job.model.name, info.tiny, records)
     pnginfo = [png_metadata(f) for f in png_fields(job, scenes, render, info, records)]
-    written = save_story(render.images, scenes, out_dir, title=title, pnginfo=pnginfo)
-    write_prompts_csv(out_dir / "prompts.csv", scenes, render.seeds)
-    return [Path(p) for p in written["images"]], Path(written["panel"])
+    written = save_story(render.images, scenes, folder, title=title, pnginfo=pnginfo)
+    write_prompts_csv(folder / PROMPTS_FILE, scenes, render.seeds)
+    images = [Path(p) for p in written["images"]]
+    if summary is not None:
+        atomic_write_json(folder / SCORES_FILE, {**summary, "images": [p.name for p in images]})
+    return images, Path(written["panel"])
 
 
 def generate(job: GenerateConfig, *, out_dir: str | Path | None = None, loras: list[LoraSpec] | None = None,
@@ -84,13 +110,15 @@ def generate(job: GenerateConfig, *, out_dir: str | Path | None = None, loras: l
              progress: bool = True) -> GenerationResult:
     """Render the story of ``job`` and write every output into ``out_dir`` (default ``job.output_dir``).
 
-    ``loras``/``choices`` let a reproduction pass the recorded LoRA files and best-of picks.
+    ``loras``/``choices`` let a reproduction pass the recorded LoRA files and best-of picks. The
+    outputs are staged in a hidden folder first and published together, manifest last: a failed
+    run (disk full, Ctrl-C) leaves the previous story in ``out_dir`` whole.
     """
-    # 1. What to render: checked settings, the scenes, the LoRA files, the scorer if needed.
+    # 1. What to render, checked before any model is loaded: settings, scenes, LoRA files, output.
     out_dir = Path(out_dir if out_dir is not None else job.output_dir)
     job = dataclasses.replace(job, output_dir=str(out_dir), sampler=check_sampler(job.sampler))
+    loras = check_generate(job, out_dir, loras, reproducing=choices is not None)
     scenes = story_scenes(job.story, job.sampler)
-    loras = lora_specs(job) if loras is None else loras
     picking = job.sampler.best_of.n > 1 and choices is None
     scorer = AestheticScorer.from_settings(job.scorer) if (wants_scores(job) or picking) else None
     # 2. The pipeline, with sampler, LoRAs and memory modes.
@@ -101,16 +129,19 @@ def generate(job: GenerateConfig, *, out_dir: str | Path | None = None, loras: l
     # 4. The images (best-of: by score, or the recorded picks).
     render = generate_story(pipe, scenes, embeds, job.sampler, scorer=scorer, choices=choices, progress=progress)
     summary = _score(job, scorer, render, info.tiny) if wants_scores(job) else None
-    # 5. Files: images with PNG text, panel, prompts.csv, scores.json, manifest.json.
-    images, panel = _write_images(job, out_dir, scenes, render, info, loras)
-    if summary is not None:
-        atomic_write_json(out_dir / SCORES_FILE, {**summary, "images": [p.name for p in images]})
-    manifest = build_manifest(job, scenes=scenes, render=render, model=info, loras=[lo.as_record() for lo in loras],
-                              scheduler=pipe.scheduler, memory=memory_record, images=images, panel=panel,
-                              scores=summary, source=source, overrides=overrides or [], reproduced=choices is not None)
-    atomic_write_json(out_dir / MANIFEST_FILE, manifest)
-    return GenerationResult(out_dir=out_dir, manifest=manifest, images=images, panel=panel, render=render,
-                            scenes=scenes, loras=loras, summary=summary)
+    # 5. Files, staged in a hidden folder of out_dir, then published as one unit with the manifest last.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".story-", dir=out_dir) as tmp:
+        staging = Path(tmp)
+        images, panel = _write_outputs(job, staging, scenes, render, info, loras, summary)
+        manifest = build_manifest(job, scenes=scenes, render=render, model=info, loras=[lo.as_record() for lo in loras],
+                                  scheduler=pipe.scheduler, memory=memory_record, images=images, panel=panel,
+                                  scores=summary, source=source, overrides=overrides or [],
+                                  reproduced=choices is not None)
+        atomic_write_json(staging / MANIFEST_FILE, manifest)
+        publish_files(staging, out_dir, last=MANIFEST_FILE, replace=story_files(out_dir))
+    return GenerationResult(out_dir=out_dir, manifest=manifest, images=[out_dir / p.name for p in images],
+                            panel=out_dir / panel.name, render=render, scenes=scenes, loras=loras, summary=summary)
 
 
 def report(result: GenerationResult) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from kolors_story.configs import override_key, task_overrides
+from kolors_story.errors import MissingFileError, SettingsError
 from kolors_story.records import CHECKPOINTS, LAST_FILE
 
 RUN_GROUPS = ("model", "scorer", "story", "sampler")  # taken from the training run's config
@@ -38,7 +39,7 @@ def _checkpoint_folder(run: Path, name: str) -> Path:
             return cand
     folder = run / CHECKPOINTS
     found = sorted(p.name for p in folder.glob("step-*") if p.is_dir()) if folder.is_dir() else []
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"checkpoint {name!r} not found in {folder} (have: {', '.join(found) or 'none'}); "
         "use checkpoint=step-XXXXXX, last or best"
     )
@@ -49,7 +50,7 @@ def _read_best(path: Path) -> tuple[Path | None, str | None]:
 
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict) or not data.get("checkpoint") and not data.get("checkpoint_dir"):
-        raise ValueError(f"{path} has no 'checkpoint' key; a best file needs keys run and checkpoint")
+        raise SettingsError(f"{path} has no 'checkpoint' key; a best file needs keys run and checkpoint")
     run = Path(str(data["run"])) if data.get("run") else None
     ckpt = data.get("checkpoint_dir") or data.get("checkpoint")
     return run, str(ckpt)
@@ -70,14 +71,14 @@ def resolve_checkpoint(run: str | Path | None, checkpoint: str | Path | None = "
     elif checkpoint.endswith((".yaml", ".yml")):
         best_file = Path(checkpoint).expanduser()
         if not best_file.is_file():
-            raise FileNotFoundError(f"checkpoint={checkpoint}: best file {best_file} does not exist")
+            raise MissingFileError(f"checkpoint={checkpoint}: best file {best_file} does not exist")
     elif checkpoint == "best":
         if run_path is None:
-            raise ValueError("checkpoint=best needs run=<run folder> (or pass the best.yaml itself as run= or checkpoint=)")
+            raise SettingsError("checkpoint=best needs run=<run folder> (or pass the best.yaml itself as run= or checkpoint=)")
         looked = [run_path / "best.yaml", run_path.parent / "best.yaml"]
         best_file = next((p for p in looked if p.is_file()), None)
         if best_file is None:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"checkpoint=best: no best.yaml at {' or '.join(map(str, looked))}; run "
                 "`python evaluate.py sweep=<sweep folder>` to write one, or name the checkpoint (step-XXXXXX, last)"
             )
@@ -86,11 +87,11 @@ def resolve_checkpoint(run: str | Path | None, checkpoint: str | Path | None = "
         if best_run is not None and (run_path is None or not (run_path / ".hydra").is_dir()):
             run_path = best_run
         if run_path is None:
-            raise ValueError(f"{best_file} names no run; add a 'run' key or pass run=<run folder>")
+            raise SettingsError(f"{best_file} names no run; add a 'run' key or pass run=<run folder>")
     if run_path is None:
-        raise ValueError("run= is empty: give a training run folder")
+        raise SettingsError("run= is empty: give a training run folder")
     if not run_path.is_dir():
-        raise FileNotFoundError(f"run={run_path} is not a folder (expected a training run with .hydra/ and checkpoints/)")
+        raise MissingFileError(f"run={run_path} is not a folder (expected a training run with .hydra/ and checkpoints/)")
     if checkpoint == "last":
         last = run_path / CHECKPOINTS / LAST_FILE
         if last.is_dir():
@@ -98,15 +99,15 @@ def resolve_checkpoint(run: str | Path | None, checkpoint: str | Path | None = "
         elif last.is_file():
             folder = _checkpoint_folder(run_path, last.read_text(encoding="utf-8").strip())
         else:
-            raise FileNotFoundError(f"checkpoint=last: {last} does not exist (has the run saved a checkpoint yet?)")
+            raise MissingFileError(f"checkpoint=last: {last} does not exist (has the run saved a checkpoint yet?)")
     else:
         folder = _checkpoint_folder(run_path, checkpoint)
     lora = folder / "lora.safetensors"
     if not lora.is_file():
-        raise FileNotFoundError(f"checkpoint {folder} has no lora.safetensors")
+        raise MissingFileError(f"checkpoint {folder} has no lora.safetensors")
     config = run_path / ".hydra" / "config.yaml"
     if not config.is_file():
-        raise FileNotFoundError(f"run {run_path} has no .hydra/config.yaml (is it a train.py run folder?)")
+        raise MissingFileError(f"run {run_path} has no .hydra/config.yaml (is it a train.py run folder?)")
     return CheckpointRef(run=run_path.resolve(), checkpoint=folder.resolve(), lora=lora.resolve(),
                          config=config.resolve(), best=best_file.resolve() if best_file else None)
 
@@ -134,7 +135,7 @@ def effective_config(cfg):
     if not cfg.get("run"):
         return cfg, None
     if cfg.get("lora_path"):
-        raise ValueError("run= supplies the LoRA (the checkpoint's lora.safetensors): drop lora_path, "
+        raise SettingsError("run= supplies the LoRA (the checkpoint's lora.safetensors): drop lora_path, "
                          "or stack extra LoRAs with loras=[{path: ..., scale: ...}]")
     ref = resolve_checkpoint(cfg.run, cfg.get("checkpoint"))
     return config_from_run(cfg, ref), ref

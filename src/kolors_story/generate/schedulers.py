@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kolors_story.errors import SettingsError
+
 # name -> (diffusers class name, preset options on top of the model's scheduler config)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -38,7 +40,7 @@ def scheduler_names() -> list[str]:
 def check_scheduler_name(name: str) -> str:
     key = str(name).lower()
     if key not in SCHEDULERS:
-        raise ValueError(f"sampler.scheduler={name!r} is not a known sampler; use one of {', '.join(scheduler_names())}")
+        raise SettingsError(f"sampler.scheduler={name!r} is not a known sampler; use one of {', '.join(scheduler_names())}")
     return key
 
 

@@ -15,7 +15,13 @@ import re
 import shutil
 from pathlib import Path
 
-from kolors_story.files import atomic_dir, atomic_write_json, atomic_write_text, file_sha256
+from kolors_story.errors import OutputExistsError, SettingsError
+from kolors_story.files import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+)
 from kolors_story.generate.model_card import model_card
 from kolors_story.records import MANIFEST_FILE, SCORES_FILE
 from kolors_story.settings import GenerateConfig
@@ -29,7 +35,7 @@ def bundle_name(team: str, title: str) -> str:
     clean_team = _UNSAFE.sub("_", str(team).strip()).strip("_.")
     clean_title = _UNSAFE.sub("_", str(title or "story").strip()).strip("_.") or "story"
     if not clean_team:
-        raise ValueError(f"submit.team={team!r} is empty after removing characters not allowed in a folder name")
+        raise SettingsError(f"submit.team={team!r} is empty after removing characters not allowed in a folder name")
     return f"{clean_team}-KolorsTraining-{clean_title}"
 
 
@@ -110,7 +116,7 @@ def write_bundle(result, job: GenerateConfig, root: str | Path, source=None) -> 
     name = bundle_name(team, job.story.title)
     final = Path(root) / name
     if final.exists() and not job.submit.overwrite:
-        raise FileExistsError(f"{final} already exists; set submit.overwrite=true to replace it, or submit.dir=<folder>")
+        raise OutputExistsError(f"{final} already exists; set submit.overwrite=true to replace it, or submit.dir=<folder>")
     with atomic_dir(final) as tmp:
         manifest = json.loads(json.dumps(result.manifest))
         rows, details = _copy_loras(result, tmp, manifest)

@@ -8,10 +8,12 @@ strength; the update is scale x alpha / rank x B A).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from kolors_story.errors import SettingsError
 from kolors_story.lora.files import LoraFile, read_lora
 from kolors_story.lora.keys import LoraFormatError, arch_index, check_shapes
 from kolors_story.settings import LoraSettings
@@ -28,8 +30,36 @@ def _peft_init(init) -> str | bool:
         return True
     key = str(init).lower()
     if key not in INIT_CHOICES:
-        raise ValueError(f"lora.init={init!r} is not supported; use one of {sorted(INIT_CHOICES)}")
+        raise SettingsError(f"lora.init={init!r} is not supported; use one of {sorted(INIT_CHOICES)}")
     return INIT_CHOICES[key]
+
+
+def check_lora(rank, alpha, target_modules, init, dropout) -> list[str]:
+    """The LoRA settings checked (``lora.*`` named in the error); returns the target list."""
+    try:
+        rank, alpha, dropout = int(rank), float(alpha), float(dropout)
+    except (TypeError, ValueError):
+        raise SettingsError(f"lora.rank={rank!r}, lora.alpha={alpha!r}, lora.dropout={dropout!r}: give numbers") from None
+    if rank < 1:
+        raise SettingsError(f"lora.rank={rank}: must be >= 1")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise SettingsError(f"lora.alpha={alpha}: must be > 0")
+    if not 0.0 <= dropout < 1.0:
+        raise SettingsError(f"lora.dropout={dropout}: must be in [0, 1)")
+    targets = [str(t) for t in ([target_modules] if isinstance(target_modules, str) else target_modules)]
+    if not targets:
+        raise SettingsError("lora.target_modules is empty; e.g. [to_q, to_k, to_v, to_out.0]")
+    _peft_init(init)
+    return targets
+
+
+def check_targets(targets: list[str], unet_config) -> None:
+    """Every ``lora.target_modules`` entry names modules of this UNet (peft matches name suffixes)."""
+    modules = arch_index(unet_config).weight_shapes
+    unmatched = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    if unmatched:
+        raise SettingsError(f"lora.target_modules {unmatched} name no module of this UNet; "
+                            "e.g. [to_q, to_k, to_v, to_out.0] (the attention projections)")
 
 
 def add_lora(unet, rank: int, alpha: float, target_modules=DEFAULT_TARGETS, init="gaussian",
@@ -41,25 +71,17 @@ def add_lora(unet, rank: int, alpha: float, target_modules=DEFAULT_TARGETS, init
     """
     from peft import LoraConfig
 
+    targets = check_lora(rank, alpha, target_modules, init, dropout)
     rank, alpha, dropout = int(rank), float(alpha), float(dropout)
-    if rank < 1:
-        raise ValueError(f"lora.rank={rank}: must be >= 1")
-    if alpha <= 0:
-        raise ValueError(f"lora.alpha={alpha}: must be > 0")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"lora.dropout={dropout}: must be in [0, 1)")
-    targets = [str(t) for t in ([target_modules] if isinstance(target_modules, str) else target_modules)]
-    if not targets:
-        raise ValueError("lora.target_modules is empty; e.g. [to_q, to_k, to_v, to_out.0]")
     if adapter_name in (getattr(unet, "peft_config", None) or {}):
-        raise ValueError(f"the UNet already has a LoRA adapter named {adapter_name!r}")
+        raise SettingsError(f"the UNet already has a LoRA adapter named {adapter_name!r}")
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
                         init_lora_weights=_peft_init(init), lora_dropout=dropout)
     try:
         unet.add_adapter(config, adapter_name=adapter_name)
     except ValueError as e:
         if "not found" in str(e) or "Target module" in str(e):
-            raise ValueError(f"lora.target_modules={targets} does not fit this UNet: {e}") from e
+            raise SettingsError(f"lora.target_modules={targets} does not fit this UNet: {e}") from e
         raise
     # Train only this adapter: the base UNet (and any other adapter) stays frozen.
     marker = f".{adapter_name}."
@@ -102,7 +124,7 @@ def set_lora_scales(pipe_or_unet, scales: Mapping[str, float]) -> None:
     names = list(scales)
     missing = [n for n in names if n not in (getattr(unet, "peft_config", None) or {})]
     if missing:
-        raise ValueError(f"no LoRA adapter named {missing} on this UNet (it has {sorted(unet.peft_config)})")
+        raise SettingsError(f"no LoRA adapter named {missing} on this UNet (it has {sorted(unet.peft_config)})")
     unet.set_adapters(names, weights=[float(scales[n]) for n in names])
 
 
@@ -136,9 +158,9 @@ def load_lora_into_pipeline(pipe, path, scale: float = 1.0, adapter_name: str | 
     if adapter_name is None:
         adapter_name = _adapter_name_for(unet, lf.path)
     elif adapter_name in existing:
-        raise ValueError(f"a LoRA adapter named {adapter_name!r} is already loaded; pick another adapter_name")
+        raise SettingsError(f"a LoRA adapter named {adapter_name!r} is already loaded; pick another adapter_name")
     if "." in adapter_name:
-        raise ValueError(f"adapter_name={adapter_name!r} must not contain '.'")
+        raise SettingsError(f"adapter_name={adapter_name!r} must not contain '.'")
     previous = lora_scales(unet) if existing else {}
 
     # Exact module paths as targets: the adapter lands on precisely the modules the file has weights for.

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from kolors_story.errors import MissingFileError
 from kolors_story.files import atomic_path
 from kolors_story.lora.keys import (
     DIFFUSERS_PREFIX,
@@ -336,7 +337,7 @@ def read_lora(path, unet_config=None, default_alpha: float | None = None) -> Lor
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} does not exist")
+        raise MissingFileError(f"LoRA file {path} does not exist")
     tensors, header = _load_tensors(path)
     info = _info_from(tensors, header, path)
     tensors = {k: v for k, v in tensors.items() if not k.startswith(CKPT_META_PREFIX)}

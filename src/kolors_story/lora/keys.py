@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import functools
 import json
+
 import torch
 
+from kolors_story.errors import UserError
 
-class LoraFormatError(ValueError):
+
+class LoraFormatError(UserError, ValueError):
     """A LoRA file that cannot be read or does not fit the UNet; the message names file and key."""
 
 

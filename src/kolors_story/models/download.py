@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from kolors_story.errors import UserError
+
 
 @dataclass(frozen=True)
 class Weights:
@@ -35,7 +37,7 @@ WEIGHTS = {
 }
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     pass
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from kolors_story.errors import SettingsError, UserError
 from kolors_story.settings import ModelSettings
 
 DOWNLOAD_HINT = "Download the weights with `python -m kolors_story.download` (or run with model=tiny)."
@@ -26,7 +27,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The model folder is missing parts; the message lists each missing component and path."""
 
 
@@ -46,7 +47,7 @@ def to_dtype(name: str | torch.dtype) -> torch.dtype:
     try:
         return DTYPES[str(name).lower()]
     except KeyError:
-        raise ValueError(f"model.dtype={name!r} is not a dtype; use one of {sorted(DTYPES)}") from None
+        raise SettingsError(f"model.dtype={name!r} is not a dtype; use one of {sorted(DTYPES)}") from None
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,16 @@ def model_hash(path: str | Path, vae_path: str | Path | None = None) -> str:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def model_configs(model: ModelSettings) -> dict[str, dict]:
+    """The UNet and VAE ``config.json`` of ``model`` (the tiny model is built first): what checks
+    need before any weight is loaded. A missing or partial folder raises :class:`ModelLoadError`."""
+    layout = resolve_layout(ensure_model(model), model.vae_path)
+    vae = layout.vae / "config.json"
+    if not vae.exists():
+        vae = layout.root / "vae" / "config.json"
+    return {"unet": read_json(layout.unet / "config.json"), "vae": read_json(vae)}
 
 
 def ensure_model(model: ModelSettings) -> Path:

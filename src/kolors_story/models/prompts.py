@@ -11,7 +11,12 @@ from collections.abc import Callable
 
 import torch
 
-from kolors_story.models.loading import KolorsLayout, load_text_encoder, load_tokenizer, run_device
+from kolors_story.models.loading import (
+    KolorsLayout,
+    load_text_encoder,
+    load_tokenizer,
+    run_device,
+)
 from kolors_story.story import Scene
 
 MAX_SEQUENCE_LENGTH = 256  # KolorsPipeline.encode_prompt's default, what generation uses

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from kolors_story.errors import SettingsError
 from kolors_story.files import atomic_dir
 from kolors_story.models.configs import (
     KOLORS_SCHEDULER_CONFIG,
@@ -128,7 +129,7 @@ def build_tiny_components(seed: int = 0, text_encoder_config: dict | None = None
 def save_release(components: dict, folder: Path, layout: str = "kolors") -> None:
     """Write components in the Kwai-Kolors/Kolors (``kolors``) or Kolors-diffusers (``diffusers``) layout."""
     if layout not in ("kolors", "diffusers"):
-        raise ValueError(f"model.tiny.layout={layout!r}: use 'kolors' or 'diffusers'")
+        raise SettingsError(f"model.tiny.layout={layout!r}: use 'kolors' or 'diffusers'")
     folder.mkdir(parents=True, exist_ok=True)
     te_dir = folder / "text_encoder"
     if layout == "kolors":

@@ -19,7 +19,13 @@ import torch
 
 from kolors_story.files import atomic_dir, atomic_write_text
 from kolors_story.lora import save_lora
-from kolors_story.records import CHECKPOINTS, LAST_FILE, TRAINER_STATE, CheckpointRecord, checkpoint_name
+from kolors_story.records import (
+    CHECKPOINTS,
+    LAST_FILE,
+    TRAINER_STATE,
+    CheckpointRecord,
+    checkpoint_name,
+)
 from kolors_story.train.logger import RunLogger
 from kolors_story.train.validation import StoryValidator
 

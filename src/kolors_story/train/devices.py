@@ -8,8 +8,8 @@ import warnings
 
 import torch
 
+from kolors_story.errors import SettingsError, TrainingError
 from kolors_story.settings import TrainerSettings
-from kolors_story.train.errors import TrainingError
 
 
 def cuda_like_available() -> bool:
@@ -26,7 +26,7 @@ def resolve_precision(precision, accelerator: str = "auto") -> str:
         print(f"WARNING: {msg}")
         return "32"
     if p not in ("32", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64", "64-true", "bf16", "16"):
-        raise ValueError(f"trainer.precision={p!r}: use 32, 16-mixed or bf16-mixed")
+        raise SettingsError(f"trainer.precision={p!r}: use 32, 16-mixed or bf16-mixed")
     return p
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from kolors_story.data.cache_files import ITEM_KEYS, load_cached_item
+from kolors_story.errors import TrainingError
 from kolors_story.settings import TrainerSettings
-from kolors_story.train.errors import TrainingError
 
 
 class CachedItems(torch.utils.data.Dataset):

@@ -6,7 +6,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from kolors_story.records import CheckpointRecord, MetricsWriter, StatusRecord, TrainRecord
+from kolors_story.records import (
+    CheckpointRecord,
+    MetricsWriter,
+    StatusRecord,
+    TrainRecord,
+)
 from kolors_story.train.wandb_mirror import WandbMirror
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kolors_story.errors import SettingsError
 from kolors_story.settings import OptimSettings
 
 NAN_HINT = (
@@ -40,7 +41,7 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     run with a longer ``max_steps`` stretches the cosine to the new length.
     """
     if schedule not in ("constant", "cosine"):
-        raise ValueError(f"optim.schedule={schedule!r}: use constant or cosine")
+        raise SettingsError(f"optim.schedule={schedule!r}: use constant or cosine")
     warmup_steps = max(0, int(warmup_steps))
     total_steps = max(1, int(total_steps))
 
@@ -81,7 +82,7 @@ class KolorsLoraModule(L.LightningModule):
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
         self.optim = optim
         if str(optim.name).lower() != "adamw":
-            raise ValueError(f"optim.name={optim.name!r}: only adamw is implemented")
+            raise SettingsError(f"optim.name={optim.name!r}: only adamw is implemented")
         self.min_snr_gamma = float(min_snr_gamma) if min_snr_gamma not in (None, 0, 0.0) else None
         self.noise_offset = float(noise_offset or 0.0)
         self.nan_hint = nan_hint if nan_hint is not None else NAN_HINT.format(lr=float(optim.lr))

@@ -9,9 +9,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kolors_story.configs import group_choices, saved_choices, task_overrides
+from kolors_story.errors import TrainingError
 from kolors_story.files import atomic_path
 from kolors_story.records import CHECKPOINTS, LAST_FILE, TRAINER_STATE, last_checkpoint
-from kolors_story.train.errors import TrainingError
 
 
 def _locate(target: Path) -> tuple[Path, Path]:
@@ -53,6 +53,21 @@ def _apply_overrides(saved: DictConfig, cfg, run_dir: Path) -> None:
         OmegaConf.update(saved, key, ov.value(), force_add=ov.is_add())
 
 
+def check_trainer_state(state: Path) -> None:
+    """The trainer state opens with the safe loader (tensors and plain values only); anything else
+    is refused naming the file, never by loading it less safely."""
+    import torch
+
+    try:
+        torch.load(state, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch's message suggests weights_only=False: not shown
+        raise TrainingError(
+            f"resume: {state} cannot be read as a kolors-story trainer state ({type(exc).__name__}): it is damaged "
+            "or was not written by train.py, so it is not trusted. Resume from an earlier checkpoint "
+            f"(resume={state.parent.parent}/step-XXXXXX) or start a new run."
+        ) from None
+
+
 def resume_config(cfg) -> tuple[DictConfig, Path, Path]:
     """For ``resume=<run dir | checkpoint dir>``: the run's saved config with this command line's
     overrides, the run folder (training continues there) and the trainer state to restore."""
@@ -61,6 +76,7 @@ def resume_config(cfg) -> tuple[DictConfig, Path, Path]:
     if not state.exists():
         raise TrainingError(f"resume: {state} is missing (the checkpoint folder is incomplete); "
                             f"resume from an earlier one: resume={ckpt_dir.parent}/step-XXXXXX")
+    check_trainer_state(state)
     saved_file = run_dir / ".hydra" / "config.yaml"
     if not saved_file.exists():
         raise TrainingError(f"resume: {saved_file} is missing, so the run's config is unknown")

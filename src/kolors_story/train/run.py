@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from kolors_story.configs import in_multirun, typed
 from kolors_story.data.cache import build_cache
 from kolors_story.data.cache_files import load_story_embeddings
+from kolors_story.errors import TrainingError
 from kolors_story.files import atomic_write_text
 from kolors_story.lora import add_lora_from_settings
 from kolors_story.models.loading import ensure_model, load_pipeline, model_hash
@@ -32,8 +33,13 @@ from kolors_story.records import WANDB_ID_FILE, CheckpointRecord, last_checkpoin
 from kolors_story.settings import TrainConfig
 from kolors_story.story import Scene, story_scenes
 from kolors_story.train.checkpoints import CheckpointCallback, RunContext, VaeToDevice
-from kolors_story.train.devices import resolve_precision, resolve_strategy, secondary_process, world_size
-from kolors_story.train.errors import TrainingError
+from kolors_story.train.checks import STAGES
+from kolors_story.train.devices import (
+    resolve_precision,
+    resolve_strategy,
+    secondary_process,
+    world_size,
+)
 from kolors_story.train.loader import make_loader
 from kolors_story.train.logger import RunLogger
 from kolors_story.train.module import KolorsLoraModule, NonFiniteLossError
@@ -43,7 +49,6 @@ from kolors_story.train.validation import StoryValidator
 from kolors_story.train.wandb_mirror import WandbMirror
 
 HANDOFF_ENV = "KOLORS_STORY_TRAIN_HANDOFF"  # parent -> DDP child processes: what to train on
-STAGES = ("all", "data", "train")
 
 
 @dataclass

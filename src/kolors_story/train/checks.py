@@ -1,0 +1,96 @@
+"""Is this training run possible? Every setting and input checked before any data or model work
+(with real Kolors, before the 12.5 GB text encoder is ever loaded): a value no stage can use is a
+``SettingsError`` naming the key, the value and what to use; nothing is written to the run."""
+
+from __future__ import annotations
+
+import math
+
+from kolors_story.data.crop import CROP_POLICIES, target_size
+from kolors_story.data.filtering import recipe_ops
+from kolors_story.data.preflight import POLICIES
+from kolors_story.errors import SettingsError, TrainingError
+from kolors_story.evaluate.scorer import check_scorer_folder
+from kolors_story.generate.sampler import (
+    check_sampler,
+    check_size_for,
+    warn_if_guidance_off,
+)
+from kolors_story.lora.adapter import check_lora, check_targets
+from kolors_story.models.loading import model_configs
+from kolors_story.settings import OptimSettings, TrainConfig, TrainerSettings
+from kolors_story.story import story_scenes
+
+STAGES = ("all", "data", "train")
+
+
+def _positive(key: str, value, allow_none: bool = False, allow: tuple = ()) -> None:
+    if value is None and allow_none or value in allow:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        extra = " or null" if allow_none else (f" or {allow[0]}" if allow else "")
+        raise SettingsError(f"{key}={value!r}: must be a whole number >= 1{extra}")
+
+
+def check_trainer(t: TrainerSettings) -> None:
+    _positive("trainer.batch_size", t.batch_size)
+    _positive("trainer.accumulate_grad_batches", t.accumulate_grad_batches)
+    _positive("trainer.max_steps", t.max_steps, allow=(-1,))
+    _positive("trainer.max_epochs", t.max_epochs, allow_none=True)
+    _positive("trainer.steps_per_epoch", t.steps_per_epoch, allow_none=True)
+    _positive("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps)
+    _positive("trainer.log_every_n_steps", t.log_every_n_steps)
+    _positive("trainer.num_nodes", t.num_nodes)
+    if t.num_workers < 0:
+        raise SettingsError(f"trainer.num_workers={t.num_workers}: must be >= 0")
+    if t.min_snr_gamma is not None and not (math.isfinite(t.min_snr_gamma) and t.min_snr_gamma > 0):
+        raise SettingsError(f"trainer.min_snr_gamma={t.min_snr_gamma}: must be > 0 (5.0 is the paper's) or null")
+    if not (math.isfinite(t.noise_offset) and t.noise_offset >= 0):
+        raise SettingsError(f"trainer.noise_offset={t.noise_offset}: must be >= 0 (e.g. 0.05), 0 turns it off")
+    if t.gradient_clip_val is not None and not (math.isfinite(t.gradient_clip_val) and t.gradient_clip_val > 0):
+        raise SettingsError(f"trainer.gradient_clip_val={t.gradient_clip_val}: must be > 0 or null")
+
+
+def check_optim(o: OptimSettings) -> None:
+    if str(o.name).lower() != "adamw":
+        raise SettingsError(f"optim.name={o.name!r}: only adamw is implemented")
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise SettingsError(f"optim.lr={o.lr}: must be a finite number > 0 (the baseline's is 1e-4)")
+    if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+        raise SettingsError(f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise SettingsError(f"optim.betas={list(o.betas)}: two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if not (math.isfinite(o.eps) and o.eps > 0):
+        raise SettingsError(f"optim.eps={o.eps}: must be > 0")
+    if o.schedule not in ("constant", "cosine"):
+        raise SettingsError(f"optim.schedule={o.schedule!r}: use constant or cosine")
+    if o.warmup_steps < 0:
+        raise SettingsError(f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
+
+
+def check_train(job: TrainConfig) -> None:
+    """All of a training job's settings and inputs that can be checked without loading weights
+    or touching the data: raises SettingsError (or ModelLoadError for a missing model) on the first."""
+    if job.stage not in STAGES:
+        raise TrainingError(f"stage={job.stage!r}: use one of {', '.join(STAGES)}")
+    check_trainer(job.trainer)
+    check_optim(job.optim)
+    targets = check_lora(job.lora.rank, job.lora.alpha, job.lora.target_modules, job.lora.init, job.lora.dropout)
+    if job.dataset.crop not in CROP_POLICIES:
+        raise SettingsError(f"dataset.crop={job.dataset.crop!r}: use one of {list(CROP_POLICIES)}")
+    if job.dataset.on_bad_file not in POLICIES:
+        raise SettingsError(f"dataset.on_bad_file={job.dataset.on_bad_file!r}: use skip or fail")
+    _positive("cache.batch_size", job.cache.batch_size)
+    recipe_ops(list(job.filter.process))
+    configs = model_configs(job.model)  # the model folder is complete (the tiny one is built)
+    check_targets(targets, configs["unet"])
+    factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    if any(v % factor for v in target_size(job.dataset.resolution)):
+        raise SettingsError(f"dataset.resolution={job.dataset.resolution}: must be a multiple of the VAE factor {factor}")
+    if job.validate:
+        check_sampler(job.sampler)
+        check_size_for(configs["unet"], configs["vae"], job.sampler)
+        warn_if_guidance_off(job.sampler)
+        if job.scorer.tiny is None:
+            check_scorer_folder(job.scorer.path)
+    story_scenes(job.story, job.sampler)
