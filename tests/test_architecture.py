@@ -13,11 +13,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "kolors_story"
 # Top-level modules every stage may use: files, errors, settings, configs, records, story, accounting.
 FOUNDATION = {"files", "errors", "settings", "configs", "records", "story", "accounting"}
 # What each stage may import besides the foundation (the data flow: models -> lora/evaluate ->
-# data -> generate -> train; the entry layers bench/cli/download see everything).
+# data -> generate -> train; the memory plan counts models and LoRAs; the entry layers
+# bench/cli/download see everything).
 ALLOWED = {
     "foundation": set(),
     "models": set(),
     "lora": {"models"},
+    "plan": {"models", "lora"},
     "evaluate": {"models"},
     "data": {"models", "evaluate"},
     "generate": {"models", "lora", "evaluate"},

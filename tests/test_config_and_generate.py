@@ -60,7 +60,9 @@ def test_defaults_live_in_the_schemas_and_reach_the_library():
     job = settings("train", [])
     assert job.trainer == TrainerSettings() and job.lora == LoraSettings() and job.optim == OptimSettings()
     assert (job.trainer.seed, job.trainer.checkpoint_every_n_steps, job.trainer.steps_per_epoch) == (42, 250, 500)
-    assert settings("generate", []).memory == MemorySettings()
+    assert settings("generate", ["memory.auto=false"]).memory == MemorySettings()
+    assert settings("generate", []).memory.auto is True  # model=kolors plans for the GPU
+    assert settings("generate", ["model=tiny"]).memory == MemorySettings()
     tiny = settings("train", ["model=tiny"])
     assert (tiny.trainer.accelerator, tiny.trainer.precision, tiny.trainer.max_epochs) == ("cpu", "32", 2)
     assert tiny.trainer == settings("train", ["trainer=cpu"]).trainer  # one source of the CPU values

@@ -202,7 +202,11 @@ def test_an_untouched_manifest_has_no_problems(small_story, tmp_path):
 
 
 def _forbid_work(monkeypatch):
-    """Any data-stage or model-loading call fails the test: checks must come first."""
+    """Any data-stage or model-loading call fails the test: checks must come first. (The modules
+    are imported before patching, so no module binds a patched loader for later tests.)"""
+    import kolors_story.cli  # noqa: F401
+    import kolors_story.generate.checks  # noqa: F401
+    import kolors_story.train.checks  # noqa: F401
     from kolors_story.generate import run as generate_run
     from kolors_story.models import loading
     from kolors_story.train import run as train_run

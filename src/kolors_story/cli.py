@@ -14,8 +14,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from kolors_story.configs import in_multirun, task_overrides, to_settings
-from kolors_story.errors import UserError
+from kolors_story.configs import explicit_keys, in_multirun, task_overrides, to_settings
+from kolors_story.errors import SettingsError, UserError
 from kolors_story.records import record_failure
 
 FAILED_OBJECTIVE = float("-inf")  # what Optuna sees for a failed trial: worse than any score
@@ -82,6 +82,39 @@ def run_job(fn, cfg, *, objective_on_failure=FAILED_OBJECTIVE):
         return objective_on_failure
 
 
+def planned(kind: str, job, cfg, folder=None, **extra):
+    """The job with the settings ``memory.auto`` chose, after printing the memory plan and writing
+    plan.json to ``folder``. Planned when the run is on a GPU, or with ``memory.budget_gb`` or
+    ``plan_only``. Raises when nothing fits; ``plan_only`` stops here."""
+    from kolors_story.plan.auto import budget_bytes
+
+    if not (job.plan_only or budget_bytes(job.memory.budget_gb, job.model.device)):
+        return job  # no GPU to plan for (the tiny model on a CPU)
+    from kolors_story.plan.auto import make_plan
+    from kolors_story.plan.report import no_fit_message, print_plan, write_plan
+    from kolors_story.plan.stages import planning_sizes
+
+    job, plan = make_plan(kind, job, planning_sizes(job.model, job.scorer), explicit_keys(cfg), **extra)
+    print_plan(plan)
+    if folder is not None:
+        print(f"plan: {write_plan(plan, folder)}")
+    if not plan.fits:
+        raise SettingsError(no_fit_message(plan))
+    if job.plan_only:
+        print("plan_only=true: nothing was loaded; the plan fits.")
+        raise SystemExit(0)
+    return job
+
+
+def _hydra_run_dir() -> str | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def train_from_config(cfg) -> float | None:
     """The `train.py` job: resume= merged into the run's own config, then ``train.run.train``."""
     from kolors_story.train.checks import check_train
@@ -96,7 +129,9 @@ def train_from_config(cfg) -> float | None:
         cfg, run_dir, resume_from = resume_config(cfg)
         print(f"Resuming {run_dir} from {resume_from.parent.name}")
     job = to_settings(cfg, "train", lenient=resume_from is not None)  # a resumed run's config may be older
-    check_train(job)  # before any data or model work, and before anything is written to the run
+    if not job.plan_only:
+        check_train(job)  # before any data or model work, and before anything is written to the run
+    job = planned("train", job, cfg, job.output_dir if job.stage != "data" or job.plan_only else None)
     if job.stage != "data" and job.output_dir:
         save_run_config(cfg, Path(job.output_dir))
     return train(job, resume_from=resume_from)
@@ -114,6 +149,8 @@ def generate_from_config(cfg):
 
     effective, source = effective_config(cfg)
     job = to_settings(effective, "generate", lenient=source is not None)  # a training run's config may be older
+    extra = {"lora_files": [effective.lora_path]} if effective.get("lora_path") else {}
+    job = planned("generate", job, cfg, job.output_dir, **extra)
     return render_story(job, source=source, overrides=task_overrides(cfg))
 
 
@@ -137,6 +174,7 @@ def evaluate_from_config(cfg) -> dict:
     from kolors_story.evaluate.leaderboard import run_leaderboard
 
     job = to_settings(cfg, "evaluate")
+    job = planned("evaluate", job, cfg, job.output_dir or _hydra_run_dir())
     if job.images and job.sweep:
         raise EvaluationError("Give either images=<folder> or sweep=<multirun folder>, not both")
     if job.images:

@@ -51,6 +51,17 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def explicit_keys(cfg, groups: tuple[str, ...] = ("memory",)) -> set[str]:
+    """What the user set on the command line: dotted keys (``sampler.batch_size``), and the group
+    names of ``groups`` chosen explicitly (``memory=low_vram`` sets every ``memory.*`` key)."""
+    keys = set()
+    for override in task_overrides(cfg):
+        key = override_key(override)
+        if "." in key or key in groups:
+            keys.add(key)
+    return keys
+
+
 def group_choices(cfg) -> dict:
     """The config group choices of this job (``{"model": "tiny", ...}``), Hydra run or compose()."""
     try:

@@ -205,6 +205,8 @@ class SamplerSettings:
 
 @dataclass
 class MemorySettings:
+    auto: bool = False  # choose batch size, VAE slicing/tiling, text-encoder release, offload (training: gradient checkpointing, cache batch) to fit the GPU
+    budget_gb: Optional[float] = None  # GPU memory to plan for; null -> the GPU's own (set it to plan for a GPU you don't have)
     offload: str = "none"  # none | model (one whole model on the GPU at a time) | sequential (layer by layer: least VRAM, slowest)
     offload_device: Optional[str] = None  # device to offload to; null -> model.device (skipped with a warning when there is no GPU)
     vae_tiling: bool = False  # VAE in overlapping tiles above its native 1024² (hires 2048²); a no-op when the image fits one tile
@@ -250,12 +252,14 @@ class TrainConfig:
     story: StorySettings = MISSING
     sampler: SamplerSettings = MISSING
     logger: LoggerSettings = MISSING
+    memory: MemorySettings = MISSING
     stage: str = "all"  # all (data + train), data (prepare + cache only) or train (reuse prepared data)
     resume: Optional[str] = None  # a previous run folder (or one of its checkpoints/step-* folders): continue from its last checkpoint
     validate: bool = True  # render + score the story (sampler group) at every checkpoint
     data_dir: str = "data/${dataset.name}"  # processed dataset + report.json + cache for this dataset (shared by runs)
     output_dir: Optional[str] = II("hydra:runtime.output_dir")  # run folder: checkpoints/, metrics.jsonl, panels, W&B files
     cache: CacheSettings = field(default_factory=CacheSettings)  # the latent/embedding cache
+    plan_only: bool = False  # print the memory plan, write plan.json, load nothing; exit 0 if it fits, 2 if not
 
 
 @dataclass
@@ -275,6 +279,7 @@ class GenerateConfig:
     checkpoint: str = "last"  # with run=: step-XXXXXX, last, best (best.yaml in the run/sweep folder) or a best.yaml path
     reproduce: Optional[str] = None  # a manifest.json, output folder or bundle: regenerate it and compare pixel by pixel (exit 1 if any differs)
     score: bool = False  # score the images with the aesthetic predictor (scores.json + manifest); bundles always score
+    plan_only: bool = False  # print the memory plan, write plan.json, load nothing; exit 0 if it fits, 2 if not
     overwrite: bool = False  # replace a story already in output_dir (refused otherwise); it is replaced as one unit
     submit: SubmitSettings = field(default_factory=SubmitSettings)  # the competition submission bundle
 
@@ -286,11 +291,13 @@ class EvaluateConfig:
     model: ModelSettings = MISSING
     scorer: ScorerSettings = MISSING
     logger: LoggerSettings = MISSING
+    memory: MemorySettings = MISSING
     images: Optional[str] = None  # folder with the story images (1.png..8.png, or any images) or a generate.py run folder
     output_dir: Optional[str] = None  # folder for scores.json; null -> beside the images (like a checkpoint's scores.json)
     sweep: Optional[str] = None  # a multirun folder (python train.py -m ...): rank its runs x checkpoints
     leaderboard: LeaderboardSettings = field(default_factory=LeaderboardSettings)  # how sweep= ranks checkpoints
     expected_images: int = 8  # the competition's story length; other counts are scored with a warning
+    plan_only: bool = False  # print the memory plan, write plan.json, load nothing; exit 0 if it fits, 2 if not
 
 
 # group -> schema (a group whose options differ in keys picks its schema per option: DATASET_SCHEMAS)

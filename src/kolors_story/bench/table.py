@@ -50,6 +50,19 @@ def _data_rows(table, d: dict) -> None:
                   f"{d['cache_reuse']['images_per_s']:.1f} img/s", "")
 
 
+def _describe(pick: dict) -> str:
+    if not pick["fits"]:
+        return f"does not fit ({pick['worst_stage']} {pick['peak_gb']:.1f} GB)"
+    chosen = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in pick["chosen"].items()) or "defaults"
+    return f"{pick['peak_gb']:.1f} GB: {chosen}"
+
+
+def _plan_rows(table, plan: dict) -> None:
+    for run, per_gpu in plan["runs"].items():
+        for gpu, pick in per_gpu.items():
+            table.add_row("plan", f"{run} on {gpu} (memory=auto)", _describe(pick), "", "")
+
+
 def render_table(result: dict):
     """The rich table of a bench result."""
     from rich.table import Table
@@ -71,6 +84,8 @@ def render_table(result: dict):
             _train_rows(table, ok[name])
     if "data" in ok:
         _data_rows(table, ok["data"])
+    if "plan" in ok:
+        _plan_rows(table, ok["plan"])
     for name, sec in s.items():
         if isinstance(sec, dict) and "error" in sec:
             table.add_row(name, "FAILED", sec["error"][:80], "", "")

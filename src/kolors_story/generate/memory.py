@@ -68,7 +68,12 @@ def memory_modes(values: MemorySettings | Mapping | None) -> MemorySettings:
     if not (slice_size in ("auto", "max") or (isinstance(slice_size, int) and slice_size > 0)):
         raise MemoryConfigError(f"memory.attention_slice_size={slice_size!r}: use auto, max or a positive number of heads")
     device = values.get("offload_device")
+    budget = values.get("budget_gb")
+    if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
+        raise MemoryConfigError(f"memory.budget_gb={budget!r}: GB of GPU memory to plan for, a number > 0 (or null)")
     return MemorySettings(
+        auto=flag("auto"),
+        budget_gb=None if budget is None else float(budget),
         offload=choice("offload", OFFLOAD_MODES),
         offload_device=None if device in (None, "") else str(device),
         vae_tiling=flag("vae_tiling"),

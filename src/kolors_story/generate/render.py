@@ -8,12 +8,13 @@ scenes are batched, and a reproduction re-renders the same batches.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from kolors_story.errors import UserError
 from kolors_story.generate.sampler import (
     UPSCALERS,
     check_size,
@@ -23,6 +24,10 @@ from kolors_story.generate.sampler import (
 from kolors_story.models.loading import run_device
 from kolors_story.settings import SamplerSettings
 from kolors_story.story import Scene
+
+
+class OutOfMemoryError(UserError, RuntimeError):
+    """Even one image at a time with model offload does not fit the GPU."""
 
 
 @dataclass(frozen=True)
@@ -123,17 +128,58 @@ def _render_batch(pipe, refiner, batch: list[Job], embeds: dict[str, torch.Tenso
                    generator=list(gens), callback_on_step_end=_step_callback(step_bar)).images
 
 
+def _free_device_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _offload_after_oom(pipe) -> bool:
+    """Last resort after an out-of-memory at batch 1: one model on the device at a time."""
+    if hasattr(pipe.unet, "_hf_hook") or getattr(pipe, "_all_hooks", None):
+        return False  # already offloaded
+    pipe.enable_model_cpu_offload(device=run_device(pipe))
+    return True
+
+
+def _render_or_split(pipe, refiner, first: int, batch: list[Job], embeds, s: SamplerSettings, step_bar,
+                     retries: list[dict]) -> list[Image.Image]:
+    """Render a batch; on an out-of-memory, render its halves (down to 1 image, then with model
+    offload), recording each retry. Each image keeps its own seed, so the pictures are those of a
+    run at the smaller batch size."""
+    try:
+        return _render_batch(pipe, refiner, batch, embeds, s, step_bar)
+    except torch.OutOfMemoryError as exc:
+        _free_device_memory()
+        positions = list(range(first, first + len(batch)))
+        if len(batch) == 1:
+            if not _offload_after_oom(pipe):
+                raise OutOfMemoryError(
+                    f"out of GPU memory rendering one image at {s.width}x{s.height} even with model offload "
+                    f"({exc}); lower sampler.height/width or use memory.offload=sequential") from None
+            retries.append({"jobs": positions, "batch_size": 1, "then": "model offload"})
+            return _render_batch(pipe, refiner, batch, embeds, s, step_bar)
+        half = (len(batch) + 1) // 2
+        retries.append({"jobs": positions, "batch_size": len(batch), "then": [half, len(batch) - half]})
+        return (_render_or_split(pipe, refiner, first, batch[:half], embeds, s, step_bar, retries)
+                + _render_or_split(pipe, refiner, first + half, batch[half:], embeds, s, step_bar, retries))
+
+
 @torch.no_grad()
 def render_jobs(pipe, jobs: list[Job], embeds: dict[str, torch.Tensor], settings: SamplerSettings, *,
                 labels: list | None = None, keep: list[bool] | None = None, refiner=None,
-                progress: bool = True) -> list[Image.Image | None]:
+                progress: bool = True, retries: list[dict] | None = None) -> list[Image.Image | None]:
     """Render ``jobs`` ``settings.batch_size`` at a time (stage 1, then the hires refine if set).
 
     ``keep[i] = False`` marks a job whose image is not needed; batches with no kept job are
     skipped (their slot is None). Batches that are rendered always hold the same jobs as the
-    original run, so a reproduction sees the same batch composition.
+    original run, so a reproduction sees the same batch composition. A batch that runs out of
+    memory is rendered in halves; each retry is appended to ``retries``.
     """
     s = settings
+    retries = [] if retries is None else retries
     if s.hires.enabled and refiner is None:
         refiner = img2img_pipeline(pipe)
     per_image_steps = s.steps + (int(s.hires.steps * s.hires.strength) if s.hires.enabled else 0)
@@ -147,18 +193,21 @@ def render_jobs(pipe, jobs: list[Job], embeds: dict[str, torch.Tensor], settings
             names = [str(labels[first + i]) if labels else str(first + i + 1) for i in range(len(batch))]
             with tqdm(total=per_image_steps, desc=f"scene {','.join(names)}", unit="step", leave=False,
                       disable=not progress, position=1) as step_bar:
-                out[first : first + len(batch)] = _render_batch(pipe, refiner, batch, embeds, s, step_bar)
+                out[first : first + len(batch)] = _render_or_split(pipe, refiner, first, batch, embeds, s, step_bar,
+                                                                   retries)
             scene_bar.update(len(batch))
     return out
 
 
 def render_scenes(pipe, scenes: list[Scene], embeds: dict[str, torch.Tensor], *, steps: int, cfg: float,
-                  height: int, width: int, batch_size: int = 8, progress: bool = False) -> list[Image.Image]:
+                  height: int, width: int, batch_size: int = 8, progress: bool = False,
+                  retries: list[dict] | None = None) -> list[Image.Image]:
     """Denoise the scenes ``batch_size`` at a time, each from its own seed (plain sampler settings)."""
     settings = sampler_settings(steps=int(steps), cfg=float(cfg), height=int(height), width=int(width),
                                 batch_size=int(batch_size), seeds=None)
     jobs = [Job(pos, s.seed) for pos, s in enumerate(scenes)]
-    return render_jobs(pipe, jobs, embeds, settings, labels=[s.index for s in scenes], progress=progress)
+    return render_jobs(pipe, jobs, embeds, settings, labels=[s.index for s in scenes], progress=progress,
+                       retries=retries)
 
 
 @dataclass
@@ -172,6 +221,7 @@ class StoryRender:
     scores: list[float] | None = None  # aesthetic score of each kept image, when computed
     size: tuple[int, int] = (0, 0)  # final (height, width)
     seconds: float = 0.0
+    retries: list[dict] = field(default_factory=list)  # batches rendered in halves after running out of memory
 
 
 def generate_story(pipe, scenes: list[Scene], embeds: dict[str, torch.Tensor], settings: SamplerSettings, *,
@@ -190,11 +240,12 @@ def generate_story(pipe, scenes: list[Scene], embeds: dict[str, torch.Tensor], s
         keep = [int(choices[j.scene]) == j.candidate for j in jobs]
     elif n > 1 and scorer is None:
         raise ValueError("sampler.best_of.n > 1 needs the aesthetic scorer (scorer group) to pick the best candidate")
-    rendered = render_jobs(pipe, jobs, embeds, settings, labels=labels, keep=keep, progress=progress)
+    retries: list[dict] = []
+    rendered = render_jobs(pipe, jobs, embeds, settings, labels=labels, keep=keep, progress=progress, retries=retries)
     size = final_size(pipe, settings)
     if n == 1:
         return StoryRender(images=list(rendered), seeds=[s.seed for s in scenes], size=size,
-                           seconds=time.perf_counter() - t0)
+                           seconds=time.perf_counter() - t0, retries=retries)
     by_scene: list[list[tuple[Job, Image.Image | None]]] = [[] for _ in scenes]
     for job, image in zip(jobs, rendered):
         by_scene[job.scene].append((job, image))
@@ -211,4 +262,4 @@ def generate_story(pipe, scenes: list[Scene], embeds: dict[str, torch.Tensor], s
     scores = [score_of[id(cands[k][0])] for cands, k in zip(by_scene, chosen)] if score_of else None
     return StoryRender(images=images, seeds=[cands[k][0].seed for cands, k in zip(by_scene, chosen)],
                        candidates=candidates, chosen=chosen, scores=scores, size=size,
-                       seconds=time.perf_counter() - t0)
+                       seconds=time.perf_counter() - t0, retries=retries)

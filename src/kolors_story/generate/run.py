@@ -128,6 +128,7 @@ def generate(job: GenerateConfig, *, out_dir: str | Path | None = None, loras: l
     memory_record["text_encoder_released_bytes"] = after_prompt_encoding(pipe, job.memory)
     # 4. The images (best-of: by score, or the recorded picks).
     render = generate_story(pipe, scenes, embeds, job.sampler, scorer=scorer, choices=choices, progress=progress)
+    memory_record["oom_retries"] = render.retries  # batches rendered in halves after running out of memory
     summary = _score(job, scorer, render, info.tiny) if wants_scores(job) else None
     # 5. Files, staged in a hidden folder of out_dir, then published as one unit with the manifest last.
     out_dir.mkdir(parents=True, exist_ok=True)

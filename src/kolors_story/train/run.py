@@ -134,6 +134,10 @@ def _validator(job: TrainConfig, pipe, scenes, story_embeds) -> StoryValidator |
     title = f"{job.story.title} | model={job.model.name}"
     if job.model.tiny is not None:
         title += " (tiny random model: not a real result)"
+    if job.memory.vae_slicing:  # the story decode at each checkpoint, one image at a time
+        pipe.vae.enable_slicing()
+    if job.memory.vae_tiling:
+        pipe.vae.enable_tiling()
     validator = StoryValidator(pipe, scenes, story_embeds, job.sampler, job.scorer, title=title)
     try:
         validator.scorer  # load it now: a missing scorer must fail before training, not at step N

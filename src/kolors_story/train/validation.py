@@ -56,14 +56,19 @@ class StoryValidator:
         device, dtype = unet.device, unet.dtype
         embeds = {k: v.to(device=device, dtype=dtype) for k, v in self.embeds.items()}
         s = self.sampler
+        retries: list[dict] = []
         # Own RNG scope: rendering must not shift the training run's random streams.
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             unet.eval()
             try:
-                return render_scenes(self.pipe, self.scenes, embeds, steps=s.steps, cfg=s.cfg, height=s.height,
-                                     width=s.width, batch_size=s.batch_size)
+                images = render_scenes(self.pipe, self.scenes, embeds, steps=s.steps, cfg=s.cfg, height=s.height,
+                                       width=s.width, batch_size=s.batch_size, retries=retries)
             finally:
                 unet.train(was_training)
+        if retries:  # it ran out of memory at this batch: the next checkpoints render smaller batches
+            s.batch_size = max(1, min(r["batch_size"] for r in retries) // 2)
+            print(f"story validation ran out of GPU memory: rendering {s.batch_size} scenes at a time from now on")
+        return images
 
     def run(self, out_dir: str | Path, run_dir: str | Path, step: int) -> dict:
         """Render, save and score into ``out_dir``; the result adds the image and panel file names."""

@@ -1,0 +1,240 @@
+"""Counting what each piece of work allocates, on the meta device: no weights, no memory, real
+Kolors sizes in about a second each.
+
+Every count runs the same code path as the real work (diffusers' UNet / VAE / ChatGLM forward,
+the trainer's LoRA step with backward) on models built from the configs on the meta device, under
+:class:`~kolors_story.accounting.PeakTensorMemory`. Attention is counted the way the chosen
+backend allocates it: PyTorch's SDPA on a GPU (flash / memory-efficient kernels) and on a CPU
+(its fused kernel) never builds the N x N score matrix, while on the meta device SDPA would fall
+back to its math decomposition; so for ``memory.attention=sdpa`` a stand-in allocates exactly
+what the fused kernels do (the output and a float32 log-sum-exp per row; the same in backward).
+``eager`` and ``sliced`` attention run their own processors and are counted as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from functools import lru_cache
+from unittest import mock
+
+import torch
+
+from kolors_story.accounting import PeakTensorMemory
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class _FusedAttention(torch.autograd.Function):
+    """What a fused SDPA kernel allocates: output + log-sum-exp forward, dq/dk/dv backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    return _FusedAttention.apply(query, key, value)
+
+
+@contextmanager
+def counting(attention: str = "sdpa"):
+    """Count allocations inside the block, SDPA as the fused kernels allocate it (``attention=sdpa``)."""
+    patch = (mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", fused_sdpa)
+             if attention == "sdpa" else nullcontext())
+    with patch, PeakTensorMemory() as mem:
+        yield mem
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def build_on(device: str, make: Callable[[], torch.nn.Module], dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A model built directly on ``device`` (meta: shapes only, no memory) in ``dtype``."""
+    old = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)  # built in the dtype, not cast after (diffusers warns on casts)
+    try:
+        with torch.device(device):
+            return make()
+    finally:
+        torch.set_default_dtype(old)
+
+
+@lru_cache(maxsize=16)
+def meta_model(kind: str, config_json: str, dtype: str) -> torch.nn.Module:
+    """``unet``, ``vae``, ``text_encoder`` or ``scorer`` of a config, on the meta device (cached)."""
+    config = json.loads(config_json)
+    if kind == "unet":
+        from diffusers import UNet2DConditionModel
+
+        make = lambda: UNet2DConditionModel(**config)  # noqa: E731
+    elif kind == "vae":
+        from diffusers import AutoencoderKL
+
+        make = lambda: AutoencoderKL(**config)  # noqa: E731
+    elif kind == "text_encoder":
+        from diffusers.pipelines.kolors import ChatGLMModel
+        from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
+
+        make = lambda: ChatGLMModel(ChatGLMConfig(**config), empty_init=False)  # noqa: E731
+    elif kind == "scorer":
+        from aesthetics_predictor import AestheticsPredictorV2Linear
+        from transformers import CLIPVisionConfig
+
+        make = lambda: AestheticsPredictorV2Linear(CLIPVisionConfig(**config))  # noqa: E731
+    else:
+        raise ValueError(f"unknown model kind {kind!r}")
+    return build_on("meta", make, _dtype(dtype)).eval().requires_grad_(False)
+
+
+def key(config: dict) -> str:
+    """A hashable form of a config (the caches below are keyed by it)."""
+    return json.dumps(config, sort_keys=True, default=list)
+
+
+@lru_cache(maxsize=64)
+def param_bytes(kind: str, config_json: str, dtype: str) -> int:
+    return sum(p.numel() for p in meta_model(kind, config_json, dtype).parameters()) * DTYPE_BYTES[dtype]
+
+
+@lru_cache(maxsize=64)
+def largest_module_bytes(kind: str, config_json: str, dtype: str) -> int:
+    """Weights of the largest leaf module: what sequential offload keeps on the device at a time."""
+    model = meta_model(kind, config_json, dtype)
+    sizes = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
+    return max(sizes) * DTYPE_BYTES[dtype]
+
+
+def _set_attention(model, attention: str, slice_size="auto") -> None:
+    from diffusers.models.attention_processor import (
+        AttnProcessor,
+        AttnProcessor2_0,
+        SlicedAttnProcessor,
+    )
+
+    if attention == "eager":
+        model.set_attn_processor(AttnProcessor())
+    elif attention == "sliced":
+        heads = max(1, min(getattr(m, "heads", 1) for m in model.modules() if hasattr(m, "heads")))
+        size = 1 if slice_size == "max" else (heads // 2 if slice_size == "auto" else int(slice_size))
+        model.set_attn_processor(SlicedAttnProcessor(max(1, size)))
+    else:
+        model.set_attn_processor(AttnProcessor2_0())
+
+
+def unet_inputs(unet, batch: int, height: int, width: int, tokens: int, dtype: torch.dtype, device="meta") -> tuple:
+    """What the pipeline and the trainer hand the UNet: latents, timesteps, text, micro-conditioning."""
+    c = unet.config
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    return (
+        torch.empty(batch, c.in_channels, height // 8, width // 8, device=device, dtype=dtype),
+        torch.zeros(batch, dtype=torch.long, device=device),
+        torch.empty(batch, tokens, c.encoder_hid_dim, device=device, dtype=dtype),
+        {"text_embeds": torch.empty(batch, pooled, device=device, dtype=dtype),
+         "time_ids": torch.empty(batch, 6, device=device, dtype=dtype)},
+    )
+
+
+@lru_cache(maxsize=128)
+def unet_call(config_json: str, batch: int, height: int, width: int, dtype: str, attention: str = "sdpa",
+              tokens: int = 256) -> int:
+    """Peak bytes of one UNet forward without gradients (a denoising step; CFG doubles ``batch``)."""
+    unet = meta_model("unet", config_json, dtype)
+    _set_attention(unet, attention)
+    x, t, enc, added = unet_inputs(unet, batch, height, width, tokens, _dtype(dtype))
+    with torch.no_grad(), counting(attention) as mem:
+        unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added, return_dict=False)
+    return mem.peak
+
+
+@lru_cache(maxsize=64)
+def train_step(config_json: str, batch: int, height: int, width: int, dtype: str, checkpointing: bool,
+               rank: int, targets: tuple[str, ...], tokens: int = 256) -> int:
+    """Peak bytes of a LoRA training step (forward, MSE loss, backward) with the LoRA in float32,
+    as the trainer builds it; without the optimizer state (that is resident, counted apart)."""
+    from diffusers import UNet2DConditionModel
+
+    from kolors_story.lora.adapter import add_lora
+
+    unet = build_on("meta", lambda: UNet2DConditionModel(**json.loads(config_json)), _dtype(dtype))
+    unet.requires_grad_(False)
+    add_lora(unet, rank=rank, alpha=rank, target_modules=list(targets))
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    x, t, enc, added = unet_inputs(unet, batch, height, width, tokens, _dtype(dtype))
+    with counting("sdpa") as mem:
+        out = unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added, return_dict=False)[0]
+        out.float().square().mean().backward()
+    return mem.peak
+
+
+@lru_cache(maxsize=64)
+def lora_params(config_json: str, rank: int, targets: tuple[str, ...]) -> int:
+    from diffusers import UNet2DConditionModel
+
+    from kolors_story.lora.adapter import add_lora
+
+    unet = build_on("meta", lambda: UNet2DConditionModel(**json.loads(config_json)), torch.float16)
+    unet.requires_grad_(False)
+    add_lora(unet, rank=rank, alpha=rank, target_modules=list(targets))
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+@lru_cache(maxsize=64)
+def vae_decode(config_json: str, batch: int, height: int, width: int, dtype: str, slicing: bool = False,
+               tiling: bool = False) -> int:
+    """Peak bytes of decoding ``batch`` latents to images (diffusers' slicing / tiling as set)."""
+    vae = meta_model("vae", config_json, dtype)
+    vae.enable_slicing() if slicing else vae.disable_slicing()
+    vae.enable_tiling() if tiling else vae.disable_tiling()
+    z = torch.empty(batch, vae.config.latent_channels, height // 8, width // 8, device="meta", dtype=_dtype(dtype))
+    with torch.no_grad(), counting() as mem:
+        vae.decode(z)
+    vae.disable_slicing()
+    vae.disable_tiling()
+    return mem.peak
+
+
+@lru_cache(maxsize=64)
+def vae_encode(config_json: str, batch: int, height: int, width: int, dtype: str) -> int:
+    """Peak bytes of encoding ``batch`` images to latents (the cache build, the hires refine)."""
+    vae = meta_model("vae", config_json, dtype)
+    x = torch.empty(batch, 3, height, width, device="meta", dtype=_dtype(dtype))
+    with torch.no_grad(), counting() as mem:
+        vae.encode(x).latent_dist.mean
+    return mem.peak
+
+
+@lru_cache(maxsize=64)
+def text_encode(config_json: str, batch: int, dtype: str, tokens: int = 256) -> int:
+    """Peak bytes of ChatGLM on ``batch`` prompts of ``tokens`` (as encode_prompt calls it; the
+    attention mask is left out: ChatGLM branches on its values, which the meta device has not)."""
+    te = meta_model("text_encoder", config_json, dtype)
+    ids = torch.zeros(batch, tokens, dtype=torch.long, device="meta")
+    with torch.no_grad(), counting() as mem:
+        te(input_ids=ids, position_ids=torch.arange(tokens, device="meta")[None].expand(batch, -1),
+           output_hidden_states=True)
+    return mem.peak
+
+
+@lru_cache(maxsize=16)
+def score_batch(config_json: str, batch: int) -> int:
+    """Peak bytes of the aesthetic predictor (float32, as the competition runs it) on ``batch`` images."""
+    model = meta_model("scorer", config_json, "float32")
+    size = json.loads(config_json).get("image_size", 224)
+    x = torch.empty(batch, 3, size, size, device="meta")
+    with torch.no_grad(), counting() as mem:
+        model(pixel_values=x)
+    return mem.peak

@@ -1,0 +1,199 @@
+"""The stages a run goes through and what each needs on the device: the weights resident at that
+moment (which models are loaded, offloaded or released) plus the counted work of the stage.
+
+Residency follows the code as it runs: generation loads text encoder, UNet and VAE together
+(``memory.offload=none``) and may drop the text encoder after the prompts
+(``memory.release_text_encoder``); model offload keeps one model on the device at a time,
+sequential offload one layer. Training never loads the text encoder (the cache did); with
+validation on, the VAE and the aesthetic predictor stay on the device next to the UNet and the
+LoRA's optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kolors_story.models import configs as real
+from kolors_story.plan import count
+from kolors_story.settings import (
+    EvaluateConfig,
+    GenerateConfig,
+    ModelSettings,
+    ScorerSettings,
+    TrainConfig,
+)
+from kolors_story.story import story_scenes
+
+GB = 1e9
+# Counted tensor bytes are a floor for what the CUDA caching allocator holds (block rounding,
+# fragmentation, kernel workspaces): the work of a stage is planned with this factor on top.
+WORK_FACTOR = 1.15
+
+
+@dataclass
+class Stage:
+    name: str
+    weights: int  # bytes of weights (and optimizer state) on the device during the stage
+    work: int  # counted peak bytes of the stage's own tensors
+    settings: dict = field(default_factory=dict)  # the knobs that shape this stage
+
+    @property
+    def peak(self) -> int:
+        return self.weights + int(WORK_FACTOR * self.work)
+
+
+@dataclass
+class Sizes:
+    """The configs the plan counts with, and the dtypes the weights are loaded in."""
+
+    unet: str
+    vae: str
+    text_encoder: str
+    scorer: str
+    dtype: str
+
+    @property
+    def decode_dtype(self) -> str:
+        """The pipeline upcasts a VAE marked ``force_upcast`` to float32 for decoding fp16 latents."""
+        return "float32" if self.dtype == "float16" and json.loads(self.vae).get("force_upcast") else self.dtype
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes divide into whole latents at the UNet's deepest level."""
+        levels = len(json.loads(self.vae)["block_out_channels"]) + len(json.loads(self.unet)["block_out_channels"]) - 2
+        return 2 ** levels
+
+    def weights(self, kind: str, sequential: bool = False) -> int:
+        config, dtype = {"unet": (self.unet, self.dtype), "vae": (self.vae, self.dtype),
+                         "text_encoder": (self.text_encoder, self.dtype), "scorer": (self.scorer, "float32")}[kind]
+        if sequential:
+            return count.largest_module_bytes(kind, config, dtype)
+        return count.param_bytes(kind, config, dtype)
+
+
+def _read(folder: Path, name: str) -> dict | None:
+    try:
+        return json.loads((folder / name / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def planning_sizes(model: ModelSettings, scorer: ScorerSettings) -> Sizes:
+    """The model folder's own config files when they are there (the tiny model is built first);
+    otherwise the real Kolors release's: a plan needs no weights."""
+    from kolors_story.models.configs import tiny_predictor_config
+
+    if model.tiny is not None:
+        from kolors_story.models.loading import ensure_model
+
+        ensure_model(model)
+    root = Path(str(model.path)).expanduser()
+    vae_root = Path(str(model.vae_path)).expanduser() if model.vae_path else None
+    unet = _read(root, "unet") or real.KOLORS_UNET_CONFIG
+    vae = (_read(vae_root.parent, vae_root.name) if vae_root and vae_root.is_dir() else None) or _read(root, "vae")
+    if vae is None and vae_root is not None:  # the sdxl-vae-fp16-fix, not downloaded yet: it decodes in fp16
+        vae = {**real.SDXL_VAE_CONFIG, "force_upcast": False}
+    text = _read(root, "text_encoder") or real.KOLORS_TEXT_ENCODER_CONFIG
+    scorer_cfg = _read(Path(str(scorer.path)).expanduser().parent, Path(str(scorer.path)).name)
+    if scorer_cfg is None:
+        scorer_cfg = tiny_predictor_config() if scorer.tiny is not None else real.REAL_PREDICTOR_CONFIG
+    scorer_cfg = {k: v for k, v in scorer_cfg.items() if not k.startswith("_") and k not in ("transformers_version",)}
+    return Sizes(count.key(unet), count.key(vae or real.SDXL_VAE_CONFIG), count.key(text), count.key(scorer_cfg),
+                 str(model.dtype))
+
+
+def _lora_bytes(paths) -> int:
+    return sum(Path(p).stat().st_size for p in paths if Path(p).is_file())
+
+
+# --------------------------------------------------------------------------------- generation
+
+
+def generate_stages(sizes: Sizes, job: GenerateConfig, lora_files=()) -> list[Stage]:
+    """Encode prompts, denoise, decode (then the hires refine and scoring when they run)."""
+    s, m = job.sampler, job.memory
+    n_scenes = len(story_scenes(job.story, job.sampler))
+    b = min(s.batch_size, n_scenes * s.best_of.n)
+    cfg_batch = 2 * b if s.cfg > 1 else b
+    seq = m.offload == "sequential"
+    scoring = job.score or bool(job.submit.team and job.submit.score) or s.best_of.n > 1
+    scorer_here = scoring and str(job.scorer.device).split(":")[0] == str(job.model.device).split(":")[0]
+    scorer_w = sizes.weights("scorer") if scorer_here else 0
+    unet_w = sizes.weights("unet", seq) + _lora_bytes(lora_files)
+
+    def resident(active: str, te_gone: bool) -> int:
+        if m.offload == "none":
+            te = 0 if te_gone else sizes.weights("text_encoder")
+            return te + unet_w + sizes.weights("vae") + scorer_w
+        return {"encode": sizes.weights("text_encoder", seq), "unet": unet_w, "vae": sizes.weights("vae", seq),
+                "score": 0}[active] + scorer_w
+
+    gone = m.release_text_encoder
+    knobs = {"offload": m.offload, "release_text_encoder": gone}
+    upcast = sizes.weights("vae", seq) * (sizes.decode_dtype != sizes.dtype)  # the float32 copy for decoding
+    stages = [
+        Stage("encode prompts", resident("encode", False), count.text_encode(sizes.text_encoder, n_scenes, sizes.dtype),
+              {**knobs, "prompts": n_scenes}),
+        Stage("denoise", resident("unet", gone), count.unet_call(sizes.unet, cfg_batch, s.height, s.width, sizes.dtype,
+                                                                 m.attention), {**knobs, "batch_size": b}),
+        Stage("decode", resident("vae", gone) + upcast, count.vae_decode(sizes.vae, b, s.height, s.width, sizes.decode_dtype,
+                                                                m.vae_slicing, m.vae_tiling),
+              {**knobs, "batch_size": b, "vae_slicing": m.vae_slicing, "vae_tiling": m.vae_tiling}),
+    ]
+    if s.hires.enabled:
+        mult = sizes.size_multiple
+        fh, fw = (max(mult, int(round(v * s.hires.scale / mult)) * mult) for v in (s.height, s.width))
+        work = max(count.vae_encode(sizes.vae, b, fh, fw, sizes.dtype),
+                   count.unet_call(sizes.unet, cfg_batch, fh, fw, sizes.dtype, m.attention),
+                   count.vae_decode(sizes.vae, b, fh, fw, sizes.decode_dtype, m.vae_slicing, m.vae_tiling))
+        stages.append(Stage(f"hires refine ({fw}x{fh})", resident("unet", gone) + sizes.weights("vae", seq), work,
+                            {**knobs, "batch_size": b, "vae_slicing": m.vae_slicing, "vae_tiling": m.vae_tiling}))
+    if scorer_here:
+        stages.append(Stage("score", resident("score", gone), count.score_batch(sizes.scorer, job.scorer.batch_size),
+                            {"batch_size": job.scorer.batch_size}))
+    return stages
+
+
+# --------------------------------------------------------------------------------- training
+
+
+def train_stages(sizes: Sizes, job: TrainConfig) -> list[Stage]:
+    """Cache build (text encoder, then VAE), the training step, then each checkpoint's story."""
+    t, s = job.trainer, job.sampler
+    res = job.dataset.resolution
+    h, w = (int(res), int(res)) if isinstance(res, (int, str)) else (int(res[0]), int(res[1]))
+    n_scenes = len(story_scenes(job.story, job.sampler))
+    targets = tuple(job.lora.target_modules)
+    lora = count.lora_params(sizes.unet, job.lora.rank, targets)
+    unet_w = sizes.weights("unet")
+    beside = (sizes.weights("vae") + sizes.weights("scorer")) if job.validate else 0  # VAE + scorer stay loaded
+    cache_b = job.cache.batch_size
+    stages = [
+        Stage("cache: prompt embeddings", sizes.weights("text_encoder"),
+              count.text_encode(sizes.text_encoder, max(cache_b, n_scenes), sizes.dtype), {"cache_batch_size": cache_b}),
+        Stage("cache: VAE latents", sizes.weights("vae"), count.vae_encode(sizes.vae, cache_b, h, w, sizes.dtype),
+              {"cache_batch_size": cache_b}),
+        Stage("train step", unet_w + 16 * lora + beside,  # LoRA fp32 weights + grads + AdamW's two moments
+              count.train_step(sizes.unet, t.batch_size, h, w, sizes.dtype, t.gradient_checkpointing, job.lora.rank,
+                               targets), {"batch_size": t.batch_size, "gradient_checkpointing": t.gradient_checkpointing}),
+    ]
+    if job.validate:
+        b = min(s.batch_size, n_scenes)
+        held = unet_w + 12 * lora + beside  # the optimizer state stays; gradients are freed
+        stages += [
+            Stage("validation: denoise", held, count.unet_call(sizes.unet, 2 * b if s.cfg > 1 else b, s.height,
+                                                               s.width, sizes.dtype), {"validation_batch_size": b}),
+            Stage("validation: decode", held, count.vae_decode(sizes.vae, b, s.height, s.width, sizes.decode_dtype,
+                                                               job.memory.vae_slicing, job.memory.vae_tiling),
+                  {"validation_batch_size": b, "vae_slicing": job.memory.vae_slicing}),
+            Stage("validation: score", held, count.score_batch(sizes.scorer, job.scorer.batch_size),
+                  {"batch_size": job.scorer.batch_size}),
+        ]
+    return stages
+
+
+def evaluate_stages(sizes: Sizes, job: EvaluateConfig) -> list[Stage]:
+    return [Stage("score", sizes.weights("scorer"), count.score_batch(sizes.scorer, job.scorer.batch_size),
+                  {"batch_size": job.scorer.batch_size})]
