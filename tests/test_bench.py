@@ -95,7 +95,7 @@ def test_flop_count_equals_flopcountermode_and_spares_checkpointed_memory():
     plain: dict = {}
     for ckpt in (False, True):
         ours = flops.count_unet_step(unet, 64, 32, gradient_checkpointing=ckpt)
-        x, t, enc, added = flops.unet_inputs(unet, 64, 32, torch.float16, "meta")
+        x, t, enc, added = flops.unet_inputs(unet, 1, 64, 64, 32, torch.float16, "meta")
         with PeakTensorMemory() as mem, FlopCounterMode(display=False) as ref:
             out = unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added, return_dict=False)[0]
             fwd = ref.get_total_flops()

@@ -68,7 +68,9 @@ def test_explicit_settings_are_kept():
 
 def test_nothing_fits_is_refused_before_loading_with_the_stage_named(tmp_path, monkeypatch, capsys):
     from kolors_story.cli import generate_main
-    from kolors_story.generate import run as generate_run  # imported before patching: it binds the loader
+    from kolors_story.generate import (
+        run as generate_run,  # imported before patching: it binds the loader
+    )
 
     monkeypatch.setattr(generate_run, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit) as exit_:

@@ -13,32 +13,7 @@ import torch
 from kolors_story.accounting import FlopCount, PeakTensorMemory
 from kolors_story.bench.timing import GB, TFLOP, BenchContext
 from kolors_story.models import configs
-
-
-def build_on(device: str, make: Callable[[], torch.nn.Module], dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A model built directly on ``device`` (meta: shapes only, no memory) in ``dtype``."""
-    old = torch.get_default_dtype()
-    if dtype is not None:
-        torch.set_default_dtype(dtype)  # built in the dtype, not cast after (diffusers warns on casts)
-    try:
-        with torch.device(device):
-            return make()
-    finally:
-        torch.set_default_dtype(old)
-
-
-def unet_inputs(unet, resolution: int, tokens: int, dtype: torch.dtype, device="meta") -> tuple:
-    c = unet.config
-    h = resolution // 8
-    text_dim = c.encoder_hid_dim
-    pooled_dim = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-    return (
-        torch.randn(1, c.in_channels, h, h, device=device, dtype=dtype),
-        torch.tensor([500], device=device),
-        torch.randn(1, tokens, text_dim, device=device, dtype=dtype),
-        {"text_embeds": torch.randn(1, pooled_dim, device=device, dtype=dtype),
-         "time_ids": torch.randn(1, 6, device=device, dtype=dtype)},
-    )
+from kolors_story.plan.count import build_on, unet_inputs
 
 
 def count_unet_step(unet, resolution: int, tokens: int, gradient_checkpointing: bool) -> dict:
@@ -50,7 +25,7 @@ def count_unet_step(unet, resolution: int, tokens: int, gradient_checkpointing: 
         unet.disable_gradient_checkpointing()
     unet.train()
     p = next(unet.parameters())
-    x, t, enc, added = unet_inputs(unet, resolution, tokens, p.dtype, p.device)
+    x, t, enc, added = unet_inputs(unet, 1, resolution, resolution, tokens, p.dtype, p.device)
     with PeakTensorMemory() as mem, FlopCount() as flops:
         # Called exactly as the trainer calls it (KolorsLoraModule.compute_loss).
         out = unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added, return_dict=False)[0]
