@@ -55,6 +55,32 @@ def test_without_gate_the_highest_mean_wins(tmp_path):
         build_leaderboard(tmp_path, objective="loss")
 
 
+def test_story_objective_ranks_by_coherence_alignment_and_copies(tmp_path):
+    # rank 4: the higher mean, but its panels are copies (coherence 1.0, copy-paste 1.0);
+    # rank 16: a little lower mean, varied and on-prompt. Same gate for both.
+    _job(tmp_path, "0_lora.rank=4", ["lora.rank=4"],
+         [{**_ck(10, 6.6, coherence=1.0), "clip_t": 0.20, "copy_paste": 1.0}])
+    _job(tmp_path, "1_lora.rank=16", ["lora.rank=16"],
+         [{**_ck(10, 6.3, coherence=0.85), "clip_t": 0.30, "copy_paste": 0.0}])
+    assert build_leaderboard(tmp_path)[0].run.name == "0_lora.rank=4"  # by mean
+    rows = build_leaderboard(tmp_path, objective="story")
+    assert rows[0].run.name == "1_lora.rank=16"
+    assert rows[0].story_objective == pytest.approx(6.3 + 2 * 0.85 + 2 * 0.30)
+    assert rows[1].story_objective == pytest.approx(6.6 + 2 * 1.0 + 2 * 0.20 - 5 * 1.0)
+    result = write_leaderboard(tmp_path, objective="story")
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert best["run"].endswith("1_lora.rank=16") and best["ranked_by"]["objective"] == "story"
+    assert best["ranked_by"]["story"]["copy_paste_weight"] == 5.0 and best["copy_paste"] == 0.0
+    header = (tmp_path / "leaderboard.csv").read_text().splitlines()[0].split(",")
+    assert {"clip_t", "copy_paste", "story_objective"} <= set(header)
+    assert result["best"]["clip_t"] == 0.30
+    # the story gate has the floor: a weakest image under it sinks the varied run
+    from kolors_story.evaluate.selection import Objective
+
+    floor = build_leaderboard(tmp_path, objective="story", story=Objective(min_floor=6.0))
+    assert floor[0].run.name == "0_lora.rank=4"  # min 6.1 >= 6.0; the other's min is 5.8
+
+
 def test_writes_csv_markdown_and_best(tmp_path):
     _job(tmp_path, "0_lora.rank=4", ["lora.rank=4"], [_ck(10, 6.1)])
     _job(tmp_path, "1_lora.rank=16", ["lora.rank=16"], [_ck(10, 6.3)])

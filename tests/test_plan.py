@@ -51,6 +51,18 @@ def test_default_training_fits_24_gb():
     assert step.weights > 5 * GB  # the fp16 UNet, the LoRA's AdamW state, VAE and scorer beside it
 
 
+def test_prompt_alignment_counts_clip_with_its_text_tower():
+    """CLIP ViT-L/14 with both towers (428 M parameters, fp32) is counted where CLIP-T runs."""
+    _, with_clip = _plan("evaluate", ["model=kolors", "memory.budget_gb=24"])
+    _, without = _plan("evaluate", ["model=kolors", "memory.budget_gb=24", "scorer.alignment=false"])
+    clip = with_clip.stages[0].weights - without.stages[0].weights
+    assert 1.65 * GB < clip < 1.75 * GB
+    _, scene = _plan("generate", ["model=kolors", "memory.budget_gb=80", "sampler.best_of.n=2"])
+    _, story = _plan("generate", ["model=kolors", "memory.budget_gb=80", "sampler.best_of.n=2",
+                                  "sampler.best_of.select=story"])
+    assert story.worst.weights - scene.worst.weights == pytest.approx(clip, rel=1e-6)  # only select=story needs it
+
+
 def test_12_gb_takes_offload_and_the_text_encoder_never_fits_whole():
     job, plan = _plan("generate", ["model=kolors", "memory.budget_gb=12"])
     assert plan.fits and job.memory.offload != "none"

@@ -285,6 +285,10 @@ def test_wandb_offline_run_holds_loss_panels_and_score_table(tmp_path, tiny_batc
         assert (tmp_path / c["panel"]).exists() and all((tmp_path / p).exists() for p in c["images"])
         scores = json.loads((tmp_path / c["dir"] / "scores.json").read_text())
         assert scores["scores"] == c["scores"] and len(scores["scenes"]) == 8
+        # the story metrics: CLIP-T against the English prompts (kept in scores.json for evaluate.py)
+        assert scores["clip_t"] == pytest.approx(c["clip_t"]) and len(scores["alignment"]) == 8
+        assert isinstance(c["clip_t"], float) and all(sc["prompt_en"] for sc in scores["scenes"])
+        assert 0.0 <= c["copy_paste"] <= 1.0 and c["story_objective"] == pytest.approx(scores["story_objective"])
         for name in ("lora.safetensors", "lora_kohya.safetensors", "lora_diffsynth.ckpt", "trainer_state.ckpt"):
             assert (tmp_path / c["dir"] / name).exists()
     from kolors_story.lora import read_lora
@@ -305,6 +309,8 @@ def test_wandb_offline_run_holds_loss_panels_and_score_table(tmp_path, tiny_batc
     for c in ckpts:
         row = history[c["step"]]
         assert row["val/mean"] == pytest.approx(c["mean"])
+        for key in ("coherence", "clip_t", "copy_paste", "story_objective"):
+            assert row[f"val/{key}"] == pytest.approx(c[key])
         panel = files / row["val/panel"]["path"]
         assert panel.exists() and Image.open(panel).size == Image.open(tmp_path / c["panel"]).size
         table = json.loads((files / row["val/scores"]["path"]).read_text())

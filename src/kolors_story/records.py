@@ -30,6 +30,7 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "kolors-story-manifest/1"
 PROMPTS_FILE = "prompts.csv"
 PANEL_FILE = "panel.png"
+CANDIDATES_FILE = "candidates.png"  # best-of: every candidate, the kept ones framed
 WANDB_ID_FILE = "wandb_run.json"  # the run's W&B id, so a resumed run continues the same W&B run
 TINY_NOTE = "tiny random model: not a real result"
 
@@ -58,9 +59,14 @@ class StoryScores(TypedDict):
     max: float
     threshold: float  # the gate (6.0)
     passed: bool  # mean >= threshold
-    coherence: float | None  # mean pairwise cosine of the CLIP embeddings (None below 2 images)
+    coherence: float | None  # CLIP-I: mean pairwise cosine of the panels' CLIP image embeddings (None below 2)
     outlier: int | None  # 1-based index of the least similar image
     similarity_to_others: list[float | None]
+    alignment: list[float | None] | None  # CLIP-T per panel: cosine with its own English prompt (None: no prompts)
+    clip_t: float | None  # mean CLIP-T
+    duplicate_pairs: list[dict]  # panel pairs that are copies: {"panels": [i, j], "why": [...], ...}
+    copy_paste: float  # share of panel pairs that are copies (0..1)
+    story_objective: float  # mean aesthetic + weighted CLIP-I + CLIP-T - copy-paste (evaluate.selection)
 
 
 class SceneScore(TypedDict):
@@ -68,6 +74,7 @@ class SceneScore(TypedDict):
     seed: int
     description: str
     prompt: str
+    prompt_en: str  # what CLIP-T scored the image against
     score: float
     image: str
 
@@ -104,8 +111,11 @@ class CheckpointRecord(TypedDict, total=False):
     mean: float | None
     min: float | None
     passed: bool | None
-    coherence: float | None
+    coherence: float | None  # CLIP-I
     outlier: int | None
+    clip_t: float | None  # mean prompt alignment (None: alignment off)
+    copy_paste: float | None  # share of panel pairs that are copies
+    story_objective: float | None  # evaluate.selection.Objective of the story
     panel: str | None  # relative to the run
     images: list[str]  # relative to the run
     files: dict[str, str]  # LoRA format -> file, relative to the run
@@ -197,7 +207,7 @@ class SceneRecord(TypedDict, total=False):
     image: str
     sha256: str
     score: float | None
-    candidates: list[dict]  # best-of: [{candidate, seed, score}]
+    candidates: list[dict]  # best-of: [{candidate, seed, score[, clip_t]}]
     chosen_candidate: int
 
 
@@ -214,6 +224,8 @@ class Manifest(TypedDict, total=False):
     sampler: dict
     hires: dict | None
     best_of: dict | None
+    selection: dict | None  # best-of: objective, every candidate's scores, chosen per scene, why (generate.selection)
+    candidates_panel: str | None  # best-of: CANDIDATES_FILE
     memory: dict
     story: dict  # title, language, trigger
     scenes: list[SceneRecord]
@@ -229,12 +241,12 @@ class Manifest(TypedDict, total=False):
 
 
 def story_files(folder: str | Path) -> list[Path]:
-    """The files a rendered story consists of in ``folder`` (images ``<n>.png``, panel, prompts,
-    scores, manifest); bundles and Hydra's own files beside them are not part of it."""
+    """The files a rendered story consists of in ``folder`` (images ``<n>.png``, panel, candidates
+    grid, prompts, scores, manifest); bundles and Hydra's own files beside them are not part of it."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    named = {MANIFEST_FILE, SCORES_FILE, PROMPTS_FILE, PANEL_FILE}
+    named = {MANIFEST_FILE, SCORES_FILE, PROMPTS_FILE, PANEL_FILE, CANDIDATES_FILE}
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and (p.name in named or (p.suffix == ".png" and p.stem.isdigit())))
 

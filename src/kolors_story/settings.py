@@ -43,11 +43,27 @@ class TinyScorerSpec:
 
 
 @dataclass
+class StoryObjectiveSettings:
+    """How a story is judged as a whole (evaluate.selection.Objective): the gate first, then
+    mean aesthetic + coherence_weight x CLIP-I + alignment_weight x CLIP-T - copy_paste_weight x copy-paste."""
+
+    min_floor: Optional[float] = None  # gate: every panel's aesthetic score at least this too (null: no floor)
+    coherence_weight: float = 2.0  # weight of CLIP-I (style/identity kept across panels, 0..1)
+    alignment_weight: float = 2.0  # weight of CLIP-T (each panel shows its own prompt, ~0.2-0.35 when it does)
+    copy_paste_weight: float = 5.0  # penalty per share of panel pairs that are copies (0..1)
+
+
+@dataclass
 class ScorerSettings:
     path: str = "models/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"  # the competition's predictor folder (python -m kolors_story.download scorer)
     device: str = II("model.device")  # device the CLIP ViT-L/14 runs on
     batch_size: int = 8  # images per forward pass (scores are identical to one-by-one)
     threshold: float = 6.0  # pass/fail gate on the mean score (competition rule)
+    alignment: bool = True  # score each panel against its English prompt with CLIP ViT-L/14 (CLIP-T); needs clip_path
+    clip_path: str = "models/clip-vit-large-patch14"  # CLIP with its text tower (python -m kolors_story.download clip)
+    duplicate_cosine: float = 0.97  # panels whose CLIP image embeddings are at least this close are copies
+    duplicate_pixels: float = 0.02  # ... and so are panels whose 64x64 grey thumbnails differ by at most this (0..1)
+    objective: StoryObjectiveSettings = field(default_factory=StoryObjectiveSettings)  # the story objective's weights
     tiny: Optional[TinyScorerSpec] = None  # non-null -> build a tiny random predictor into `path` first (plumbing tests only)
 
 
@@ -184,8 +200,10 @@ class HiresSettings:
 
 @dataclass
 class BestOfSettings:
-    n: int = 1  # candidates per scene, the highest aesthetic score is kept (1 = off)
+    n: int = 1  # candidates per scene (1 = off)
     seed_stride: int = 1000  # candidate k of a scene uses its seed + k x seed_stride (k=0: the scene's own seed)
+    select: str = "scene"  # scene: each scene's highest aesthetic score; story: the 8 chosen together (scorer.objective)
+    restarts: int = 8  # select=story beyond 100k combinations: random starts of the coordinate ascent
 
 
 @dataclass
@@ -230,7 +248,7 @@ class SubmitSettings:
 
 @dataclass
 class LeaderboardSettings:
-    objective: str = "mean"  # mean, min or coherence of the checkpoint's story scores
+    objective: str = "mean"  # mean, min, coherence, or story (the story objective of scorer.objective, gate first)
     require_pass: bool = True  # checkpoints passing the gate (mean >= scorer.threshold) rank first
     top: int = 10  # rows printed
 

@@ -22,6 +22,7 @@ class Scene:
     negative: str
     seed: int
     caption_ascii: str = ""  # English description, for panels drawn without a CJK font
+    prompt_en: str = ""  # the English prompt (CLIP's text tower reads English): what prompt alignment scores
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +84,7 @@ def story_scenes(story: StorySettings, sampler: SamplerSettings | None = None) -
                 negative=_pick(item.get("negative"), language, f"{where}.negative"),
                 seed=seed,
                 caption_ascii=_ascii_caption(item.get("description")),
+                prompt_en=_ascii_caption(item.get("prompt")),
             )
         )
     return scenes

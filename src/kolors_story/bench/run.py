@@ -21,15 +21,16 @@ from kolors_story.bench.flops import section_flops
 from kolors_story.bench.generate import section_generate
 from kolors_story.bench.plan import section_plan
 from kolors_story.bench.score import section_score
+from kolors_story.bench.select import section_select
 from kolors_story.bench.table import render_table
 from kolors_story.bench.timing import BenchContext, BenchError
 from kolors_story.bench.train import section_train
 from kolors_story.files import atomic_write_json
 
-SECTIONS = ("flops", "train", "generate", "score", "data", "plan")
+SECTIONS = ("flops", "train", "generate", "score", "select", "data", "plan")
 BENCH_FORMAT = 1
 RUNNERS = {"flops": section_flops, "train": section_train, "generate": section_generate,
-           "score": section_score, "data": section_data, "plan": section_plan}
+           "score": section_score, "select": section_select, "data": section_data, "plan": section_plan}
 
 
 def _machine() -> dict:

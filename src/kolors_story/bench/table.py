@@ -63,6 +63,16 @@ def _plan_rows(table, plan: dict) -> None:
             table.add_row("plan", f"{run} on {gpu} (memory=auto)", _describe(pick), "", "")
 
 
+def _select_rows(table, sec: dict) -> None:
+    search = sec["search"]
+    found = " / ".join(f"{100 * search[f'n{n}']['heuristic_finds_brute_force']:.0f} %" for n in (2, 3, 4))
+    gain = " / ".join(f"{search[f'n{n}']['objective_gain_over_per_scene']:+.2f}" for n in (2, 3, 4))
+    table.add_row("select", "coordinate ascent finds the brute-force story (N=2/3/4)", found, "", "")
+    table.add_row("select", "objective gain over per-scene choice (N=2/3/4)", gain, "", "")
+    table.add_row("select", "coordinate ascent at N=8 (8^8 stories), gain", _fmt_s(search["n8"]["seconds"]),
+                  f"{search['n8']['objective_gain_over_per_scene']:+.2f}", "")
+
+
 def render_table(result: dict):
     """The rich table of a bench result."""
     from rich.table import Table
@@ -74,7 +84,7 @@ def render_table(result: dict):
     ok = {name: sec for name, sec in s.items() if isinstance(sec, dict) and "error" not in sec}
     if "flops" in ok:
         _flops_rows(table, ok["flops"])
-    for name in ("train", "generate", "score"):
+    for name in ("train", "generate", "score", "select"):
         if name not in ok:
             continue
         for c in ok[name]["comparisons"]:
@@ -82,6 +92,8 @@ def render_table(result: dict):
                           _fmt_s(c["b_median"]), f"{c['ratio_b_over_a']:.2f}x")
         if name == "train":
             _train_rows(table, ok[name])
+        if name == "select":
+            _select_rows(table, ok[name])
     if "data" in ok:
         _data_rows(table, ok["data"])
     if "plan" in ok:

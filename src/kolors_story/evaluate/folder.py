@@ -1,4 +1,6 @@
-"""`python evaluate.py images=<dir>`: the competition's aesthetic score of a story, plus coherence.
+"""`python evaluate.py images=<dir>`: the competition's aesthetic score of a story, plus coherence
+(CLIP-I), copy-paste pairs and, when the story's English prompts are recorded beside the images
+(``manifest.json`` of a generate run, ``scores.json`` of a training checkpoint), prompt alignment (CLIP-T).
 
 Which files are scored (non-recursive, hidden files skipped, extensions in ``IMAGE_SUFFIXES``):
 - a folder with numbered images (``1.png`` .. ``8.png``, any image extension) is a story: those
@@ -13,6 +15,8 @@ loop scores *every* file of the folder it is given: hand it only the 8 story ima
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import warnings
 from pathlib import Path
@@ -21,10 +25,12 @@ from PIL import Image, UnidentifiedImageError
 
 from kolors_story.errors import UserError
 from kolors_story.evaluate.scorer import AestheticScorer
+from kolors_story.evaluate.selection import Objective
+from kolors_story.evaluate.alignment import PromptAligner
 from kolors_story.evaluate.summary import story_scores
 from kolors_story.files import atomic_write_json
-from kolors_story.records import SCORES_FILE
-from kolors_story.settings import EvaluateConfig
+from kolors_story.records import MANIFEST_FILE, SCORES_FILE
+from kolors_story.settings import EvaluateConfig, ScorerSettings
 from kolors_story.story import STORY_LENGTH
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -93,14 +99,34 @@ def load_images(paths: list[Path]) -> list[Image.Image]:
     return images
 
 
-def evaluate_images(folder_or_paths, scorer: AestheticScorer, threshold: float = 6.0,
-                    expected: int = STORY_LENGTH, progress: bool = True) -> dict:
-    """Score a story: per-image aesthetic scores, mean/min/max, pass/fail, coherence and outlier.
+def recorded_prompts(folder: Path, paths: list[Path]) -> list[str] | None:
+    """The English prompt of each numbered image, from the ``manifest.json`` (generate) or
+    ``scores.json`` (training checkpoint) beside it; None when neither records them."""
+    for name in (MANIFEST_FILE, SCORES_FILE):
+        try:
+            scenes = json.loads((folder / name).read_text(encoding="utf-8")).get("scenes") or []
+        except (OSError, ValueError, AttributeError):
+            continue
+        by_image = {str(s.get("image")): s.get("prompt_en") or "" for s in scenes if isinstance(s, dict)}
+        texts = [by_image.get(p.name, "") for p in paths]
+        if any(texts):
+            return texts
+    return None
+
+
+def evaluate_images(folder_or_paths, scorer: AestheticScorer, threshold: float | None = None,
+                    expected: int = STORY_LENGTH, progress: bool = True, *, settings: ScorerSettings | None = None,
+                    aligner: PromptAligner | None = None) -> dict:
+    """Score a story: per-image aesthetic scores, mean/min/max, pass/fail, CLIP-I coherence and
+    outlier, copy-paste pairs, CLIP-T (with an ``aligner`` and recorded prompts), story objective.
 
     ``folder_or_paths`` is a folder (scored per :func:`find_images`) or a list of image paths
     (scored in the given order). A count other than ``expected`` (8) is scored anyway with a
-    :class:`StoryLengthWarning`, recorded under ``warnings``.
+    :class:`StoryLengthWarning`, recorded under ``warnings``. ``settings`` (the scorer group)
+    gives the copy thresholds and objective weights; ``threshold`` overrides its gate.
     """
+    settings = settings or ScorerSettings()
+    threshold = settings.threshold if threshold is None else threshold
     ignored: list[Path] = []
     if isinstance(folder_or_paths, (str, Path)):
         folder = Path(folder_or_paths).expanduser()
@@ -126,14 +152,23 @@ def evaluate_images(folder_or_paths, scorer: AestheticScorer, threshold: float =
         warnings.warn(notes[-1], StoryLengthWarning, stacklevel=2)
 
     scores, embeds = scorer.score_and_embed(images, progress=progress)
+    texts = recorded_prompts(folder, paths)
+    alignment = aligner.alignment(images, texts) if (aligner is not None and texts) else None
     result = {"folder": str(folder.resolve()), "images": [_rel(p, folder) for p in paths]}
-    result.update(story_scores(scores, embeds, threshold))
+    if alignment is None:
+        result["alignment_note"] = (f"no English prompts recorded beside the images ({MANIFEST_FILE}/{SCORES_FILE})"
+                                    if texts is None else "prompt alignment off (scorer.alignment=false)") + ": CLIP-T not computed"
+    result.update(story_scores(scores, embeds, threshold, images=images, alignment=alignment,
+                               max_pixel_distance=settings.duplicate_pixels, min_cosine=settings.duplicate_cosine,
+                               objective=Objective.from_settings(dataclasses.replace(settings, threshold=threshold))))
     result["outlier_image"] = result["images"][result["outlier"] - 1] if result["outlier"] else None
     if len(images) < 2:
         notes.append("coherence needs at least 2 images: not computed")
+    copies = {i for pair in result["duplicate_pairs"] for i in pair["panels"]}
     result["per_image"] = [
-        {"index": i + 1, "image": name, "score": s, "similarity_to_others": sim}
-        for i, (name, s, sim) in enumerate(zip(result["images"], result["scores"], result["similarity_to_others"]))
+        {"index": i + 1, "image": name, "score": s, "similarity_to_others": sim, "clip_t": t, "copy": i + 1 in copies}
+        for i, (name, s, sim, t) in enumerate(zip(result["images"], result["scores"], result["similarity_to_others"],
+                                                  result["alignment"] or [None] * len(paths)))
     ]
     result.update(
         n_images=len(paths),
@@ -167,6 +202,7 @@ def print_report(result: dict, console=None) -> None:
     table.add_column("image")
     table.add_column("score", justify="right")
     table.add_column("sim. to others", justify="right")
+    table.add_column("CLIP-T", justify="right")
     table.add_column("")
     for row in result["per_image"]:
         flags = []
@@ -174,15 +210,27 @@ def print_report(result: dict, console=None) -> None:
             flags.append(f"< {result['threshold']:g}")
         if result["outlier"] == row["index"]:
             flags.append("most out-of-style")
+        if row["copy"]:
+            flags.append("copy of another panel")
         sim = "-" if row["similarity_to_others"] is None else f"{row['similarity_to_others']:.4f}"
-        table.add_row(str(row["index"]), row["image"], f"{row['score']:.4f}", sim, ", ".join(flags))
+        clip_t = "-" if row["clip_t"] is None else f"{row['clip_t']:.4f}"
+        table.add_row(str(row["index"]), row["image"], f"{row['score']:.4f}", sim, clip_t, ", ".join(flags))
     console.print(table)
     verdict = "[bold green]PASS[/]" if result["passed"] else "[bold red]FAIL[/]"
     console.print(f"mean {result['mean']:.4f}  min {result['min']:.4f}  max {result['max']:.4f}  "
                   f"-> {verdict} (mean >= {result['threshold']:g})")
     if result["coherence"] is not None:
-        console.print(f"coherence {result['coherence']:.4f} (mean pairwise cosine of CLIP embeddings); "
+        console.print(f"CLIP-I coherence {result['coherence']:.4f} (mean pairwise cosine of CLIP image embeddings); "
                       f"most out-of-style: #{result['outlier']} {result['outlier_image']}")
+    if result["clip_t"] is not None:
+        console.print(f"CLIP-T prompt alignment {result['clip_t']:.4f} (mean cosine of each image with its prompt)")
+    for pair in result["duplicate_pairs"]:
+        i, j = pair["panels"]
+        console.print(f"[bold yellow]copy-paste:[/] #{i} and #{j} are near-duplicates ({' and '.join(pair['why'])}: "
+                      f"pixel distance {pair['pixel_distance']:.4f}, cosine {pair['cosine']:.4f})")
+    console.print(f"copy-paste share {result['copy_paste']:.2f}  story objective {result['story_objective']:.4f}")
+    if result.get("alignment_note"):
+        console.print(f"[dim]{result['alignment_note']}[/]")
     for name in result["ignored"]:
         console.print(f"[dim]ignored (not a numbered story image): {name}[/]")
     for note in result["warnings"]:
@@ -198,9 +246,11 @@ def evaluate_folder(job: EvaluateConfig) -> dict:
     if not paths:
         raise EvaluationError(_empty_folder_message(folder))
     scorer = AestheticScorer.from_settings(job.scorer)
+    wants_alignment = bool(job.scorer.alignment) and recorded_prompts(folder, paths) is not None
+    aligner = PromptAligner.from_settings(job.scorer) if wants_alignment else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StoryLengthWarning)  # shown in the report instead
-        result = evaluate_images(folder, scorer, threshold=job.scorer.threshold, expected=job.expected_images)
+        result = evaluate_images(folder, scorer, expected=job.expected_images, settings=job.scorer, aligner=aligner)
     out_dir = Path(str(job.output_dir)).expanduser() if job.output_dir else folder
     out = out_dir / SCORES_FILE
     try:

@@ -1,5 +1,10 @@
 """Rank every (run, checkpoint) of a sweep by its story scores and point at the best one.
 
+``objective=story`` ranks by the story objective that ``sampler.best_of.select=story`` maximises
+(``evaluate.selection.Objective``: its gate first, then the weighted aesthetic mean, CLIP-I,
+CLIP-T and copy-paste), recomputed from each checkpoint's recorded numbers with this job's
+``scorer.threshold``/``scorer.objective``, so runs trained with other weights compare fairly.
+
 Reads only the run folders (each job's ``metrics.jsonl`` and ``.hydra/``), so it needs no W&B
 server: ``python evaluate.py sweep=multirun/2026-11-21/10-00-00``.
 """
@@ -15,11 +20,12 @@ from pathlib import Path
 import yaml
 
 from kolors_story.errors import MissingFileError, SettingsError
+from kolors_story.evaluate.selection import Objective
 from kolors_story.files import atomic_write_text
 from kolors_story.records import METRICS_FILE, CheckpointRecord, read_metrics
 from kolors_story.settings import EvaluateConfig, LoggerSettings
 
-OBJECTIVES = ("mean", "min", "coherence")
+OBJECTIVES = ("mean", "min", "coherence", "story")
 
 
 @dataclass
@@ -34,8 +40,12 @@ class Row:
     checkpoint: str | None = None  # folder relative to the run
     mean: float | None = None
     min: float | None = None
-    coherence: float | None = None
+    coherence: float | None = None  # CLIP-I
+    clip_t: float | None = None
+    copy_paste: float | None = None
+    story_objective: float | None = None  # recomputed with the leaderboard's Objective
     passed: bool | None = None
+    story_gate: bool | None = None  # the Objective's gate (threshold and min_floor)
     panel: str | None = None
     scores: list[float] = field(default_factory=list)
 
@@ -63,7 +73,7 @@ def _job_num(run: Path) -> int:
     return int(head) if head.isdigit() else 1 << 30
 
 
-def rows_for_run(run: Path) -> list[Row]:
+def rows_for_run(run: Path, story: Objective | None = None) -> list[Row]:
     records = read_metrics(run / METRICS_FILE)
     overrides = _overrides(run)
     status_rec = next((r for r in reversed(records) if r.get("type") == "status"), None)
@@ -76,10 +86,15 @@ def rows_for_run(run: Path) -> list[Row]:
             Row(
                 run=run, overrides=overrides, status=status, error=error, step=r.get("step"),
                 checkpoint=r.get("dir"), mean=r.get("mean"), min=r.get("min"),
-                coherence=r.get("coherence"), passed=r.get("passed"), panel=r.get("panel"),
-                scores=list(r.get("scores") or []),
+                coherence=r.get("coherence"), clip_t=r.get("clip_t"), copy_paste=r.get("copy_paste"),
+                passed=r.get("passed"), panel=r.get("panel"), scores=list(r.get("scores") or []),
             )
         )
+    story = story or Objective()
+    for row in rows:
+        if row.mean is not None:
+            row.story_objective = float(story.value(row.mean, row.coherence, row.clip_t, row.copy_paste or 0.0))
+            row.story_gate = bool(story.gate(row.mean, row.min if row.min is not None else row.mean))
     if not rows:
         rows.append(Row(run=run, overrides=overrides, status=status, error=error))
     return rows
@@ -90,16 +105,19 @@ def _num(x) -> float:
 
 
 def sort_key(row: Row, objective: str = "mean", require_pass: bool = True):
-    """Higher is better. Checkpoints that pass the gate come first (when required), then the
-    objective, then coherence, then the minimum score (the competition's weakest image)."""
+    """Higher is better. Checkpoints that pass the gate come first (when required; for ``story``
+    the Objective's gate), then the objective, then coherence, then the minimum score (the
+    competition's weakest image)."""
     if objective not in OBJECTIVES:
         raise SettingsError(f"leaderboard.objective={objective!r}: choose one of {OBJECTIVES}")
     scored = row.mean is not None
-    gate = bool(row.passed) if require_pass else True
-    return (scored, gate, _num(getattr(row, objective)), _num(row.coherence), _num(row.min))
+    gate = (bool(row.story_gate) if objective == "story" else bool(row.passed)) if require_pass else True
+    value = row.story_objective if objective == "story" else getattr(row, objective)
+    return (scored, gate, _num(value), _num(row.coherence), _num(row.min))
 
 
-def build_leaderboard(sweep_dir: str | Path, objective: str = "mean", require_pass: bool = True) -> list[Row]:
+def build_leaderboard(sweep_dir: str | Path, objective: str = "mean", require_pass: bool = True,
+                      story: Objective | None = None) -> list[Row]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise MissingFileError(f"sweep folder {sweep_dir} does not exist (give the multirun/<date>/<time> folder)")
@@ -109,7 +127,7 @@ def build_leaderboard(sweep_dir: str | Path, objective: str = "mean", require_pa
             f"{sweep_dir} holds no job folders (no */.hydra/config.yaml or */metrics.jsonl); "
             "give the folder `python train.py -m ...` printed"
         )
-    rows = [row for run in runs for row in rows_for_run(run)]
+    rows = [row for run in runs for row in rows_for_run(run, story)]
     rows.sort(key=lambda r: sort_key(r, objective, require_pass), reverse=True)
     return rows
 
@@ -118,7 +136,8 @@ def _fmt(x, nd=3) -> str:
     return "" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
 
-COLUMNS = ("rank", "run", "overrides", "checkpoint", "step", "mean", "min", "coherence", "passed", "status", "error")
+COLUMNS = ("rank", "run", "overrides", "checkpoint", "step", "mean", "min", "coherence", "clip_t", "copy_paste",
+           "story_objective", "passed", "status", "error")
 
 
 def _table(rows: list[Row], sweep_dir: Path) -> list[list[str]]:
@@ -126,7 +145,8 @@ def _table(rows: list[Row], sweep_dir: Path) -> list[list[str]]:
     for i, r in enumerate(rows, 1):
         out.append([
             str(i), str(r.run.relative_to(sweep_dir)), " ".join(r.overrides), r.checkpoint or "", _fmt(r.step),
-            _fmt(r.mean), _fmt(r.min), _fmt(r.coherence), _fmt(r.passed), r.status, (r.error or "").splitlines()[0] if r.error else "",
+            _fmt(r.mean), _fmt(r.min), _fmt(r.coherence), _fmt(r.clip_t), _fmt(r.copy_paste), _fmt(r.story_objective),
+            _fmt(r.passed), r.status, (r.error or "").splitlines()[0] if r.error else "",
         ])
     return out
 
@@ -151,8 +171,9 @@ def to_markdown(rows: list[Row], sweep_dir: Path, thumbnails: int = 5) -> str:
     return "\n".join(lines) + "\n"
 
 
-def best_record(rows: list[Row]) -> dict | None:
-    """What `generate.py` needs to render the winner: run, checkpoint, scores, exact config."""
+def best_record(rows: list[Row], ranking: dict | None = None) -> dict | None:
+    """What `generate.py` needs to render the winner: run, checkpoint, scores, exact config, and
+    ``ranked_by`` (the objective that picked it)."""
     top = next((r for r in rows if r.mean is not None), None)
     if top is None:
         return None
@@ -165,23 +186,31 @@ def best_record(rows: list[Row]) -> dict | None:
         "mean": top.mean,
         "min": top.min,
         "coherence": top.coherence,
+        "clip_t": top.clip_t,
+        "copy_paste": top.copy_paste,
+        "story_objective": top.story_objective,
         "passed": top.passed,
+        "ranked_by": ranking,
         "overrides": top.overrides,
         "config": yaml.safe_load(config_file.read_text()) if config_file.exists() else None,
     }
 
 
 def write_leaderboard(sweep_dir: str | Path, objective: str = "mean", require_pass: bool = True,
-                      out_dir: str | Path | None = None) -> dict:
+                      out_dir: str | Path | None = None, story: Objective | None = None) -> dict:
     """Write leaderboard.csv, leaderboard.md and best.yaml (into the sweep folder by default)."""
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir) if out_dir else sweep_dir
-    rows = build_leaderboard(sweep_dir, objective, require_pass)
+    story = story or Objective()
+    rows = build_leaderboard(sweep_dir, objective, require_pass, story)
     paths = {
         "csv": atomic_write_text(out_dir / "leaderboard.csv", to_csv(rows, sweep_dir)),
         "md": atomic_write_text(out_dir / "leaderboard.md", to_markdown(rows, sweep_dir)),
     }
-    best = best_record(rows)
+    ranking = {"objective": objective, "require_pass": require_pass}
+    if objective == "story":
+        ranking["story"] = story.as_dict()
+    best = best_record(rows, ranking)
     if best is not None:
         paths["best"] = atomic_write_text(out_dir / "best.yaml", yaml.safe_dump(best, sort_keys=False, allow_unicode=True))
     return {"rows": rows, "best": best, "paths": paths}
@@ -192,11 +221,13 @@ def print_leaderboard(rows: list[Row], sweep_dir: Path, top: int = 10) -> None:
     from rich.table import Table
 
     table = Table(title=f"Leaderboard {sweep_dir} (top {min(top, len(rows))} of {len(rows)})")
-    for col in ("rank", "run", "checkpoint", "mean", "min", "coherence", "passed", "status"):
-        table.add_column(col, justify="right" if col in ("rank", "mean", "min", "coherence") else "left")
+    numbers = ("mean", "min", "CLIP-I", "CLIP-T", "copy", "objective")
+    for col in ("rank", "run", "checkpoint", *numbers, "passed", "status"):
+        table.add_column(col, justify="right" if col in ("rank", *numbers) else "left")
     for cells in _table(rows[:top], sweep_dir):
-        rank, run, _, ckpt, _, mean, mn, coh, passed, status, error = cells
-        table.add_row(rank, run, ckpt, mean, mn, coh, passed, status if not error else f"{status}: {error[:60]}")
+        rank, run, _, ckpt, _, mean, mn, coh, clip_t, copy, value, passed, status, error = cells
+        table.add_row(rank, run, ckpt, mean, mn, coh, clip_t, copy, value, passed,
+                      status if not error else f"{status}: {error[:60]}")
     console = Console()
     if not console.is_terminal:  # logs and pipes: don't squeeze run names into an 80-column box
         console = Console(width=200)
@@ -244,7 +275,8 @@ def run_leaderboard(job: EvaluateConfig) -> dict:
     """The `evaluate.py sweep=<dir>` job."""
     lb = job.leaderboard
     sweep_dir = Path(str(job.sweep))
-    result = write_leaderboard(sweep_dir, objective=lb.objective, require_pass=lb.require_pass, out_dir=job.output_dir)
+    result = write_leaderboard(sweep_dir, objective=lb.objective, require_pass=lb.require_pass, out_dir=job.output_dir,
+                               story=Objective.from_settings(job.scorer))
     print_leaderboard(result["rows"], sweep_dir, top=lb.top)
     for kind, path in result["paths"].items():
         print(f"{kind}: {path}")

@@ -1,5 +1,6 @@
-"""What a story's scores add up to: the competition gate on the mean aesthetic score, and how well
-the panels hang together (coherence: mean pairwise cosine of the scorer's CLIP embeddings).
+"""What a story's scores add up to: the competition gate on the mean aesthetic score, how well the
+panels hang together (CLIP-I coherence: mean pairwise cosine of the scorer's CLIP embeddings), how
+well each shows its prompt (CLIP-T), which pairs are copies, and the story objective of them all.
 
 :func:`story_scores` is the one summary written by training checkpoints, generation and
 ``evaluate.py`` (``records.StoryScores``).
@@ -55,12 +56,40 @@ def coherence(embeddings: torch.Tensor) -> dict:
     }
 
 
-def story_scores(scores: list[float], embeddings, threshold: float = 6.0) -> StoryScores:
-    """The gate (mean/min/max, passed) and, with 2+ images, coherence + outlier of a story."""
+def story_scores(scores: list[float], embeddings, threshold: float = 6.0, *, images=None,
+                 alignment: list[float | None] | None = None, max_pixel_distance: float = 0.02,
+                 min_cosine: float = 0.97, objective=None) -> StoryScores:
+    """The gate (mean/min/max, passed), CLIP-I coherence + outlier (2+ images), CLIP-T prompt
+    alignment (when given), copy-paste pairs (when the images are given) and the story objective."""
+    from kolors_story.evaluate.duplicates import copy_paste_share, cosine_matrix, duplicate_pairs, thumbnails
+    from kolors_story.evaluate.selection import Objective
+
     summary = summarize_scores(scores, threshold)
-    if len(summary["scores"]) >= 2:
+    n = len(summary["scores"])
+    if n >= 2:
         coh = coherence(embeddings)
     else:
-        coh = {"coherence": None, "outlier": None, "similarity_to_others": [None] * len(summary["scores"])}
+        coh = {"coherence": None, "outlier": None, "similarity_to_others": [None] * n}
+    pairs = []
+    if images is not None and n >= 2:
+        pairs = duplicate_pairs(thumbnails(images), cosine_matrix(embeddings), max_pixel_distance=max_pixel_distance,
+                                min_cosine=min_cosine)
+    known = [v for v in (alignment or []) if v is not None]
+    clip_t = sum(known) / len(known) if known else None
+    copy = copy_paste_share(n, pairs)
+    value = float((objective or Objective(threshold=threshold)).value(summary["mean"], coh["coherence"], clip_t, copy))
     return StoryScores(**summary, coherence=coh["coherence"], outlier=coh["outlier"],
-                       similarity_to_others=coh["similarity_to_others"])
+                       similarity_to_others=coh["similarity_to_others"], alignment=alignment, clip_t=clip_t,
+                       duplicate_pairs=pairs, copy_paste=copy, story_objective=value)
+
+
+def score_story(scorer, aligner, images: list, texts: list[str] | None, settings) -> StoryScores:
+    """Score a story's panels with the aesthetic predictor (and CLIP-T when an aligner and the
+    prompts are given): the one summary every stage writes. ``settings``: the scorer settings."""
+    from kolors_story.evaluate.selection import Objective
+
+    scores, embeddings = scorer.score_and_embed(images)
+    alignment = aligner.alignment(images, texts) if (aligner is not None and texts) else None
+    return story_scores(scores, embeddings, settings.threshold, images=images, alignment=alignment,
+                        max_pixel_distance=settings.duplicate_pixels, min_cosine=settings.duplicate_cosine,
+                        objective=Objective.from_settings(settings))

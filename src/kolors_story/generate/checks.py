@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kolors_story.errors import OutputExistsError
+from kolors_story.evaluate.alignment import check_clip_folder
 from kolors_story.evaluate.scorer import check_scorer_folder
 from kolors_story.generate.loras import LoraSpec, lora_specs
 from kolors_story.generate.memory import memory_modes
@@ -16,6 +17,7 @@ from kolors_story.generate.sampler import (
     check_size_for,
     warn_if_guidance_off,
 )
+from kolors_story.generate.selection import check_select
 from kolors_story.generate.submission import bundle_name
 from kolors_story.lora.files import read_lora
 from kolors_story.lora.keys import arch_index, check_shapes
@@ -27,6 +29,12 @@ from kolors_story.story import story_scenes
 
 def wants_scores(job: GenerateConfig) -> bool:
     return job.score or bool(job.submit.team and job.submit.score)
+
+
+def wants_alignment(job: GenerateConfig, reproducing: bool = False) -> bool:
+    """CLIP-T is computed when the story is scored, or when best-of chooses the 8 panels together."""
+    choosing_story = job.sampler.best_of.n > 1 and job.sampler.best_of.select == "story" and not reproducing
+    return bool(job.scorer.alignment) and (wants_scores(job) or choosing_story)
 
 
 def check_output(job: GenerateConfig, out_dir: Path) -> None:
@@ -49,6 +57,7 @@ def check_generate(job: GenerateConfig, out_dir: Path, loras: list[LoraSpec] | N
     LoRA files to stack (each already read and fitted to this model's UNet). A reproduction picks
     its best-of candidates from the record, so it needs no scorer."""
     check_sampler(job.sampler)
+    check_select(job.sampler.best_of)
     memory_modes(job.memory)
     story_scenes(job.story, job.sampler)
     configs = model_configs(job.model)  # the model folder is complete (the tiny one is built)
@@ -60,5 +69,7 @@ def check_generate(job: GenerateConfig, out_dir: Path, loras: list[LoraSpec] | N
         check_shapes(read_lora(spec.path, unet_config=configs["unet"]).state_dict, index, str(spec.path))
     if (wants_scores(job) or (job.sampler.best_of.n > 1 and not reproducing)) and job.scorer.tiny is None:
         check_scorer_folder(job.scorer.path)
+    if wants_alignment(job, reproducing) and job.scorer.tiny is None:
+        check_clip_folder(job.scorer.clip_path)
     check_output(job, out_dir)
     return specs

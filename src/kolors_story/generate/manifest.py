@@ -64,12 +64,15 @@ def hires_record(job: GenerateConfig, render: StoryRender) -> dict | None:
             "pipeline": "KolorsImg2ImgPipeline (same components)"}
 
 
+SELECTED_BY = {"scene": "aesthetic score", "story": "story objective"}
+
+
 def best_of_record(job: GenerateConfig, render: StoryRender, reproduced: bool) -> dict | None:
     b = job.sampler.best_of
     if b.n <= 1:
         return None
     return {"n": b.n, "seed_stride": b.seed_stride,
-            "selected_by": "recorded choice (reproduction)" if reproduced else "aesthetic score",
+            "selected_by": "recorded choice (reproduction)" if reproduced else SELECTED_BY[b.select],
             "chosen": render.chosen}
 
 
@@ -110,7 +113,7 @@ def scene_records(scenes: list[Scene], render: StoryRender, images: list[Path]) 
 
 def build_manifest(job: GenerateConfig, *, scenes: list[Scene], render: StoryRender, model: ModelInfo,
                    loras: list[LoraRecord], scheduler, memory: dict, images: list[Path], panel: Path,
-                   scores: dict | None, source: dict | None, overrides: list[str], reproduced: bool) -> Manifest:
+                   candidates_panel: Path | None, scores: dict | None, source: dict | None, overrides: list[str], reproduced: bool) -> Manifest:
     config = OmegaConf.to_container(OmegaConf.structured(job))
     return Manifest(
         format=MANIFEST_FORMAT,
@@ -125,6 +128,8 @@ def build_manifest(job: GenerateConfig, *, scenes: list[Scene], render: StoryRen
         sampler=sampler_record(job, render, scheduler),
         hires=hires_record(job, render),
         best_of=best_of_record(job, render, reproduced),
+        selection=render.selection,
+        candidates_panel=candidates_panel.name if candidates_panel else None,
         memory=memory,
         story={"title": job.story.title, "language": job.story.language, "trigger": job.story.trigger},
         scenes=scene_records(scenes, render, images),

@@ -63,3 +63,37 @@ def save_panel(images, path: str | Path, captions=None, **kw) -> Path:
     path = Path(path)
     atomic_save_image(make_panel(images, captions, **kw), path)
     return path
+
+
+FRAME = (220, 30, 30)  # the chosen candidate's frame
+
+
+def make_candidates_grid(grid: list[list[Image.Image]], chosen: list[int], candidates: list[list[dict]] | None = None,
+                         tile: int = 192) -> Image.Image:
+    """Best-of candidates: one column per scene, one row per candidate, the kept one framed in red;
+    each tile is labelled ``<scene>/<candidate>`` and its aesthetic score (and CLIP-T) when known."""
+    scenes, n = len(grid), len(grid[0])
+    font, _ = _font(max(11, tile // 14))
+    cap_h, border = max(16, tile // 10), max(3, tile // 40)
+    sheet = Image.new("RGB", (scenes * tile, n * (tile + cap_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for s, column in enumerate(grid):
+        for k, img in enumerate(column):
+            x, y = s * tile, k * (tile + cap_h)
+            sheet.paste(img.convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS), (x, y))
+            label = f"{s + 1}/{k + 1}"
+            info = candidates[s][k] if candidates else {}
+            if info.get("score") is not None:
+                label += f"  {info['score']:.2f}"
+            if info.get("clip_t") is not None:
+                label += f"  T{info['clip_t']:.2f}"
+            draw.text((x + 4, y + tile + 1), label, fill="black", font=font)
+            if k == chosen[s]:
+                draw.rectangle((x, y, x + tile - 1, y + tile + cap_h - 1), outline=FRAME, width=border)
+    return sheet
+
+
+def save_candidates_grid(grid, chosen, path: str | Path, candidates=None) -> Path:
+    path = Path(path)
+    atomic_save_image(make_candidates_grid(grid, chosen, candidates), path)
+    return path

@@ -1,5 +1,5 @@
 """Rendering a story: the scenes denoised in batches from precomputed prompt embeddings, each
-from its own seed, optionally refined (two-stage hires) and chosen best-of-N by aesthetic score.
+from its own seed, optionally refined (two-stage hires), best-of-N candidates chosen by a picker.
 
 Each scene draws its noise from its own CPU generator, so the images do not depend on how the
 scenes are batched, and a reproduction re-renders the same batches.
@@ -216,18 +216,21 @@ class StoryRender:
 
     images: list[Image.Image]
     seeds: list[int]  # seed of the kept image of each scene
-    candidates: list[list[dict]] | None = None  # best-of: per scene [{candidate, seed, score}]
+    candidates: list[list[dict]] | None = None  # best-of: per scene [{candidate, seed, score[, clip_t]}]
     chosen: list[int] | None = None  # best-of: kept candidate index per scene
     scores: list[float] | None = None  # aesthetic score of each kept image, when computed
     size: tuple[int, int] = (0, 0)  # final (height, width)
     seconds: float = 0.0
     retries: list[dict] = field(default_factory=list)  # batches rendered in halves after running out of memory
+    candidate_images: list[list[Image.Image]] | None = None  # best-of: every candidate, [scene][candidate]
+    selection: dict | None = None  # best-of: how the candidates were chosen (generate.selection)
 
 
 def generate_story(pipe, scenes: list[Scene], embeds: dict[str, torch.Tensor], settings: SamplerSettings, *,
-                   scorer=None, choices: list[int] | None = None, progress: bool = True) -> StoryRender:
+                   picker=None, choices: list[int] | None = None, progress: bool = True) -> StoryRender:
     """Render every scene; with ``settings.best_of.n > 1`` render N candidates per scene and keep the
-    best-scoring one (or the recorded ``choices``, when reproducing: then no scorer is needed)."""
+    ones ``picker`` chooses (``generate.selection``), or the recorded ``choices`` when reproducing:
+    then only the batches holding a kept candidate are rendered, and no picker is needed."""
     t0 = time.perf_counter()
     check_size(pipe, settings)
     n, stride = settings.best_of.n, settings.best_of.seed_stride
@@ -238,28 +241,24 @@ def generate_story(pipe, scenes: list[Scene], embeds: dict[str, torch.Tensor], s
         if len(choices) != len(scenes) or any(not 0 <= int(c) < n for c in choices):
             raise ValueError(f"recorded best-of choices {choices} do not fit {len(scenes)} scenes x {n} candidates")
         keep = [int(choices[j.scene]) == j.candidate for j in jobs]
-    elif n > 1 and scorer is None:
-        raise ValueError("sampler.best_of.n > 1 needs the aesthetic scorer (scorer group) to pick the best candidate")
+    elif n > 1 and picker is None:
+        raise ValueError("sampler.best_of.n > 1 needs the aesthetic scorer (scorer group) to pick the candidates")
     retries: list[dict] = []
     rendered = render_jobs(pipe, jobs, embeds, settings, labels=labels, keep=keep, progress=progress, retries=retries)
     size = final_size(pipe, settings)
     if n == 1:
         return StoryRender(images=list(rendered), seeds=[s.seed for s in scenes], size=size,
                            seconds=time.perf_counter() - t0, retries=retries)
-    by_scene: list[list[tuple[Job, Image.Image | None]]] = [[] for _ in scenes]
-    for job, image in zip(jobs, rendered):
-        by_scene[job.scene].append((job, image))
+    grid = [[rendered[k * len(scenes) + pos] for k in range(n)] for pos in range(len(scenes))]
+    seeds = [[s.seed + k * stride for k in range(n)] for s in scenes]
     if choices is None:
-        scores = scorer.score(list(rendered))
-        score_of = {id(job): float(sc) for job, sc in zip(jobs, scores)}
-        chosen = [max(range(n), key=lambda k, c=cands: (score_of[id(c[k][0])], -k)) for cands in by_scene]
+        picked = picker(grid, seeds)
+        chosen, candidates, selection = picked.chosen, picked.candidates, picked.record
+        scores = [candidates[pos][k]["score"] for pos, k in enumerate(chosen)]
     else:
-        score_of, chosen = {}, [int(c) for c in choices]
-    candidates = [
-        [{"candidate": j.candidate, "seed": j.seed, "score": score_of.get(id(j))} for j, _ in cands] for cands in by_scene
-    ]
-    images = [cands[k][1] for cands, k in zip(by_scene, chosen)]
-    scores = [score_of[id(cands[k][0])] for cands, k in zip(by_scene, chosen)] if score_of else None
-    return StoryRender(images=images, seeds=[cands[k][0].seed for cands, k in zip(by_scene, chosen)],
-                       candidates=candidates, chosen=chosen, scores=scores, size=size,
-                       seconds=time.perf_counter() - t0, retries=retries)
+        chosen, selection, scores = [int(c) for c in choices], None, None
+        candidates = [[{"candidate": k, "seed": seed, "score": None} for k, seed in enumerate(row)] for row in seeds]
+    return StoryRender(images=[grid[pos][k] for pos, k in enumerate(chosen)],
+                       seeds=[seeds[pos][k] for pos, k in enumerate(chosen)], candidates=candidates, chosen=chosen,
+                       scores=scores, size=size, seconds=time.perf_counter() - t0, retries=retries,
+                       candidate_images=grid if choices is None else None, selection=selection)

@@ -12,10 +12,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kolors_story.evaluate.alignment import PromptAligner
 from kolors_story.evaluate.scorer import AestheticScorer
-from kolors_story.evaluate.summary import story_scores
+from kolors_story.evaluate.summary import score_story
 from kolors_story.files import atomic_write_json, publish_files
-from kolors_story.generate.checks import check_generate, wants_scores
+from kolors_story.generate.checks import check_generate, wants_alignment, wants_scores
 from kolors_story.generate.loras import LoraSpec, load_loras
 from kolors_story.generate.manifest import ModelInfo, build_manifest, png_fields
 from kolors_story.generate.memory import (
@@ -30,9 +31,11 @@ from kolors_story.generate.outputs import (
     save_story,
     write_prompts_csv,
 )
+from kolors_story.generate.panel import save_candidates_grid
 from kolors_story.generate.render import StoryRender, generate_story
 from kolors_story.generate.sampler import check_sampler
 from kolors_story.generate.schedulers import build_scheduler
+from kolors_story.generate.selection import picker_for
 from kolors_story.models.loading import (
     ensure_model,
     is_tiny,
@@ -42,6 +45,7 @@ from kolors_story.models.loading import (
 )
 from kolors_story.models.prompts import encode_scenes
 from kolors_story.records import (
+    CANDIDATES_FILE,
     MANIFEST_FILE,
     PROMPTS_FILE,
     SCORES_FILE,
@@ -82,18 +86,18 @@ def _load(job: GenerateConfig, loras: list[LoraSpec]):
     return pipe, info, memory_record
 
 
-def _score(job: GenerateConfig, scorer: AestheticScorer, render: StoryRender, tiny: bool) -> StoryScores:
-    scores, embeddings = scorer.score_and_embed(render.images)
-    render.scores = [float(s) for s in scores]
-    summary = story_scores(render.scores, embeddings, job.scorer.threshold)
+def _score(job: GenerateConfig, scorer: AestheticScorer, aligner: PromptAligner | None, render: StoryRender,
+           scenes: list[Scene], tiny: bool) -> StoryScores:
+    summary = score_story(scorer, aligner, render.images, [s.prompt_en for s in scenes], job.scorer)
+    render.scores = list(summary["scores"])
     if tiny:
         summary["note"] = f"scored by a {TINY_NOTE}" if job.scorer.tiny is not None else TINY_NOTE
     return summary
 
 
 def _write_outputs(job: GenerateConfig, folder: Path, scenes: list[Scene], render: StoryRender, info: ModelInfo,
-                   loras: list[LoraSpec], summary: StoryScores | None) -> tuple[list[Path], Path]:
-    """Images with their PNG text, panel, prompts.csv and scores.json into ``folder``."""
+                   loras: list[LoraSpec], summary: StoryScores | None) -> tuple[list[Path], Path, Path | None]:
+    """Images with their PNG text, panel, candidates grid (best-of), prompts.csv and scores.json into ``folder``."""
     records = [lo.as_record() for lo in loras]
     title = panel_title(job.story.title, job.model.name, info.tiny, records)
     pnginfo = [png_metadata(f) for f in png_fields(job, scenes, render, info, records)]
@@ -102,7 +106,10 @@ def _write_outputs(job: GenerateConfig, folder: Path, scenes: list[Scene], rende
     images = [Path(p) for p in written["images"]]
     if summary is not None:
         atomic_write_json(folder / SCORES_FILE, {**summary, "images": [p.name for p in images]})
-    return images, Path(written["panel"])
+    grid = None
+    if render.candidate_images:
+        grid = save_candidates_grid(render.candidate_images, render.chosen, folder / CANDIDATES_FILE, render.candidates)
+    return images, Path(written["panel"]), grid
 
 
 def generate(job: GenerateConfig, *, out_dir: str | Path | None = None, loras: list[LoraSpec] | None = None,
@@ -121,23 +128,25 @@ def generate(job: GenerateConfig, *, out_dir: str | Path | None = None, loras: l
     scenes = story_scenes(job.story, job.sampler)
     picking = job.sampler.best_of.n > 1 and choices is None
     scorer = AestheticScorer.from_settings(job.scorer) if (wants_scores(job) or picking) else None
+    aligner = PromptAligner.from_settings(job.scorer) if wants_alignment(job, reproducing=choices is not None) else None
+    picker = picker_for(job.sampler.best_of, scorer, aligner, [s.prompt_en for s in scenes], job.scorer) if picking else None
     # 2. The pipeline, with sampler, LoRAs and memory modes.
     pipe, info, memory_record = _load(job, loras)
     # 3. The prompts, encoded once; the text encoder may go afterwards.
     embeds = encode_scenes(pipe, scenes, device=run_device(pipe))
     memory_record["text_encoder_released_bytes"] = after_prompt_encoding(pipe, job.memory)
-    # 4. The images (best-of: by score, or the recorded picks).
-    render = generate_story(pipe, scenes, embeds, job.sampler, scorer=scorer, choices=choices, progress=progress)
+    # 4. The images (best-of: chosen per scene or as a story, or the recorded picks).
+    render = generate_story(pipe, scenes, embeds, job.sampler, picker=picker, choices=choices, progress=progress)
     memory_record["oom_retries"] = render.retries  # batches rendered in halves after running out of memory
-    summary = _score(job, scorer, render, info.tiny) if wants_scores(job) else None
+    summary = _score(job, scorer, aligner, render, scenes, info.tiny) if wants_scores(job) else None
     # 5. Files, staged in a hidden folder of out_dir, then published as one unit with the manifest last.
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".story-", dir=out_dir) as tmp:
         staging = Path(tmp)
-        images, panel = _write_outputs(job, staging, scenes, render, info, loras, summary)
+        images, panel, grid = _write_outputs(job, staging, scenes, render, info, loras, summary)
         manifest = build_manifest(job, scenes=scenes, render=render, model=info, loras=[lo.as_record() for lo in loras],
                                   scheduler=pipe.scheduler, memory=memory_record, images=images, panel=panel,
-                                  scores=summary, source=source, overrides=overrides or [],
+                                  candidates_panel=grid, scores=summary, source=source, overrides=overrides or [],
                                   reproduced=choices is not None)
         atomic_write_json(staging / MANIFEST_FILE, manifest)
         publish_files(staging, out_dir, last=MANIFEST_FILE, replace=story_files(out_dir))

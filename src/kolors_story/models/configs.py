@@ -152,6 +152,20 @@ REAL_PREPROCESSOR_SETTINGS = {
 }
 
 
+# OpenAI CLIP ViT-L/14 with both towers (openai/clip-vit-large-patch14's config.json): the image
+# side is the tower inside the aesthetic predictor; the text side scores prompt alignment (CLIP-T).
+REAL_CLIP_CONFIG = {
+    "architectures": ["CLIPModel"],
+    "model_type": "clip",
+    "projection_dim": 768,
+    "logit_scale_init_value": 2.6592,
+    "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+                    "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": 768, "hidden_act": "quick_gelu"},
+    "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
+                      "image_size": 224, "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu"},
+}
+
+
 # ------------------------------------------------------------------------------------- tiny
 
 TINY_TEXT_HIDDEN = 32
@@ -210,6 +224,17 @@ TINY_PREDICTOR_OVERRIDES = {
 def tiny_predictor_config() -> dict:
     cfg = dict(REAL_PREDICTOR_CONFIG)
     cfg.update(TINY_PREDICTOR_OVERRIDES)
+    return cfg
+
+
+def tiny_clip_config() -> dict:
+    """CLIP with both towers at 32-d, 2 layers, the real vocabulary and 224² / 14 patches."""
+    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in REAL_CLIP_CONFIG.items()}
+    cfg["projection_dim"] = 16
+    cfg["text_config"].update(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                              projection_dim=16)
+    cfg["vision_config"].update(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                projection_dim=16)
     return cfg
 
 

@@ -1,6 +1,6 @@
 """Fetch the real weights from ModelScope into the folders the configs expect.
 
-    python -m kolors_story.download                 # Kolors + fp16-fix VAE + aesthetic scorer
+    python -m kolors_story.download                 # Kolors + fp16-fix VAE + aesthetic scorer + CLIP
     python -m kolors_story.download kolors --dir /data/models
 """
 
@@ -33,6 +33,8 @@ WEIGHTS = {
             "aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE",
             "the competition's aesthetic score (scorer.path)",
         ),
+        Weights("clip", "AI-ModelScope/clip-vit-large-patch14", "clip-vit-large-patch14",
+                "prompt alignment of each panel, CLIP-T (scorer.clip_path)"),
     )
 }
 

@@ -25,6 +25,7 @@ from kolors_story.models.configs import (
     bench_text_encoder_config,
     bench_unet_config,
     bench_vae_config,
+    tiny_clip_config,
     tiny_predictor_config,
     tiny_text_encoder_config,
     tiny_unet_config,
@@ -245,6 +246,27 @@ def ensure_tiny_scorer(folder: str | Path, seed: int = 0) -> Path:
         )
 
     return build_stamped_folder(folder, {"version": TINY_SCORER_VERSION, "seed": int(seed)}, TINY_SCORER_STAMP, write)
+
+
+def build_clip(config: dict, seed: int = 0):
+    """A randomly initialised ``CLIPModel`` (both towers) of ``config``, deterministic for ``seed``."""
+    from transformers import CLIPConfig, CLIPModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(**{k: v for k, v in config.items() if k != "architectures"}))
+    return model.eval()
+
+
+def ensure_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """The tiny CLIP (both towers) in the real folder layout of openai/clip-vit-large-patch14."""
+
+    def write(tmp: Path) -> None:
+        build_clip(tiny_clip_config(), seed).save_pretrained(tmp)
+        build_clip_processor().save_pretrained(tmp)
+        (tmp / "TINY_CLIP.txt").write_text("Tiny randomly initialised CLIP (kolors-story): plumbing only.\n")
+
+    return build_stamped_folder(folder, {"version": TINY_SCORER_VERSION, "seed": int(seed)}, "TINY_CLIP.json", write)
 
 
 def is_tiny_scorer(folder: str | Path) -> bool:

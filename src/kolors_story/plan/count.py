@@ -73,7 +73,7 @@ def build_on(device: str, make: Callable[[], torch.nn.Module], dtype: torch.dtyp
 
 @lru_cache(maxsize=16)
 def meta_model(kind: str, config_json: str, dtype: str) -> torch.nn.Module:
-    """``unet``, ``vae``, ``text_encoder`` or ``scorer`` of a config, on the meta device (cached)."""
+    """``unet``, ``vae``, ``text_encoder``, ``scorer`` or ``clip`` of a config, on the meta device (cached)."""
     config = json.loads(config_json)
     if kind == "unet":
         from diffusers import UNet2DConditionModel
@@ -88,6 +88,10 @@ def meta_model(kind: str, config_json: str, dtype: str) -> torch.nn.Module:
         from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
 
         make = lambda: ChatGLMModel(ChatGLMConfig(**config), empty_init=False)  # noqa: E731
+    elif kind == "clip":
+        from transformers import CLIPConfig, CLIPModel
+
+        make = lambda: CLIPModel(CLIPConfig(**{k: v for k, v in config.items() if k != "architectures"}))  # noqa: E731
     elif kind == "scorer":
         from aesthetics_predictor import AestheticsPredictorV2Linear
         from transformers import CLIPVisionConfig

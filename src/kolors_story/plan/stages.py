@@ -53,6 +53,7 @@ class Sizes:
     text_encoder: str
     scorer: str
     dtype: str
+    clip: str | None = None  # CLIP with its text tower, when prompt alignment (CLIP-T) is scored
 
     @property
     def decode_dtype(self) -> str:
@@ -66,8 +67,11 @@ class Sizes:
         return 2 ** levels
 
     def weights(self, kind: str, sequential: bool = False) -> int:
+        if kind == "clip" and self.clip is None:
+            return 0
         config, dtype = {"unet": (self.unet, self.dtype), "vae": (self.vae, self.dtype),
-                         "text_encoder": (self.text_encoder, self.dtype), "scorer": (self.scorer, "float32")}[kind]
+                         "text_encoder": (self.text_encoder, self.dtype), "scorer": (self.scorer, "float32"),
+                         "clip": (self.clip, "float32")}[kind]
         if sequential:
             return count.largest_module_bytes(kind, config, dtype)
         return count.param_bytes(kind, config, dtype)
@@ -100,8 +104,16 @@ def planning_sizes(model: ModelSettings, scorer: ScorerSettings) -> Sizes:
     if scorer_cfg is None:
         scorer_cfg = tiny_predictor_config() if scorer.tiny is not None else real.REAL_PREDICTOR_CONFIG
     scorer_cfg = {k: v for k, v in scorer_cfg.items() if not k.startswith("_") and k not in ("transformers_version",)}
+    clip = None
+    if scorer.alignment:
+        from kolors_story.models.configs import tiny_clip_config
+
+        clip = _read(Path(str(scorer.clip_path)).expanduser().parent, Path(str(scorer.clip_path)).name)
+        clip = clip or (tiny_clip_config() if scorer.tiny is not None else real.REAL_CLIP_CONFIG)
+        clip = {k: v for k, v in clip.items() if k in ("projection_dim", "logit_scale_init_value", "text_config",
+                                                       "vision_config")}
     return Sizes(count.key(unet), count.key(vae or real.SDXL_VAE_CONFIG), count.key(text), count.key(scorer_cfg),
-                 str(model.dtype))
+                 str(model.dtype), count.key(clip) if clip else None)
 
 
 def _lora_bytes(paths) -> int:
@@ -118,9 +130,11 @@ def generate_stages(sizes: Sizes, job: GenerateConfig, lora_files=()) -> list[St
     b = min(s.batch_size, n_scenes * s.best_of.n)
     cfg_batch = 2 * b if s.cfg > 1 else b
     seq = m.offload == "sequential"
-    scoring = job.score or bool(job.submit.team and job.submit.score) or s.best_of.n > 1
+    final_scores = job.score or bool(job.submit.team and job.submit.score)
+    scoring = final_scores or s.best_of.n > 1
+    aligning = final_scores or (s.best_of.n > 1 and s.best_of.select == "story")  # CLIP-T (generate.checks)
     scorer_here = scoring and str(job.scorer.device).split(":")[0] == str(job.model.device).split(":")[0]
-    scorer_w = sizes.weights("scorer") if scorer_here else 0
+    scorer_w = (sizes.weights("scorer") + sizes.weights("clip") * aligning) if scorer_here else 0
     unet_w = sizes.weights("unet", seq) + _lora_bytes(lora_files)
 
     def resident(active: str, te_gone: bool) -> int:
@@ -168,7 +182,7 @@ def train_stages(sizes: Sizes, job: TrainConfig) -> list[Stage]:
     targets = tuple(job.lora.target_modules)
     lora = count.lora_params(sizes.unet, job.lora.rank, targets)
     unet_w = sizes.weights("unet")
-    beside = (sizes.weights("vae") + sizes.weights("scorer")) if job.validate else 0  # VAE + scorer stay loaded
+    beside = (sizes.weights("vae") + sizes.weights("scorer") + sizes.weights("clip")) if job.validate else 0  # stay loaded
     cache_b = job.cache.batch_size
     stages = [
         Stage("cache: prompt embeddings", sizes.weights("text_encoder"),
@@ -195,5 +209,5 @@ def train_stages(sizes: Sizes, job: TrainConfig) -> list[Stage]:
 
 
 def evaluate_stages(sizes: Sizes, job: EvaluateConfig) -> list[Stage]:
-    return [Stage("score", sizes.weights("scorer"), count.score_batch(sizes.scorer, job.scorer.batch_size),
+    return [Stage("score", sizes.weights("scorer") + sizes.weights("clip"), count.score_batch(sizes.scorer, job.scorer.batch_size),
                   {"batch_size": job.scorer.batch_size})]

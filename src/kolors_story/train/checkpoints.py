@@ -54,12 +54,15 @@ def checkpoint_record(step: int, epoch: int, rel: str, files: dict, story: dict 
                       validation_error: str | None) -> CheckpointRecord:
     """The ``checkpoint`` line of metrics.jsonl (paths relative to the run folder)."""
     record = CheckpointRecord(step=step, epoch=epoch, dir=rel, scores=None, mean=None, min=None, passed=None,
-                              coherence=None, panel=None, images=[],
+                              coherence=None, clip_t=None, copy_paste=None, story_objective=None, panel=None,
+                              images=[],
                               files={fmt: f"{rel}/{Path(p).name}" for fmt, p in files.items()},
                               trainer_state=f"{rel}/{TRAINER_STATE}")
     if story is not None:
         record.update(scores=story["scores"], mean=story["mean"], min=story["min"], passed=story["passed"],
-                      coherence=story["coherence"], outlier=story["outlier"], panel=f"{rel}/{story['panel']}",
+                      coherence=story["coherence"], outlier=story["outlier"], clip_t=story["clip_t"],
+                      copy_paste=story["copy_paste"], story_objective=story["story_objective"],
+                      panel=f"{rel}/{story['panel']}",
                       images=[f"{rel}/{p}" for p in story["images"]])
     if interrupted:
         record["interrupted"] = True
@@ -167,7 +170,9 @@ class CheckpointCallback(L.Callback):
             if story is not None:
                 verdict = "PASS" if story["passed"] else "below the gate"
                 print(f"checkpoint {rel}: aesthetic mean {story['mean']:.3f} (min {story['min']:.3f}, "
-                      f"{verdict}), coherence {story['coherence']:.3f}")
+                      f"{verdict}), CLIP-I {story['coherence']:.3f}"
+                      + ("" if story["clip_t"] is None else f", CLIP-T {story['clip_t']:.3f}")
+                      + f", copy-paste {story['copy_paste']:.2f}")
         self.last_saved = step
         if not interrupted and trainer.world_size > 1:
             trainer.strategy.barrier("kolors_story.checkpoint")

@@ -10,6 +10,7 @@ from kolors_story.data.crop import CROP_POLICIES, target_size
 from kolors_story.data.filtering import recipe_ops
 from kolors_story.data.preflight import POLICIES
 from kolors_story.errors import SettingsError, TrainingError
+from kolors_story.evaluate.alignment import check_clip_folder
 from kolors_story.evaluate.scorer import check_scorer_folder
 from kolors_story.generate.sampler import (
     check_sampler,
@@ -93,4 +94,6 @@ def check_train(job: TrainConfig) -> None:
         warn_if_guidance_off(job.sampler)
         if job.scorer.tiny is None:
             check_scorer_folder(job.scorer.path)
+            if job.scorer.alignment:
+                check_clip_folder(job.scorer.clip_path)
     story_scenes(job.story, job.sampler)

@@ -3,7 +3,7 @@
 The story's 8 prompts were encoded once by the cache stage (the text encoder is not resident
 while training); each checkpoint denoises the same scenes with the same seeds (``sampler`` group,
 ``validation`` preset: fewer steps than the final render), writes ``1.png``..``8.png`` + the panel,
-and scores them with the competition's aesthetic predictor.
+and scores them with the competition's aesthetic predictor (plus CLIP-T against the English prompts).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from kolors_story.evaluate.alignment import PromptAligner
 from kolors_story.evaluate.scorer import AestheticScorer
-from kolors_story.evaluate.summary import story_scores
+from kolors_story.evaluate.summary import score_story
 from kolors_story.files import atomic_write_json
 from kolors_story.generate.outputs import save_story
 from kolors_story.generate.render import render_scenes
@@ -41,6 +42,7 @@ class StoryValidator:
         self.scorer_settings = scorer
         self.title = title
         self._scorer = None
+        self._aligner = None
         # The sampler the final render will use (the training schedule is not touched).
         pipe.scheduler = build_scheduler(sampler.scheduler, pipe.scheduler.config, **sampler.scheduler_kwargs)
 
@@ -49,6 +51,12 @@ class StoryValidator:
         if self._scorer is None:  # loaded at the first checkpoint (or earlier by the caller), then kept
             self._scorer = AestheticScorer.from_settings(self.scorer_settings)
         return self._scorer
+
+    @property
+    def aligner(self) -> PromptAligner | None:
+        if self._aligner is None and self.scorer_settings.alignment and any(s.prompt_en for s in self.scenes):
+            self._aligner = PromptAligner.from_settings(self.scorer_settings)
+        return self._aligner
 
     def render(self):
         unet = self.pipe.unet
@@ -75,12 +83,12 @@ class StoryValidator:
         out_dir = Path(out_dir)
         images = self.render()
         saved = save_story(images, self.scenes, out_dir, title=f"{self.title} | step {step}")
-        scores, embeddings = self.scorer.score_and_embed(images)
-        summary = story_scores(scores, embeddings, self.scorer_settings.threshold)
+        summary = score_story(self.scorer, self.aligner, images, [s.prompt_en for s in self.scenes],
+                              self.scorer_settings)
         result = CheckpointScores(
             step=int(step), **summary,
             scenes=[{"index": sc.index, "seed": sc.seed, "description": sc.description, "prompt": sc.prompt,
-                     "score": float(score), "image": Path(p).name}
+                     "prompt_en": sc.prompt_en, "score": float(score), "image": Path(p).name}
                     for sc, score, p in zip(self.scenes, summary["scores"], saved["images"])],
             sampler={k: getattr(self.sampler, k) for k in ("scheduler", "steps", "cfg", "height", "width")},
             tiny_scorer=bool(self.scorer.tiny),

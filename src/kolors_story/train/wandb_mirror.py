@@ -94,8 +94,9 @@ class WandbMirror:
                 "val/min": record["min"],
                 "val/passed": int(bool(record["passed"])),
             }
-            if record.get("coherence") is not None:
-                data["val/coherence"] = record["coherence"]
+            for key in ("coherence", "clip_t", "copy_paste", "story_objective"):
+                if record.get(key) is not None:
+                    data[f"val/{key}"] = record[key]
             if record.get("panel"):
                 data["val/panel"] = wandb.Image(str(run_dir / record["panel"]),
                                                 caption=f"step {step}: mean {record['mean']:.3f}")
