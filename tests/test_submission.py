@@ -66,6 +66,8 @@ def test_model_card_describes_style_trigger_base_model_training_and_scores(made)
     assert "| `lora.safetensors` | diffusers | 4 | 4.0 | 1.0 |" in card  # rank/alpha read from the file
     assert "lr: 0.0001" in card and "name: demo" in card  # training config from the LoRA metadata
     assert f"{scores['mean']:.4f}" in card and "FAIL" in card
+    assert f"(CLIP-T, mean cosine of each image with its English prompt) {scores['clip_t']:.4f}" in card
+    assert f"story objective {scores['story_objective']:.4f}" in card
     assert "![story panel](panel.png)" in card
     assert "lora_rank=4, lora_alpha=4.0" in card  # how to load the DiffSynth file
     assert "python generate.py reproduce=." in card

@@ -66,6 +66,11 @@ def _scores_section(scores: StoryScores | None) -> list[str]:
     if scores.get("coherence") is not None:
         lines.append(f"Story coherence (mean pairwise CLIP cosine) {scores['coherence']:.4f}; "
                      f"most out-of-style scene: {scores.get('outlier')}.")
+    if scores.get("clip_t") is not None:
+        lines.append(f"Prompt alignment (CLIP-T, mean cosine of each image with its English prompt) {scores['clip_t']:.4f}.")
+    if scores.get("story_objective") is not None:
+        lines.append(f"Copy-paste: {len(scores.get('duplicate_pairs') or [])} near-duplicate pair(s) "
+                     f"(share {scores['copy_paste']:.2f}); story objective {scores['story_objective']:.4f}.")
     if scores.get("note"):
         lines.append(f"Note: {scores['note']}.")
     return lines
@@ -84,7 +89,9 @@ def _story_section(manifest: Manifest) -> list[str]:
         gen.append(f"two-stage hires from {h['stage1_size'][1]}x{h['stage1_size'][0]} ({h['upscaler']} upscale, "
                    f"img2img strength {h['strength']}, {h['steps']} steps)")
     if manifest.get("best_of"):
-        gen.append(f"best of {manifest['best_of']['n']} seeds per scene by aesthetic score")
+        by = manifest["best_of"].get("selected_by", "aesthetic score")
+        how = "the 8 chosen together by the story objective" if by == "story objective" else f"per scene by {by}"
+        gen.append(f"best of {manifest['best_of']['n']} seeds per scene, {how}")
     return lines + ["", "## Generation settings", "", "- " + ", ".join(gen),
                     "- Full resolved config: `config.yaml`; per-image settings are also in each PNG's text chunks."]
 
