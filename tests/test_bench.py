@@ -55,6 +55,8 @@ def test_quick_bench_cli_writes_every_section(tmp_path, tiny_model_dir):
     assert [c["name"].split(":")[0] for c in sel["comparisons"][:3]] == [f"story search N={n}" for n in (2, 3, 4)]
     assert all(sel["search"][f"n{n}"]["objective_gain_over_per_scene"] >= 0 for n in (2, 3, 4, 8))
     assert sel["comparisons"][-1]["b"] == "aesthetic + CLIP-T" and sel["clip_params"] > 0
+    co = sections["coherence"]
+    assert co["reading_over_plain"] > 1.0 and co["ip_adapter_gb"] > 0 and co["shared_tokens_gb_per_reference"] > 0
     d = sections["data"]
     assert d["preflight"]["images"] == 24 and d["cache_reuse"]["files_reused"] == d["cache_build"]["images"]
 

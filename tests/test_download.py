@@ -9,9 +9,11 @@ def test_targets_match_config_defaults():
     from tests.helpers import compose
 
     cfg = compose("generate", ["model=kolors"])
-    paths = target_paths(["kolors", "vae"], "models")
+    paths = target_paths(["kolors", "vae", "scorer", "clip", "ip_adapter"], "models")
     assert paths["kolors"] == Path(cfg.model.path)
     assert paths["vae"] == Path(cfg.model.vae_path)
+    assert paths["scorer"] == Path(cfg.scorer.path) and paths["clip"] == Path(cfg.scorer.clip_path)
+    assert paths["ip_adapter"] == Path(cfg.coherence.reference.path)
 
 
 def test_unknown_name_is_rejected():

@@ -153,3 +153,21 @@ def typed(data, schema, *, lenient: bool = False):
 def to_settings(cfg, job: str, *, lenient: bool = False):
     """The typed settings of a whole job config (``job``: train, generate or evaluate)."""
     return typed(resolved_config(cfg), JOB_SCHEMAS[job], lenient=lenient)
+
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the checkout's conf/ (pip install -e .)
+
+
+def compose_settings(job: str, overrides: list[str]):
+    """The typed settings of ``conf/<job>.yaml`` with ``overrides``, composed as the entry points
+    do (for library code that renders or plans without an entry point: bench, comparison sheets)."""
+    from hydra import compose, initialize_config_dir
+
+    from kolors_story.settings import register_configs
+
+    if not (CONF_DIR / f"{job}.yaml").exists():
+        raise FileNotFoundError(f"the config folder {CONF_DIR} is missing: run from a checkout (pip install -e .)")
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=job, overrides=overrides)
+    return to_settings(cfg, job)

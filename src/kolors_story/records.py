@@ -226,6 +226,7 @@ class Manifest(TypedDict, total=False):
     best_of: dict | None
     selection: dict | None  # best-of: objective, every candidate's scores, chosen per scene, why (generate.selection)
     candidates_panel: str | None  # best-of: CANDIDATES_FILE
+    coherence: dict | None  # generate.coherence: sharing references + recorded bytes, reference image sha256, adapter
     memory: dict
     story: dict  # title, language, trigger
     scenes: list[SceneRecord]

@@ -185,6 +185,7 @@ class StorySettings:
     trigger: str = ""  # text put in front of every prompt, e.g. the LoRA's trigger words ("二次元，")
     style: Optional[str] = None  # the style's name, shown in the model card (null: the prompts speak for it)
     seeds: Optional[List[int]] = None  # per-scene seeds; null -> sampler.base_seed + scene index
+    character: Optional[Any] = None  # the main character as the prompts name it (text or {zh, en}): scenes naming it are coherence's references
     scenes: List[Any] = field(default_factory=list)  # each {description, prompt, negative}, a text or {zh: ..., en: ...}
 
 
@@ -239,6 +240,52 @@ class MemorySettings:
 
 
 @dataclass
+class SharingSettings:
+    enabled: bool = False  # consistent self-attention: scenes also attend to the reference scenes' tokens (two passes)
+    strength: float = 1.0  # how much of the shared attention replaces each reading scene's own (0 = off: byte-identical)
+    reference_scenes: Optional[List[int]] = None  # 1-based scenes the others read; null -> the first scene naming story.character (else scene 1)
+    blocks: List[str] = field(default_factory=lambda: ["up_blocks"])  # UNet blocks whose self-attention shares (name prefixes)
+    start: float = 0.0  # share from this point of the denoising (0 = pure noise) ...
+    end: float = 0.5  # ... up to this one (1 = the last step); the reference pass records only this window
+    token_ratio: float = 0.5  # share of each reference's tokens the others see per layer (a fixed random subset)
+    seed: int = 0  # seed of those token subsets
+    record_device: str = "cpu"  # where the reference tokens wait between the passes: cpu, or device (the model's: faster, GPU memory)
+
+    def used(self) -> bool:
+        """On, with a strength that changes anything (strength 0 renders exactly as off)."""
+        return bool(self.enabled) and float(self.strength) > 0
+
+
+@dataclass
+class TinyIPAdapterSpec:
+    seed: int = 0  # seed of the tiny random IP-Adapter's weights
+
+
+@dataclass
+class ReferenceSettings:
+    image: Optional[str] = None  # a character sheet: scenes are conditioned on it through Kolors-IP-Adapter-Plus
+    scene: Optional[int] = None  # or: render this scene (1-based) first, then condition the others on it
+    scale: float = 0.5  # IP-Adapter strength for every scene (0 = off: byte-identical)
+    scales: Optional[List[float]] = None  # per scene instead (0 where the character is absent); null -> `scale` everywhere
+    path: str = "models/Kolors-IP-Adapter-Plus"  # ip_adapter_plus_general.safetensors + image_encoder/ (python -m kolors_story.download ip_adapter)
+    weight_name: str = "ip_adapter_plus_general.safetensors"  # the adapter file inside `path`
+    tiny: Optional[TinyIPAdapterSpec] = None  # non-null -> build a tiny random IP-Adapter-Plus into `path` first (plumbing tests only)
+
+    def used(self) -> bool:
+        """A reference is configured and some scene uses it (all strengths 0 render exactly as unset)."""
+        scales = list(self.scales) if self.scales is not None else [self.scale]
+        return (self.image is not None or self.scene is not None) and any(float(v) > 0 for v in scales)
+
+
+@dataclass
+class CoherenceSettings:
+    """Keeping the characters the same across the 8 panels (generate.coherence)."""
+
+    sharing: SharingSettings = field(default_factory=SharingSettings)  # consistent self-attention across scenes
+    reference: ReferenceSettings = field(default_factory=ReferenceSettings)  # a reference image through IP-Adapter-Plus
+
+
+@dataclass
 class SubmitSettings:
     team: Optional[str] = None  # your team name; set it to write the bundle <team>-KolorsTraining-<story.title>/
     dir: Optional[str] = None  # where the bundle folder goes; null -> output_dir
@@ -271,6 +318,7 @@ class TrainConfig:
     sampler: SamplerSettings = MISSING
     logger: LoggerSettings = MISSING
     memory: MemorySettings = MISSING
+    coherence: CoherenceSettings = MISSING
     stage: str = "all"  # all (data + train), data (prepare + cache only) or train (reuse prepared data)
     resume: Optional[str] = None  # a previous run folder (or one of its checkpoints/step-* folders): continue from its last checkpoint
     validate: bool = True  # render + score the story (sampler group) at every checkpoint
@@ -289,6 +337,7 @@ class GenerateConfig:
     story: StorySettings = MISSING
     sampler: SamplerSettings = MISSING
     memory: MemorySettings = MISSING
+    coherence: CoherenceSettings = MISSING
     output_dir: Optional[str] = II("hydra:runtime.output_dir")  # where 1.png..8.png, panel.png, prompts.csv, manifest.json are written
     lora_path: Optional[str] = None  # a LoRA file (any of the three formats or a DiffSynth epoch=..-step=..ckpt); rank/alpha are read from it
     lora_scale: float = 1.0  # strength of lora_path (or of run='s checkpoint): 0 -> the base model's image, 1 -> as trained
@@ -322,7 +371,7 @@ class EvaluateConfig:
 GROUP_SCHEMAS = {
     "model": ModelSettings, "scorer": ScorerSettings, "filter": FilterSettings, "lora": LoraSettings,
     "optim": OptimSettings, "trainer": TrainerSettings, "logger": LoggerSettings, "story": StorySettings,
-    "sampler": SamplerSettings, "memory": MemorySettings,
+    "sampler": SamplerSettings, "memory": MemorySettings, "coherence": CoherenceSettings,
 }
 JOB_SCHEMAS = {"train": TrainConfig, "generate": GenerateConfig, "evaluate": EvaluateConfig}
 

@@ -23,6 +23,7 @@ class Scene:
     seed: int
     caption_ascii: str = ""  # English description, for panels drawn without a CJK font
     prompt_en: str = ""  # the English prompt (CLIP's text tower reads English): what prompt alignment scores
+    has_character: bool = False  # the prompt names story.character (the main character)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +71,7 @@ def story_scenes(story: StorySettings, sampler: SamplerSettings | None = None) -
     else:
         seeds = scene_seeds(len(raw), story.seeds, 0)
     language, trigger = str(story.language), str(story.trigger or "")
+    character = _pick(story.character, language, "story.character").strip()
     scenes = []
     for i, (item, seed) in enumerate(zip(raw, seeds), start=1):
         where = f"story.scenes[{i - 1}]"
@@ -85,6 +87,7 @@ def story_scenes(story: StorySettings, sampler: SamplerSettings | None = None) -
                 seed=seed,
                 caption_ascii=_ascii_caption(item.get("description")),
                 prompt_en=_ascii_caption(item.get("prompt")),
+                has_character=bool(character) and character in prompt,
             )
         )
     return scenes

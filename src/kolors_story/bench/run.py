@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from kolors_story.bench.coherence import section_coherence
 from kolors_story.bench.data import section_data
 from kolors_story.bench.flops import section_flops
 from kolors_story.bench.generate import section_generate
@@ -27,10 +28,10 @@ from kolors_story.bench.timing import BenchContext, BenchError
 from kolors_story.bench.train import section_train
 from kolors_story.files import atomic_write_json
 
-SECTIONS = ("flops", "train", "generate", "score", "select", "data", "plan")
+SECTIONS = ("flops", "train", "generate", "score", "select", "coherence", "data", "plan")
 BENCH_FORMAT = 1
 RUNNERS = {"flops": section_flops, "train": section_train, "generate": section_generate,
-           "score": section_score, "select": section_select, "data": section_data, "plan": section_plan}
+           "score": section_score, "select": section_select, "coherence": section_coherence, "data": section_data, "plan": section_plan}
 
 
 def _machine() -> dict:

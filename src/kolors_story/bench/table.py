@@ -73,6 +73,15 @@ def _select_rows(table, sec: dict) -> None:
                   f"{search['n8']['objective_gain_over_per_scene']:+.2f}", "")
 
 
+def _coherence_rows(table, c: dict) -> None:
+    res = f"{c['resolution']}²"
+    table.add_row("coherence", f"UNet call with CFG ({res}): plain / reading 1 reference's shared tokens",
+                  f"{c['unet_call_tflop']['plain']:.2f} TFLOP", f"{c['unet_call_tflop']['reading']:.2f} TFLOP",
+                  f"{c['reading_over_plain']:.2f}x")
+    table.add_row("coherence", f"IP-Adapter on the device / shared tokens per reference ({c['steps']} steps)",
+                  f"{c['ip_adapter_gb']:.2f} GB", f"{c['shared_tokens_gb_per_reference']:.2f} GB", "")
+
+
 def render_table(result: dict):
     """The rich table of a bench result."""
     from rich.table import Table
@@ -94,6 +103,8 @@ def render_table(result: dict):
             _train_rows(table, ok[name])
         if name == "select":
             _select_rows(table, ok[name])
+    if "coherence" in ok:
+        _coherence_rows(table, ok["coherence"])
     if "data" in ok:
         _data_rows(table, ok["data"])
     if "plan" in ok:

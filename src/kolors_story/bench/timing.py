@@ -121,16 +121,10 @@ class BenchContext:
 
 
 def compose_settings(job: str, overrides: list[str]):
-    """The typed settings of ``conf/<job>.yaml`` with ``overrides``, composed as the entry points do."""
-    from hydra import compose, initialize_config_dir
+    """The typed settings of ``conf/<job>.yaml`` with ``overrides`` (configs.compose_settings)."""
+    from kolors_story.configs import compose_settings as compose
 
-    from kolors_story.configs import to_settings
-    from kolors_story.settings import register_configs
-
-    conf = Path(__file__).resolve().parents[3] / "conf"
-    if not (conf / f"{job}.yaml").exists():
-        raise BenchError(f"the config folder {conf} is missing: run the bench from a checkout (pip install -e .)")
-    register_configs()
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name=job, overrides=overrides)
-    return to_settings(cfg, job)
+    try:
+        return compose(job, overrides)
+    except FileNotFoundError as exc:
+        raise BenchError(str(exc)) from None

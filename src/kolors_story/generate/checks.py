@@ -10,6 +10,7 @@ from pathlib import Path
 from kolors_story.errors import OutputExistsError
 from kolors_story.evaluate.alignment import check_clip_folder
 from kolors_story.evaluate.scorer import check_scorer_folder
+from kolors_story.generate.coherence import check_coherence
 from kolors_story.generate.loras import LoraSpec, lora_specs
 from kolors_story.generate.memory import memory_modes
 from kolors_story.generate.sampler import (
@@ -59,7 +60,7 @@ def check_generate(job: GenerateConfig, out_dir: Path, loras: list[LoraSpec] | N
     check_sampler(job.sampler)
     check_select(job.sampler.best_of)
     memory_modes(job.memory)
-    story_scenes(job.story, job.sampler)
+    check_coherence(job.coherence, story_scenes(job.story, job.sampler))
     configs = model_configs(job.model)  # the model folder is complete (the tiny one is built)
     check_size_for(configs["unet"], configs["vae"], job.sampler)
     warn_if_guidance_off(job.sampler)

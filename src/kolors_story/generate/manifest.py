@@ -76,6 +76,28 @@ def best_of_record(job: GenerateConfig, render: StoryRender, reproduced: bool) -
             "chosen": render.chosen}
 
 
+def _coherence_record(render: StoryRender, memory: dict) -> dict | None:
+    """What coherence did, with the adapter's identity (its weight file's sha256) when one was loaded."""
+    if render.coherence is None:
+        return None
+    out = dict(render.coherence)
+    if "reference" in out and memory.get("ip_adapter"):
+        out["reference"] = {**out["reference"], "adapter": memory["ip_adapter"]}
+    return out
+
+
+def _png_coherence(record: dict, n: int) -> dict:
+    """This image's part of the coherence record: which scenes it read, which image conditioned it."""
+    out = {}
+    if record.get("sharing"):
+        out["shared_from_scenes"] = record["sharing"]["references"]
+    if record.get("reference"):
+        ref = record["reference"]
+        out["reference"] = {"scale": ref["scales"][n], "scene": ref["scene"],
+                            "image_sha256": (ref.get("image") or {}).get("sha256")}
+    return out
+
+
 def png_fields(job: GenerateConfig, scenes: list[Scene], render: StoryRender, model: ModelInfo,
                loras: list[LoraRecord]) -> list[dict]:
     """What each image's PNG text chunks say about how it was made."""
@@ -94,6 +116,8 @@ def png_fields(job: GenerateConfig, scenes: list[Scene], render: StoryRender, mo
             fields["hires"] = {k: hires[k] for k in ("stage1_size", "upscaler", "strength", "steps", "cfg")}
         if s.best_of.n > 1:
             fields["best_of"] = {"n": s.best_of.n, "candidate": render.chosen[n]}
+        if render.coherence:
+            fields["coherence"] = _png_coherence(render.coherence, n)
         if model.tiny:
             fields["tiny_model"] = TINY_NOTE
         out.append(fields)
@@ -129,6 +153,7 @@ def build_manifest(job: GenerateConfig, *, scenes: list[Scene], render: StoryRen
         hires=hires_record(job, render),
         best_of=best_of_record(job, render, reproduced),
         selection=render.selection,
+        coherence=_coherence_record(render, memory),
         candidates_panel=candidates_panel.name if candidates_panel else None,
         memory=memory,
         story={"title": job.story.title, "language": job.story.language, "trigger": job.story.trigger},

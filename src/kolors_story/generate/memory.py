@@ -125,12 +125,14 @@ def _set_attention(pipe, modes: MemorySettings) -> None:
         model.set_attn_processor(processor())
 
 
-def apply_memory_modes(pipe, cfg, device: str | torch.device | None = None) -> dict:
+def apply_memory_modes(pipe, cfg, device: str | torch.device | None = None, before_offload=None) -> dict:
     """Apply the ``memory`` config to a loaded pipeline; returns what was applied (for manifests).
 
     ``device`` is the device generation runs on (``model.device``); offloading targets it. On a
     machine without an accelerator, offloading is skipped with a warning unless
-    ``memory.offload_device`` names a device explicitly.
+    ``memory.offload_device`` names a device explicitly. ``before_offload(pipe)`` runs after the
+    attention processors are set and before offload hooks wrap the models (the IP-Adapter loads
+    there: it adds its own processors and an image encoder the hooks must see).
     """
     modes = memory_modes(cfg)
     applied: dict = {"attention": modes.attention}
@@ -145,6 +147,8 @@ def apply_memory_modes(pipe, cfg, device: str | torch.device | None = None) -> d
         if modes.vae_slicing:
             pipe.vae.enable_slicing()
     applied.update(channels_last=modes.channels_last, vae_tiling=modes.vae_tiling, vae_slicing=modes.vae_slicing)
+    if before_offload is not None:
+        before_offload(pipe)
 
     applied["offload"] = "none"
     if modes.offload != "none":

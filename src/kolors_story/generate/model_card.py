@@ -92,8 +92,26 @@ def _story_section(manifest: Manifest) -> list[str]:
         by = manifest["best_of"].get("selected_by", "aesthetic score")
         how = "the 8 chosen together by the story objective" if by == "story objective" else f"per scene by {by}"
         gen.append(f"best of {manifest['best_of']['n']} seeds per scene, {how}")
-    return lines + ["", "## Generation settings", "", "- " + ", ".join(gen),
+    return lines + ["", "## Generation settings", "", "- " + ", ".join(gen), *_coherence_lines(manifest),
                     "- Full resolved config: `config.yaml`; per-image settings are also in each PNG's text chunks."]
+
+
+def _coherence_lines(manifest: Manifest) -> list[str]:
+    """How the characters were kept consistent (generate.coherence), if they were."""
+    c = manifest.get("coherence") or {}
+    lines = []
+    if c.get("sharing"):
+        sh = c["sharing"]
+        lines.append(f"- Consistent self-attention: scenes attend to the tokens of scene(s) {sh['references']} "
+                     f"(strength {sh['strength']}, blocks {', '.join(sh['blocks'])}, denoising {sh['window'][0]:g}-"
+                     f"{sh['window'][1]:g}, {sh['token_ratio']:g} of the tokens)")
+    if c.get("reference"):
+        ref = c["reference"]
+        image = ref.get("image") or {}
+        source = (f"the reference image `{image.get('bundle_file', image.get('name'))}` (sha256 {image.get('sha256', '')[:12]}...)"
+                  if ref.get("image") else f"scene {ref['scene']}'s image, rendered first")
+        lines.append(f"- Kolors-IP-Adapter-Plus conditioned the scenes on {source}, strength per scene {ref['scales']}")
+    return lines
 
 
 def generate_command(lora_rows: list[dict]) -> str:

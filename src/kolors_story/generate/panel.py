@@ -15,7 +15,7 @@ CJK_FONTS = (
 )
 
 
-def _font(size: int) -> tuple[ImageFont.ImageFont, bool]:
+def panel_font(size: int) -> tuple[ImageFont.ImageFont, bool]:
     """A CJK-capable font when the system has one (fonts-noto-cjk); else Pillow's built-in one."""
     for candidate in CJK_FONTS:
         if Path(candidate).exists():
@@ -39,7 +39,7 @@ def make_panel(images: list[Image.Image], captions: list[str] | None = None, col
         raise ValueError("make_panel needs at least one image")
     tile = tile or max(256, images[0].width)
     rows = (len(images) + columns - 1) // columns
-    font, cjk = _font(max(12, tile // 20))
+    font, cjk = panel_font(max(12, tile // 20))
     cap_h = max(18, tile // 12) if captions is not None else 0
     title_h = cap_h if title else 0
     panel = Image.new("RGB", (columns * tile, rows * (tile + cap_h) + title_h), "white")
@@ -73,7 +73,7 @@ def make_candidates_grid(grid: list[list[Image.Image]], chosen: list[int], candi
     """Best-of candidates: one column per scene, one row per candidate, the kept one framed in red;
     each tile is labelled ``<scene>/<candidate>`` and its aesthetic score (and CLIP-T) when known."""
     scenes, n = len(grid), len(grid[0])
-    font, _ = _font(max(11, tile // 14))
+    font, _ = panel_font(max(11, tile // 14))
     cap_h, border = max(16, tile // 10), max(3, tile // 40)
     sheet = Image.new("RGB", (scenes * tile, n * (tile + cap_h)), "white")
     draw = ImageDraw.Draw(sheet)

@@ -110,22 +110,28 @@ def _embeds_of(embeds: dict[str, torch.Tensor], batch: list[Job]) -> dict[str, t
 
 
 def _render_batch(pipe, refiner, batch: list[Job], embeds: dict[str, torch.Tensor], s: SamplerSettings,
-                  step_bar) -> list[Image.Image]:
-    """Stage 1 for one batch from the jobs' own seeds, then the hires refine when enabled."""
+                  step_bar, coherence=None) -> list[Image.Image]:
+    """Stage 1 for one batch from the jobs' own seeds, then the hires refine when enabled (with the
+    coherence state of this batch: which scenes record or read shared attention, the IP-Adapter input)."""
     device = run_device(pipe)
     noise, gens = zip(*(_initial_noise(pipe, j.seed, s.height, s.width) for j in batch))
     latents = torch.cat(noise).to(device=device, dtype=pipe.unet.dtype)
     e = _embeds_of(embeds, batch)
+    extra = (lambda cfg: {}) if coherence is None else coherence.call_kwargs
+    if coherence is not None:
+        coherence.begin_batch(batch)
     images = pipe(**e, num_inference_steps=s.steps, guidance_scale=s.cfg, height=s.height, width=s.width,
-                  latents=latents, generator=list(gens), callback_on_step_end=_step_callback(step_bar)).images
+                  latents=latents, generator=list(gens), callback_on_step_end=_step_callback(step_bar),
+                  **extra(s.cfg > 1)).images
     if not s.hires.enabled:
         return images
     h = s.hires
     final_h, final_w = final_size(pipe, s)
+    refine_cfg = s.cfg if h.cfg is None else h.cfg
     upscaled = [im.resize((final_w, final_h), UPSCALERS[h.upscaler]) for im in images]
     return refiner(image=upscaled, strength=h.strength, **e, num_inference_steps=h.steps,
-                   guidance_scale=s.cfg if h.cfg is None else h.cfg, height=final_h, width=final_w,
-                   generator=list(gens), callback_on_step_end=_step_callback(step_bar)).images
+                   guidance_scale=refine_cfg, height=final_h, width=final_w,
+                   generator=list(gens), callback_on_step_end=_step_callback(step_bar), **extra(refine_cfg > 1)).images
 
 
 def _free_device_memory() -> None:
@@ -144,70 +150,91 @@ def _offload_after_oom(pipe) -> bool:
     return True
 
 
-def _render_or_split(pipe, refiner, first: int, batch: list[Job], embeds, s: SamplerSettings, step_bar,
-                     retries: list[dict]) -> list[Image.Image]:
+def _render_or_split(pipe, refiner, positions: list[int], batch: list[Job], embeds, s: SamplerSettings, step_bar,
+                     retries: list[dict], coherence=None) -> list[Image.Image]:
     """Render a batch; on an out-of-memory, render its halves (down to 1 image, then with model
     offload), recording each retry. Each image keeps its own seed, so the pictures are those of a
     run at the smaller batch size."""
     try:
-        return _render_batch(pipe, refiner, batch, embeds, s, step_bar)
+        return _render_batch(pipe, refiner, batch, embeds, s, step_bar, coherence)
     except torch.OutOfMemoryError as exc:
         _free_device_memory()
-        positions = list(range(first, first + len(batch)))
         if len(batch) == 1:
             if not _offload_after_oom(pipe):
                 raise OutOfMemoryError(
                     f"out of GPU memory rendering one image at {s.width}x{s.height} even with model offload "
                     f"({exc}); lower sampler.height/width or use memory.offload=sequential") from None
             retries.append({"jobs": positions, "batch_size": 1, "then": "model offload"})
-            return _render_batch(pipe, refiner, batch, embeds, s, step_bar)
+            return _render_batch(pipe, refiner, batch, embeds, s, step_bar, coherence)
         half = (len(batch) + 1) // 2
         retries.append({"jobs": positions, "batch_size": len(batch), "then": [half, len(batch) - half]})
-        return (_render_or_split(pipe, refiner, first, batch[:half], embeds, s, step_bar, retries)
-                + _render_or_split(pipe, refiner, first + half, batch[half:], embeds, s, step_bar, retries))
+        return (_render_or_split(pipe, refiner, positions[:half], batch[:half], embeds, s, step_bar, retries, coherence)
+                + _render_or_split(pipe, refiner, positions[half:], batch[half:], embeds, s, step_bar, retries,
+                                   coherence))
+
+
+def _batches(jobs: list[Job], size: int, keep: list[bool] | None, coherence) -> list[tuple[int, list[int]]]:
+    """``(pass, job indices)`` per batch, in render order: the jobs in order (with coherence: its
+    groups), ``size`` at a time; batches with no kept job are left out, except the first pass of
+    a coherent render, which the others read."""
+    groups = [(1, list(range(len(jobs))))] if coherence is None else list(coherence.groups(jobs))
+    out = []
+    for pass_no, idx in groups:
+        for start in range(0, len(idx), size):
+            chunk = idx[start : start + size]
+            if keep is None or pass_no == 0 or any(keep[i] for i in chunk):
+                out.append((pass_no, chunk))
+    return out
 
 
 @torch.no_grad()
 def render_jobs(pipe, jobs: list[Job], embeds: dict[str, torch.Tensor], settings: SamplerSettings, *,
                 labels: list | None = None, keep: list[bool] | None = None, refiner=None,
-                progress: bool = True, retries: list[dict] | None = None) -> list[Image.Image | None]:
+                progress: bool = True, retries: list[dict] | None = None, coherence=None) -> list[Image.Image | None]:
     """Render ``jobs`` ``settings.batch_size`` at a time (stage 1, then the hires refine if set).
 
     ``keep[i] = False`` marks a job whose image is not needed; batches with no kept job are
     skipped (their slot is None). Batches that are rendered always hold the same jobs as the
     original run, so a reproduction sees the same batch composition. A batch that runs out of
-    memory is rendered in halves; each retry is appended to ``retries``.
+    memory is rendered in halves; each retry is appended to ``retries``. ``coherence``
+    (generate.coherence.StoryCoherence) renders the scenes the others depend on first.
     """
     s = settings
     retries = [] if retries is None else retries
     if s.hires.enabled and refiner is None:
         refiner = img2img_pipeline(pipe)
     per_image_steps = s.steps + (int(s.hires.steps * s.hires.strength) if s.hires.enabled else 0)
-    size = s.batch_size
-    batches = [(n * size, jobs[n * size : (n + 1) * size]) for n in range((len(jobs) + size - 1) // size)]
-    wanted = [(first, b) for first, b in batches if keep is None or any(keep[first : first + len(b)])]
+    wanted = _batches(jobs, s.batch_size, keep, coherence)
     out: list[Image.Image | None] = [None] * len(jobs)
+    previous_pass = 0
     with tqdm(total=sum(len(b) for _, b in wanted), desc="scenes", unit="img", disable=not progress,
               position=0) as scene_bar:
-        for first, batch in wanted:
-            names = [str(labels[first + i]) if labels else str(first + i + 1) for i in range(len(batch))]
+        for pass_no, idx in wanted:
+            if coherence is not None:
+                if pass_no != previous_pass:
+                    coherence.after_first_pass(jobs, out)
+                    previous_pass = pass_no
+                coherence.begin_group(pass_no, jobs[idx[0]].scene)
+            batch = [jobs[i] for i in idx]
+            names = [str(labels[i]) if labels else str(i + 1) for i in idx]
             with tqdm(total=per_image_steps, desc=f"scene {','.join(names)}", unit="step", leave=False,
                       disable=not progress, position=1) as step_bar:
-                out[first : first + len(batch)] = _render_or_split(pipe, refiner, first, batch, embeds, s, step_bar,
-                                                                   retries)
+                images = _render_or_split(pipe, refiner, idx, batch, embeds, s, step_bar, retries, coherence)
+            for i, image in zip(idx, images):
+                out[i] = image
             scene_bar.update(len(batch))
     return out
 
 
 def render_scenes(pipe, scenes: list[Scene], embeds: dict[str, torch.Tensor], *, steps: int, cfg: float,
                   height: int, width: int, batch_size: int = 8, progress: bool = False,
-                  retries: list[dict] | None = None) -> list[Image.Image]:
+                  retries: list[dict] | None = None, coherence=None) -> list[Image.Image]:
     """Denoise the scenes ``batch_size`` at a time, each from its own seed (plain sampler settings)."""
     settings = sampler_settings(steps=int(steps), cfg=float(cfg), height=int(height), width=int(width),
                                 batch_size=int(batch_size), seeds=None)
     jobs = [Job(pos, s.seed) for pos, s in enumerate(scenes)]
     return render_jobs(pipe, jobs, embeds, settings, labels=[s.index for s in scenes], progress=progress,
-                       retries=retries)
+                       retries=retries, coherence=coherence)
 
 
 @dataclass
@@ -224,10 +251,12 @@ class StoryRender:
     retries: list[dict] = field(default_factory=list)  # batches rendered in halves after running out of memory
     candidate_images: list[list[Image.Image]] | None = None  # best-of: every candidate, [scene][candidate]
     selection: dict | None = None  # best-of: how the candidates were chosen (generate.selection)
+    coherence: dict | None = None  # what generate.coherence did (references, recorded bytes, reference image)
 
 
 def generate_story(pipe, scenes: list[Scene], embeds: dict[str, torch.Tensor], settings: SamplerSettings, *,
-                   picker=None, choices: list[int] | None = None, progress: bool = True) -> StoryRender:
+                   picker=None, choices: list[int] | None = None, progress: bool = True,
+                   coherence=None) -> StoryRender:
     """Render every scene; with ``settings.best_of.n > 1`` render N candidates per scene and keep the
     ones ``picker`` chooses (``generate.selection``), or the recorded ``choices`` when reproducing:
     then only the batches holding a kept candidate are rendered, and no picker is needed."""
@@ -244,7 +273,8 @@ def generate_story(pipe, scenes: list[Scene], embeds: dict[str, torch.Tensor], s
     elif n > 1 and picker is None:
         raise ValueError("sampler.best_of.n > 1 needs the aesthetic scorer (scorer group) to pick the candidates")
     retries: list[dict] = []
-    rendered = render_jobs(pipe, jobs, embeds, settings, labels=labels, keep=keep, progress=progress, retries=retries)
+    rendered = render_jobs(pipe, jobs, embeds, settings, labels=labels, keep=keep, progress=progress, retries=retries,
+                           coherence=coherence)
     size = final_size(pipe, settings)
     if n == 1:
         return StoryRender(images=list(rendered), seeds=[s.seed for s in scenes], size=size,

@@ -27,7 +27,7 @@ from kolors_story.story import story_scenes
 # Keys a user may change with reproduce=: where things live and what runs them, never what is
 # rendered (memory modes change pixels by at most fp rounding, which the report shows).
 LOCATION_KEYS = ("model.path", "model.vae_path", "model.device", "scorer.path", "scorer.device", "output_dir",
-                 "memory", "memory.*")
+                 "coherence.reference.path", "memory", "memory.*")
 
 
 def is_location_key(key: str) -> bool:
@@ -63,6 +63,23 @@ def recorded_loras(manifest: Manifest, folder: Path) -> list[LoraSpec]:
             )
         specs.append(LoraSpec(path=found, scale=float(rec["scale"]), bundle_file=rec.get("bundle_file")))
     return specs
+
+
+def recorded_reference_image(manifest: Manifest, folder: Path) -> Path | None:
+    """The coherence reference image the story was conditioned on: the bundle's copy first, else the
+    recorded path; its sha256 must equal the recorded one (another image cannot reproduce the story)."""
+    rec = ((manifest.get("coherence") or {}).get("reference") or {}).get("image")
+    if not rec:
+        return None
+    places = [folder / rec["bundle_file"]] if rec.get("bundle_file") else []
+    places += [Path(rec["image"]), folder / rec["name"]]
+    for place in places:
+        if place.is_file() and file_sha256(place) == rec["sha256"]:
+            return place
+    seen = [f"{p} (sha256 {file_sha256(p)[:12]}...)" for p in places if p.is_file()]
+    raise ReproduceError(f"the coherence reference image {rec['name']} (sha256 {rec['sha256'][:12]}...) is not available: "
+                         + (f"found only other images: {', '.join(seen)}" if seen
+                            else f"looked in {', '.join(map(str, places))}"))
 
 
 def compare_images(recorded: str | Path, regenerated: str | Path) -> dict:
@@ -143,6 +160,17 @@ def manifest_problems(manifest: Manifest, folder: Path, job: GenerateConfig) -> 
     return problems
 
 
+def adapter_problems(recorded: Manifest, now: Manifest) -> list[str]:
+    """The IP-Adapter weights used now must be the recorded ones (by sha256)."""
+    def sha(m: Manifest):
+        return (((m.get("coherence") or {}).get("reference") or {}).get("adapter") or {}).get("weight_sha256")
+
+    if sha(recorded) is not None and sha(recorded) != sha(now):
+        return [f"coherence.reference adapter weights: sha256 {str(sha(now))[:12]}... now, "
+                f"{str(sha(recorded))[:12]}... recorded (other IP-Adapter weights)"]
+    return []
+
+
 def reproduce(source: str | Path, out_dir: str | Path, locations: dict | None = None, progress: bool = True) -> dict:
     """Regenerate the story recorded at ``source`` into ``out_dir`` and compare image by image.
 
@@ -152,6 +180,9 @@ def reproduce(source: str | Path, out_dir: str | Path, locations: dict | None = 
     manifest, folder = load_manifest(source)
     job = recorded_job(manifest, locations)
     loras = recorded_loras(manifest, folder)
+    reference_image = recorded_reference_image(manifest, folder)
+    if reference_image is not None:
+        job.coherence.reference.image = str(reference_image)
     choices = [int(s["chosen_candidate"]) for s in manifest["scenes"]] if manifest.get("best_of") else None
     out_dir = Path(out_dir)
     # On a CPU the thread count changes the order of float reductions (last-bit differences):
@@ -175,7 +206,7 @@ def reproduce(source: str | Path, out_dir: str | Path, locations: dict | None = 
             row["recorded_matches_manifest"] = file_sha256(recorded) == scene.get("sha256")
         rows.append(row)
     identical = sum(r["status"] == "identical" for r in rows)
-    problems = manifest_problems(manifest, folder, job)
+    problems = manifest_problems(manifest, folder, job) + adapter_problems(manifest, result.manifest)
     report = {
         "source": str(Path(str(source)).resolve()),
         "out_dir": str(out_dir),

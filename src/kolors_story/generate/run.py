@@ -17,6 +17,7 @@ from kolors_story.evaluate.scorer import AestheticScorer
 from kolors_story.evaluate.summary import score_story
 from kolors_story.files import atomic_write_json, publish_files
 from kolors_story.generate.checks import check_generate, wants_alignment, wants_scores
+from kolors_story.generate.coherence import StoryCoherence, coherence_on, prepare_pipeline
 from kolors_story.generate.loras import LoraSpec, load_loras
 from kolors_story.generate.manifest import ModelInfo, build_manifest, png_fields
 from kolors_story.generate.memory import (
@@ -80,7 +81,14 @@ def _load(job: GenerateConfig, loras: list[LoraSpec]):
                          device=load_device(job.model.device, memory))
     pipe.scheduler = build_scheduler(job.sampler.scheduler, pipe.scheduler.config, **job.sampler.scheduler_kwargs)
     load_loras(pipe, loras)  # before offload hooks wrap the UNet
-    memory_record = apply_memory_modes(pipe, memory, device=job.model.device)
+    adapter: dict = {}
+
+    def load_adapter(p) -> None:  # the IP-Adapter: after the attention mode, before offload hooks
+        adapter["record"] = prepare_pipeline(p, job.coherence, p.unet.dtype, p.unet.device)
+
+    memory_record = apply_memory_modes(pipe, memory, device=job.model.device, before_offload=load_adapter)
+    if adapter.get("record") is not None:
+        memory_record["ip_adapter"] = adapter["record"]
     info = ModelInfo(path=Path(model_path), hash=model_hash(model_path, job.model.vae_path),
                      tiny=is_tiny(job.model, model_path))
     return pipe, info, memory_record
@@ -135,8 +143,15 @@ def generate(job: GenerateConfig, *, out_dir: str | Path | None = None, loras: l
     # 3. The prompts, encoded once; the text encoder may go afterwards.
     embeds = encode_scenes(pipe, scenes, device=run_device(pipe))
     memory_record["text_encoder_released_bytes"] = after_prompt_encoding(pipe, job.memory)
-    # 4. The images (best-of: chosen per scene or as a story, or the recorded picks).
-    render = generate_story(pipe, scenes, embeds, job.sampler, picker=picker, choices=choices, progress=progress)
+    # 4. The images (best-of: chosen per scene or as a story, or the recorded picks), coherent when asked.
+    coherence = StoryCoherence(pipe, scenes, job.coherence) if coherence_on(job.coherence) else None
+    try:
+        render = generate_story(pipe, scenes, embeds, job.sampler, picker=picker, choices=choices, progress=progress,
+                                coherence=coherence)
+    finally:
+        if coherence is not None:
+            coherence.close()
+    render.coherence = coherence.record() if coherence is not None else None
     memory_record["oom_retries"] = render.retries  # batches rendered in halves after running out of memory
     summary = _score(job, scorer, aligner, render, scenes, info.tiny) if wants_scores(job) else None
     # 5. Files, staged in a hidden folder of out_dir, then published as one unit with the manifest last.

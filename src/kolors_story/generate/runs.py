@@ -1,6 +1,6 @@
 """``generate.py run=<training run | best.yaml> checkpoint=<step-XXXXXX | last | best>``: which
-checkpoint that names, and the config it is rendered with (the run's model, scorer, story and
-sampler; the user's own command-line choices still win)."""
+checkpoint that names, and the config it is rendered with (the run's model, scorer, story, sampler
+and coherence; the user's own command-line choices still win)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from kolors_story.configs import override_key, task_overrides
 from kolors_story.errors import MissingFileError, SettingsError
 from kolors_story.records import CHECKPOINTS, LAST_FILE
 
-RUN_GROUPS = ("model", "scorer", "story", "sampler")  # taken from the training run's config
+RUN_GROUPS = ("model", "scorer", "story", "sampler", "coherence")  # taken from the training run's config
 
 
 @dataclass
@@ -113,7 +113,7 @@ def resolve_checkpoint(run: str | Path | None, checkpoint: str | Path | None = "
 
 
 def config_from_run(cfg, ref: CheckpointRef):
-    """``cfg`` with model/scorer/story/sampler taken from the training run's config; the user's own
+    """``cfg`` with model/scorer/story/sampler/coherence taken from the training run's config; the user's own
     command-line choices (``sampler=...`` or ``sampler.steps=...``) still win over the run's."""
     run_cfg = OmegaConf.load(ref.config)
     keys = [override_key(o) for o in task_overrides(cfg)]

@@ -122,6 +122,10 @@ def write_bundle(result, job: GenerateConfig, root: str | Path, source=None) -> 
         rows, details = _copy_loras(result, tmp, manifest)
         for p in [*result.images, result.panel, result.out_dir / "prompts.csv"]:
             shutil.copy2(p, tmp / Path(p).name)
+        reference = ((manifest.get("coherence") or {}).get("reference") or {}).get("image")
+        if reference:  # the character sheet the story was conditioned on: reproduce= finds it here
+            reference["bundle_file"] = f"reference_{reference['name']}"
+            shutil.copy2(reference["image"], tmp / reference["bundle_file"])
         scores = result.summary
         if scores is not None:
             atomic_write_json(tmp / SCORES_FILE, {**scores, "images": [p.name for p in result.images]})

@@ -166,6 +166,18 @@ REAL_CLIP_CONFIG = {
 }
 
 
+# Kolors-IP-Adapter-Plus: its image encoder is OpenAI CLIP ViT-L/14 at 336 px (image_encoder/config.json);
+# its resampler is IP-Adapter-Plus-XL's (1280 wide, 20 heads of 64, depth 4, 16 image tokens, ff x4),
+# projecting the encoder's penultimate hidden states to the UNet's cross-attention width. The planner
+# reads the real file's shapes when it is there; these are what it assumes otherwise.
+REAL_IP_ENCODER_CONFIG = {
+    "architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model", "hidden_size": 1024,
+    "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24, "image_size": 336,
+    "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu",
+}
+REAL_IP_RESAMPLER = {"hidden_dims": 1280, "heads": 20, "num_queries": 16, "depth": 4, "ffn_ratio": 4}
+
+
 # ------------------------------------------------------------------------------------- tiny
 
 TINY_TEXT_HIDDEN = 32
@@ -225,6 +237,16 @@ def tiny_predictor_config() -> dict:
     cfg = dict(REAL_PREDICTOR_CONFIG)
     cfg.update(TINY_PREDICTOR_OVERRIDES)
     return cfg
+
+
+def tiny_ip_encoder_config() -> dict:
+    """The IP-Adapter's CLIP vision tower at 32-d, 2 layers, real 336² / 14 patches."""
+    cfg = dict(REAL_IP_ENCODER_CONFIG)
+    cfg.update(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=16)
+    return cfg
+
+
+TINY_IP_RESAMPLER = {"hidden_dims": 64, "heads": 1, "num_queries": 16, "depth": 4, "ffn_ratio": 4}
 
 
 def tiny_clip_config() -> dict:

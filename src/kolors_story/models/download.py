@@ -1,6 +1,7 @@
 """Fetch the real weights from ModelScope into the folders the configs expect.
 
     python -m kolors_story.download                 # Kolors + fp16-fix VAE + aesthetic scorer + CLIP
+    python -m kolors_story.download ip_adapter      # Kolors-IP-Adapter-Plus (coherence.reference)
     python -m kolors_story.download kolors --dir /data/models
 """
 
@@ -20,6 +21,7 @@ class Weights:
     model_id: str  # ModelScope repository
     subdir: str  # folder under --dir; conf/ points here by default
     needed_for: str
+    default: bool = True  # fetched by a plain `python -m kolors_story.download`
 
 
 WEIGHTS = {
@@ -35,6 +37,9 @@ WEIGHTS = {
         ),
         Weights("clip", "AI-ModelScope/clip-vit-large-patch14", "clip-vit-large-patch14",
                 "prompt alignment of each panel, CLIP-T (scorer.clip_path)"),
+        Weights("ip_adapter", "Kwai-Kolors/Kolors-IP-Adapter-Plus", "Kolors-IP-Adapter-Plus",
+                "a reference image for the characters, coherence.reference (coherence.reference.path)",
+                default=False),
     )
 }
 
@@ -74,7 +79,9 @@ def download(names: list[str], root: str | Path = "models", snapshot_download=No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kolors_story.download", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="*", default=list(WEIGHTS), help=f"any of {sorted(WEIGHTS)} (default: all)")
+    defaults = [n for n, w in WEIGHTS.items() if w.default]
+    parser.add_argument("what", nargs="*", default=defaults,
+                        help=f"any of {sorted(WEIGHTS)} (default: {' '.join(defaults)})")
     parser.add_argument("--dir", default="models", help="root folder (default: models/, as in conf/)")
     args = parser.parse_args(argv)
     try:

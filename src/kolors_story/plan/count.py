@@ -73,7 +73,7 @@ def build_on(device: str, make: Callable[[], torch.nn.Module], dtype: torch.dtyp
 
 @lru_cache(maxsize=16)
 def meta_model(kind: str, config_json: str, dtype: str) -> torch.nn.Module:
-    """``unet``, ``vae``, ``text_encoder``, ``scorer`` or ``clip`` of a config, on the meta device (cached)."""
+    """``unet``, ``vae``, ``text_encoder``, ``scorer``, ``clip`` or ``ip_encoder`` of a config, on the meta device (cached)."""
     config = json.loads(config_json)
     if kind == "unet":
         from diffusers import UNet2DConditionModel
@@ -92,6 +92,10 @@ def meta_model(kind: str, config_json: str, dtype: str) -> torch.nn.Module:
         from transformers import CLIPConfig, CLIPModel
 
         make = lambda: CLIPModel(CLIPConfig(**{k: v for k, v in config.items() if k != "architectures"}))  # noqa: E731
+    elif kind == "ip_encoder":
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        make = lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**config))  # noqa: E731
     elif kind == "scorer":
         from aesthetics_predictor import AestheticsPredictorV2Linear
         from transformers import CLIPVisionConfig

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kolors_story.models import configs as real
 from kolors_story.plan import count
+from kolors_story.plan.coherence import adapter_bytes, shared_token_bytes
 from kolors_story.settings import (
     EvaluateConfig,
     GenerateConfig,
@@ -135,7 +136,10 @@ def generate_stages(sizes: Sizes, job: GenerateConfig, lora_files=()) -> list[St
     aligning = final_scores or (s.best_of.n > 1 and s.best_of.select == "story")  # CLIP-T (generate.checks)
     scorer_here = scoring and str(job.scorer.device).split(":")[0] == str(job.model.device).split(":")[0]
     scorer_w = (sizes.weights("scorer") + sizes.weights("clip") * aligning) if scorer_here else 0
-    unet_w = sizes.weights("unet", seq) + _lora_bytes(lora_files)
+    unet_config = json.loads(sizes.unet)
+    unet_w = sizes.weights("unet", seq) + _lora_bytes(lora_files) + adapter_bytes(job.coherence, unet_config, sizes.dtype)
+    shared = _shared_tokens(sizes, job, unet_config)
+    shared_here = shared if job.coherence.sharing.record_device == "device" else 0
 
     def resident(active: str, te_gone: bool) -> int:
         if m.offload == "none":
@@ -150,8 +154,9 @@ def generate_stages(sizes: Sizes, job: GenerateConfig, lora_files=()) -> list[St
     stages = [
         Stage("encode prompts", resident("encode", False), count.text_encode(sizes.text_encoder, n_scenes, sizes.dtype),
               {**knobs, "prompts": n_scenes}),
-        Stage("denoise", resident("unet", gone), count.unet_call(sizes.unet, cfg_batch, s.height, s.width, sizes.dtype,
-                                                                 m.attention), {**knobs, "batch_size": b}),
+        Stage("denoise", resident("unet", gone) + shared_here,
+              count.unet_call(sizes.unet, cfg_batch, s.height, s.width, sizes.dtype, m.attention),
+              {**knobs, "batch_size": b, **_shared_knob(job, shared)}),
         Stage("decode", resident("vae", gone) + upcast, count.vae_decode(sizes.vae, b, s.height, s.width, sizes.decode_dtype,
                                                                 m.vae_slicing, m.vae_tiling),
               {**knobs, "batch_size": b, "vae_slicing": m.vae_slicing, "vae_tiling": m.vae_tiling}),
@@ -162,12 +167,28 @@ def generate_stages(sizes: Sizes, job: GenerateConfig, lora_files=()) -> list[St
         work = max(count.vae_encode(sizes.vae, b, fh, fw, sizes.dtype),
                    count.unet_call(sizes.unet, cfg_batch, fh, fw, sizes.dtype, m.attention),
                    count.vae_decode(sizes.vae, b, fh, fw, sizes.decode_dtype, m.vae_slicing, m.vae_tiling))
-        stages.append(Stage(f"hires refine ({fw}x{fh})", resident("unet", gone) + sizes.weights("vae", seq), work,
+        stages.append(Stage(f"hires refine ({fw}x{fh})", resident("unet", gone) + sizes.weights("vae", seq) + shared_here, work,
                             {**knobs, "batch_size": b, "vae_slicing": m.vae_slicing, "vae_tiling": m.vae_tiling}))
     if scorer_here:
         stages.append(Stage("score", resident("score", gone), count.score_batch(sizes.scorer, job.scorer.batch_size),
                             {"batch_size": job.scorer.batch_size}))
     return stages
+
+
+def _shared_tokens(sizes: Sizes, job, unet_config: dict) -> int:
+    hires = None
+    if job.sampler.hires.enabled:
+        mult = sizes.size_multiple
+        hires = tuple(max(mult, int(round(v * job.sampler.hires.scale / mult)) * mult)
+                      for v in (job.sampler.height, job.sampler.width))
+    return shared_token_bytes(job.coherence, unet_config, job.sampler, sizes.dtype, hires)
+
+
+def _shared_knob(job, shared: int) -> dict:
+    """Where the reference tokens of consistent self-attention wait (in the plan's settings)."""
+    if not shared:
+        return {}
+    return {"shared_tokens_gb": round(shared / GB, 2), "shared_tokens_on": job.coherence.sharing.record_device}
 
 
 # --------------------------------------------------------------------------------- training
@@ -195,10 +216,15 @@ def train_stages(sizes: Sizes, job: TrainConfig) -> list[Stage]:
     ]
     if job.validate:
         b = min(s.batch_size, n_scenes)
-        held = unet_w + 12 * lora + beside  # the optimizer state stays; gradients are freed
+        unet_config = json.loads(sizes.unet)
+        shared = _shared_tokens(sizes, job, unet_config)
+        # the optimizer state stays, gradients are freed; the IP-Adapter is loaded for the render only
+        held = unet_w + 12 * lora + beside + adapter_bytes(job.coherence, unet_config, sizes.dtype)
+        held += shared if job.coherence.sharing.record_device == "device" else 0
         stages += [
             Stage("validation: denoise", held, count.unet_call(sizes.unet, 2 * b if s.cfg > 1 else b, s.height,
-                                                               s.width, sizes.dtype), {"validation_batch_size": b}),
+                                                               s.width, sizes.dtype),
+                  {"validation_batch_size": b, **_shared_knob(job, shared)}),
             Stage("validation: decode", held, count.vae_decode(sizes.vae, b, s.height, s.width, sizes.decode_dtype,
                                                                job.memory.vae_slicing, job.memory.vae_tiling),
                   {"validation_batch_size": b, "vae_slicing": job.memory.vae_slicing}),

@@ -12,6 +12,7 @@ from kolors_story.data.preflight import POLICIES
 from kolors_story.errors import SettingsError, TrainingError
 from kolors_story.evaluate.alignment import check_clip_folder
 from kolors_story.evaluate.scorer import check_scorer_folder
+from kolors_story.generate.coherence import check_coherence
 from kolors_story.generate.sampler import (
     check_sampler,
     check_size_for,
@@ -96,4 +97,5 @@ def check_train(job: TrainConfig) -> None:
             check_scorer_folder(job.scorer.path)
             if job.scorer.alignment:
                 check_clip_folder(job.scorer.clip_path)
+        check_coherence(job.coherence, story_scenes(job.story, job.sampler))
     story_scenes(job.story, job.sampler)

@@ -138,7 +138,7 @@ def _validator(job: TrainConfig, pipe, scenes, story_embeds) -> StoryValidator |
         pipe.vae.enable_slicing()
     if job.memory.vae_tiling:
         pipe.vae.enable_tiling()
-    validator = StoryValidator(pipe, scenes, story_embeds, job.sampler, job.scorer, title=title)
+    validator = StoryValidator(pipe, scenes, story_embeds, job.sampler, job.scorer, title=title, coherence=job.coherence)
     try:
         validator.scorer  # load it now: a missing scorer must fail before training, not at step N
     except Exception as exc:  # noqa: BLE001

@@ -16,11 +16,13 @@ from kolors_story.evaluate.alignment import PromptAligner
 from kolors_story.evaluate.scorer import AestheticScorer
 from kolors_story.evaluate.summary import score_story
 from kolors_story.files import atomic_write_json
+from kolors_story.generate.coherence import StoryCoherence, coherence_on, prepare_pipeline
 from kolors_story.generate.outputs import save_story
+from kolors_story.generate.reference import unload_adapter
 from kolors_story.generate.render import render_scenes
 from kolors_story.generate.schedulers import build_scheduler
 from kolors_story.records import SCORES_FILE, CheckpointScores
-from kolors_story.settings import SamplerSettings, ScorerSettings
+from kolors_story.settings import CoherenceSettings, SamplerSettings, ScorerSettings
 from kolors_story.story import Scene
 
 
@@ -28,7 +30,7 @@ class StoryValidator:
     """Renders ``scenes`` from precomputed ``embeds`` with ``pipe`` (whose UNet is the one being trained)."""
 
     def __init__(self, pipe, scenes: list[Scene], embeds: dict[str, torch.Tensor], sampler: SamplerSettings,
-                 scorer: ScorerSettings, title: str = "story"):
+                 scorer: ScorerSettings, title: str = "story", coherence: CoherenceSettings | None = None):
         self.pipe = pipe
         self.scenes = list(scenes)
         n = embeds["prompt_embeds"].shape[0]
@@ -41,6 +43,7 @@ class StoryValidator:
         self.sampler = sampler
         self.scorer_settings = scorer
         self.title = title
+        self.coherence = coherence if coherence_on(coherence) else None  # the same coherence as the final render
         self._scorer = None
         self._aligner = None
         # The sampler the final render will use (the training schedule is not touched).
@@ -69,14 +72,30 @@ class StoryValidator:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             unet.eval()
             try:
-                images = render_scenes(self.pipe, self.scenes, embeds, steps=s.steps, cfg=s.cfg, height=s.height,
-                                       width=s.width, batch_size=s.batch_size, retries=retries)
+                images = self._render_coherent(embeds, retries)
             finally:
                 unet.train(was_training)
         if retries:  # it ran out of memory at this batch: the next checkpoints render smaller batches
             s.batch_size = max(1, min(r["batch_size"] for r in retries) // 2)
             print(f"story validation ran out of GPU memory: rendering {s.batch_size} scenes at a time from now on")
         return images
+
+    def _render_coherent(self, embeds, retries: list[dict]):
+        """The story as generate.py renders it: with the coherence settings (IP-Adapter loaded for this
+        render only: the training step runs without it), else plainly."""
+        s = self.sampler
+        kwargs = dict(steps=s.steps, cfg=s.cfg, height=s.height, width=s.width, batch_size=s.batch_size,
+                      retries=retries)
+        if self.coherence is None:
+            return render_scenes(self.pipe, self.scenes, embeds, **kwargs)
+        adapter = prepare_pipeline(self.pipe, self.coherence, self.pipe.unet.dtype, self.pipe.unet.device)
+        coherence = StoryCoherence(self.pipe, self.scenes, self.coherence)
+        try:
+            return render_scenes(self.pipe, self.scenes, embeds, coherence=coherence, **kwargs)
+        finally:
+            coherence.close()
+            if adapter is not None:
+                unload_adapter(self.pipe)
 
     def run(self, out_dir: str | Path, run_dir: str | Path, step: int) -> dict:
         """Render, save and score into ``out_dir``; the result adds the image and panel file names."""

@@ -1,0 +1,269 @@
+"""Story coherence I: consistent self-attention across scenes (two passes) and a reference image
+through Kolors-IP-Adapter-Plus, with hires, best-of, stacked LoRAs, bundles, reproduce and
+training-time validation renders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kolors_story.errors import UserError
+from kolors_story.generate.render import Job, render_jobs
+from kolors_story.generate.sampler import sampler_settings
+from kolors_story.models.ip_adapter import WEIGHT_NAME, adapter_shapes, ensure_tiny_ip_adapter, file_shapes
+from tests.helpers import settings
+from tests.test_generate import make_lora, max_diff, pixels, run_generate
+from tests.test_train import RUN, story, tiny_batches  # noqa: F401 (fixtures shared with the training tests)
+
+
+def _png_bytes(folder: Path) -> list[bytes]:
+    return [(folder / f"{i}.png").read_bytes() for i in range(1, 9)]
+
+
+def _arrays(images) -> list[np.ndarray]:
+    return [np.asarray(im.convert("RGB"), dtype=np.int16) for im in images]
+
+
+# ---------------------------------------------------------------------------- off is off
+
+
+def test_off_zero_strength_and_zero_scale_render_todays_images_byte_for_byte(tmp_path):
+    off, _ = run_generate(tmp_path, name="off")
+    run_generate(tmp_path, "coherence=sharing", "coherence.sharing.strength=0", name="strength0")
+    run_generate(tmp_path, "coherence=reference", "coherence.reference.scale=0", name="scale0")
+    run_generate(tmp_path, "coherence=both", "coherence.sharing.strength=0",
+                 "coherence.reference.scales=[0,0,0,0,0,0,0,0]", name="both0")
+    for name in ("strength0", "scale0", "both0"):
+        assert _png_bytes(tmp_path / name) == _png_bytes(tmp_path / "off"), name
+        assert json.loads((tmp_path / name / "manifest.json").read_text())["coherence"] is None
+    assert off["manifest"]["coherence"] is None
+
+
+# ---------------------------------------------------------------------------- the mechanism
+
+
+def _attention(dim: int = 8):
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=dim, heads=2, dim_head=4).eval()
+    return attn, AttnProcessor2_0()
+
+
+def test_readers_attend_to_the_recorded_reference_tokens_and_their_own():
+    from kolors_story.generate.sharing import SharedSelfAttention, SharingState
+    from kolors_story.settings import SharingSettings
+
+    attn, inner = _attention()
+    state = SharingState(SharingSettings(enabled=True, token_ratio=0.5, strength=1.0, end=0.5), 1000, None)
+    proc = SharedSelfAttention("up_blocks.0.attn1.processor", inner, state)
+    ref, own = torch.randn(2, 16, 8), torch.randn(2, 16, 8)  # CFG halves: [negative, positive] of one image
+
+    state.begin_batch("record", [0])
+    state.on_unet_call(None, (None, torch.tensor(999)), {})  # progress 0.001: inside [0, 0.5]
+    assert torch.equal(proc(attn, ref), inner(attn, ref))  # recording does not change the reference
+    recorded = state.bank.parts[(0, proc.name, 1)][0]
+    idx = state.token_indices(0, 16)
+    assert recorded.shape == (8, 8) and torch.equal(recorded, ref[1, idx])  # half of the tokens, fixed subset
+
+    state.begin_batch("read", [3], readers=[True])
+    state.on_unet_call(None, (None, torch.tensor(999)), {})
+    out = proc(attn, own)
+    for half in (0, 1):
+        ctx = torch.cat([ref[half, idx], own[half]])[None]
+        expected = inner(attn, own[half : half + 1], ctx)
+        assert torch.allclose(out[half : half + 1], expected, atol=1e-6)
+    assert not torch.allclose(out, inner(attn, own), atol=1e-3)  # it did attend elsewhere
+
+    state.settings.strength = 0.25  # a blend of the two
+    mixed = proc(attn, own)
+    assert torch.allclose(mixed, torch.lerp(inner(attn, own), out, 0.25), atol=1e-6)
+    state.on_unet_call(None, (None, torch.tensor(100)), {})  # progress 0.9: outside the window
+    assert torch.equal(proc(attn, own), inner(attn, own))
+
+
+@pytest.fixture()
+def loud_attention_pipe(tiny_pipe):
+    """The tiny Kolors with its self-attention made to matter (the random init leaves it at a few
+    8-bit levels): so that what sharing does shows in the pixels."""
+    with torch.no_grad():
+        for name, p in tiny_pipe.unet.named_parameters():
+            if "attn1.to_v" in name or "attn1.to_out.0.weight" in name:
+                p.mul_(10)
+            elif "attn1.to_q" in name or "attn1.to_k" in name:
+                p.mul_(5)
+    return tiny_pipe
+
+
+def _render(pipe, scenes, embeds, batch_size: int, coherence_settings=None, steps: int = 3):
+    from kolors_story.generate.coherence import StoryCoherence
+
+    s = sampler_settings(steps=steps, height=64, width=64, batch_size=batch_size, seeds=None)
+    jobs = [Job(i, sc.seed) for i, sc in enumerate(scenes)]
+    coherence = StoryCoherence(pipe, scenes, coherence_settings) if coherence_settings is not None else None
+    try:
+        return _arrays(render_jobs(pipe, jobs, embeds, s, progress=False, coherence=coherence)), coherence
+    finally:
+        if coherence is not None:
+            coherence.close()
+
+
+def test_sharing_does_not_depend_on_the_batch(loud_attention_pipe):
+    from kolors_story.models.prompts import encode_scenes
+    from kolors_story.story import story_scenes
+
+    pipe = loud_attention_pipe
+    job = settings("generate", ["model=tiny", "coherence=sharing", "coherence.sharing.end=1.0"])
+    scenes = story_scenes(job.story, job.sampler)
+    embeds = encode_scenes(pipe, scenes)
+    off, _ = _render(pipe, scenes, embeds, 8)
+    runs = {b: _render(pipe, scenes, embeds, b, job.coherence) for b in (1, 2, 8)}
+    on = runs[8][0]
+    assert runs[8][1].references == [0]  # scene 1 names the heroine first
+    assert max(int(np.abs(a - b).max()) for a, b in zip(off[1:], on[1:])) > 30  # sharing changes the readers
+    assert int(np.abs(off[0] - on[0]).max()) <= 2  # the reference itself renders as alone
+    for b in (1, 2):  # as much as plain rendering differs between batch sizes (fp rounding), no more
+        assert max_diff(runs[b][0], on) <= 2, b
+    assert runs[8][1].record()["sharing"]["recorded_bytes"] > 0
+
+
+def test_reference_scenes_come_from_the_story_character_or_the_setting():
+    from kolors_story.generate.coherence import reference_positions
+    from kolors_story.story import story_scenes
+
+    for name, first in (("idol_diary", 0), ("ink_dream", 0), ("warrior_dragon", 0)):
+        job = settings("generate", ["model=tiny", f"story={name}"])
+        assert reference_positions(story_scenes(job.story, job.sampler), job.coherence.sharing) == [first]
+    job = settings("generate", ["model=tiny", "story=ink_dream", "story.character='英俊少年'"])
+    assert reference_positions(story_scenes(job.story, job.sampler), job.coherence.sharing) == [3]  # scene 4
+    job = settings("generate", ["model=tiny", "coherence.sharing.reference_scenes=[2,5]"])
+    assert reference_positions(story_scenes(job.story, job.sampler), job.coherence.sharing) == [1, 4]
+
+
+def test_bad_coherence_settings_name_the_key(tmp_path):
+    for override, match in (("coherence.sharing.strength=1.5", "coherence.sharing.strength=1.5"),
+                            ("coherence.sharing.end=0", "start=0.0, end=0"),
+                            ("coherence.sharing.reference_scenes=[9]", r"reference_scenes=\[9\]"),
+                            ("coherence.reference.scene=0", "coherence.reference.scene=0"),
+                            (f"coherence.reference.image={tmp_path / 'nope.png'}", "nope.png: no such file"),
+                            ("coherence.reference.scales=[1,2]", "2 values for 8 scenes")):
+        with pytest.raises(UserError, match=match):  # one line at the command line, before any model loads
+            run_generate(tmp_path, "coherence=both", override)
+        assert not (tmp_path / "out" / "1.png").exists()
+
+
+# ---------------------------------------------------------------------------- the IP-Adapter
+
+
+def test_tiny_ip_adapter_has_the_release_layout_and_loads_through_diffusers(tiny_pipe, tmp_path):
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    from kolors_story.generate.reference import image_embeds, load_adapter, unload_adapter
+    from kolors_story.models.configs import TINY_IP_RESAMPLER, tiny_ip_encoder_config, tiny_unet_config
+
+    folder = ensure_tiny_ip_adapter(tmp_path / "ipa", seed=0)
+    assert (folder / WEIGHT_NAME).is_file() and (folder / "image_encoder" / "config.json").is_file()
+    keys = file_shapes(folder / WEIGHT_NAME)
+    assert keys == adapter_shapes(tiny_unet_config(), tiny_ip_encoder_config()["hidden_size"], TINY_IP_RESAMPLER)
+    assert "image_proj.layers.3.0.to_kv.weight" in keys and "ip_adapter.1.to_k_ip.weight" in keys
+    job = settings("generate", ["model=tiny", "coherence=reference", f"coherence.reference.path={folder}"])
+    for _ in range(2):  # load, unload, load: Kolors' text projection survives diffusers' unload
+        record = load_adapter(tiny_pipe, job.coherence.reference, torch.float32, "cpu")
+        unet = tiny_pipe.unet
+        assert unet.config.encoder_hid_dim_type == "ip_image_proj" and unet.text_encoder_hid_proj is not None
+        ip = [p for p in unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)]
+        assert len(ip) == sum(k.endswith("to_k_ip.weight") for k in keys)
+        embeds = image_embeds(tiny_pipe, Image.new("RGB", (80, 60), (200, 40, 40)), "cpu", True)
+        assert embeds[0].shape == (2, 1, 577, 32)  # [negative, positive] x 336/14 patches + CLS, encoder width
+        unload_adapter(tiny_pipe)
+        assert unet.config.encoder_hid_dim_type == "text_proj"
+    assert len(record["weight_sha256"]) == 64
+
+
+def test_reference_strength_per_scene(tmp_path):
+    sheet = tmp_path / "sheet.png"
+    Image.new("RGB", (96, 96), (30, 90, 200)).save(sheet)
+    run_generate(tmp_path, name="off")
+    scales = [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    result, _ = run_generate(tmp_path, "coherence=reference", f"coherence.reference.image={sheet}",
+                             f"coherence.reference.scales=[{','.join(map(str, scales))}]", name="ref")
+    off, ref = pixels(tmp_path / "off"), pixels(tmp_path / "ref")
+    for n, scale in enumerate(scales):
+        diff = int(np.abs(off[n] - ref[n]).max())
+        assert (diff <= 2) if scale == 0 else (diff > 5), (n, diff)
+    rec = result["manifest"]["coherence"]["reference"]
+    assert rec["image"]["sha256"] and rec["scales"] == scales and rec["adapter"]["weight"] == WEIGHT_NAME
+
+
+# ---------------------------------------------------------------------------- with everything else
+
+
+def test_both_with_hires_best_of_and_stacked_loras_bundle_and_reproduce(tmp_path, tiny_model_dir):
+    from kolors_story.generate.reproduce import ReproduceError, reproduce
+
+    sheet = tmp_path / "sheet.png"
+    Image.new("RGB", (96, 96), (200, 60, 120)).save(sheet)
+    style = make_lora(tmp_path / "style", tiny_model_dir, seed=3)["diffusers"]
+    entity = make_lora(tmp_path / "entity", tiny_model_dir, seed=4)["diffusers"]
+    result, _ = run_generate(
+        tmp_path, "coherence=both", f"coherence.reference.image={sheet}", "coherence.sharing.reference_scenes=[1,2]",
+        "sampler.hires.enabled=true", "sampler.hires.scale=1.5", "sampler.hires.steps=2", "sampler.hires.strength=0.5",
+        "sampler.best_of.n=2", f"lora_path={style}", f"loras=[{{path: '{entity}', scale: 0.5}}]",
+        "submit.team=Team", name="out")
+    manifest = result["manifest"]
+    assert manifest["coherence"]["sharing"]["references"] == [1, 2]
+    assert manifest["coherence"]["reference"]["image"]["name"] == "sheet.png" and len(manifest["loras"]) == 2
+    bundle = Path(result["bundle"])
+    assert (bundle / "reference_sheet.png").read_bytes() == sheet.read_bytes()
+    card = (bundle / "README.md").read_text(encoding="utf-8")
+    assert "reference_sheet.png" in card and "Consistent self-attention" in card
+    report = reproduce(bundle, tmp_path / "again", progress=False)
+    assert report["all_identical"], report["images"]
+    # another reference image cannot claim the same story
+    changed = tmp_path / "changed"
+    shutil.copytree(bundle, changed)
+    Image.new("RGB", (96, 96), (10, 10, 10)).save(changed / "reference_sheet.png")
+    Image.new("RGB", (96, 96), (10, 10, 10)).save(sheet)
+    with pytest.raises(ReproduceError, match="reference image sheet.png"):
+        reproduce(changed, tmp_path / "x", progress=False)
+
+
+def test_validation_renders_use_the_coherence_settings(tmp_path, tiny_batches, story):  # noqa: F811 (fixtures)
+    from kolors_story.records import read_metrics
+    from kolors_story.train.run import run_training
+
+    scenes, embeds = story
+    common = ["model=tiny", "logger=none", "trainer.progress_bar=false", *RUN, "trainer.max_steps=2",
+              "trainer.checkpoint_every_n_steps=2", "sampler.steps=2"]
+    results = {}
+    for name, extra in (("plain", []), ("both", ["coherence=both"])):
+        cfg = settings("train", [*common, f"output_dir={tmp_path / name}", *extra])
+        result = run_training(cfg, tmp_path / name, tiny_batches, scenes=scenes, story_embeds=embeds,
+                              dataset_hash="d" * 64)
+        assert result.status == "finished"
+        results[name] = [r for r in read_metrics(tmp_path / name) if r["type"] == "checkpoint"][-1]
+    plain, both = (pixels(tmp_path / name / results[name]["dir"]) for name in ("plain", "both"))
+    assert max_diff(plain[:1], both[:1]) <= 2 and max_diff(plain[1:], both[1:]) > 2  # scene 1 is the reference
+    losses = {name: [r["loss"] for r in read_metrics(tmp_path / name) if r["type"] == "train"] for name in results}
+    assert losses["plain"] == losses["both"]  # the training steps never see the adapter
+
+
+def test_comparison_sheet_labels_each_row_with_its_similarities():
+    from kolors_story.generate.compare import comparison_sheet, pixel_similarity
+
+    same = [Image.new("RGB", (64, 64), (120, 120, 120))] * 8
+    varied = [Image.new("RGB", (64, 64), (30 * i, 255 - 30 * i, 90)) for i in range(8)]
+    assert pixel_similarity(same) == 1.0 and pixel_similarity(varied) < pixel_similarity(same)
+    rows = [{"label": "a", "images": same, "tiny": True, "clip_i": 1.0, "pixels": 1.0},
+            {"label": "b", "images": varied, "tiny": True, "clip_i": 0.5, "pixels": pixel_similarity(varied)}]
+    sheet = comparison_sheet(rows, tile=64)
+    label_h = 18
+    assert sheet.size == (8 * 64, label_h + 2 * (64 + label_h))  # the tiny-model title, then two labelled rows
+    second_row_first_tile = np.asarray(sheet)[label_h + 64 + label_h + label_h + 10, 10]
+    assert tuple(second_row_first_tile) == (0, 255, 90)
