@@ -156,7 +156,3 @@ def install_sharing(unet, settings: SharingSettings, num_train_timesteps: int, d
 
     return state, undo
 
-
-def shared_layers(unet, settings: SharingSettings) -> list[str]:
-    blocks = tuple(str(b) for b in settings.blocks)
-    return [n for n in unet.attn_processors if n.endswith("attn1.processor") and n.startswith(blocks)]

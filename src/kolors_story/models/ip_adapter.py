@@ -115,6 +115,3 @@ def ensure_tiny_ip_adapter(folder: str | Path, seed: int = 0) -> Path:
 
     return build_stamped_folder(folder, {"version": TINY_IP_VERSION, "seed": int(seed)}, TINY_IP_STAMP, write)
 
-
-def is_tiny_ip_adapter(folder: str | Path) -> bool:
-    return (Path(folder) / TINY_IP_STAMP).exists()
