@@ -17,7 +17,8 @@ from kolors_story.records import last_checkpoint, read_metrics
 from kolors_story.settings import OptimSettings
 from kolors_story.train.devices import resolve_precision
 from kolors_story.train.loader import StreamBatchSampler
-from kolors_story.train.module import KolorsLoraModule, lr_lambda
+from kolors_story.train.module import KolorsLoraModule
+from kolors_story.train.optimizers import lr_lambda
 from kolors_story.train.run import run_training
 from tests.helpers import compose, settings
 
@@ -200,6 +201,39 @@ RUN = ["trainer.batch_size=2", "trainer.steps_per_epoch=3", "trainer.max_epochs=
 def _max_diff(a, b):
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("optim", [["optim=prodigy"], ["optim=adafactor", "optim.schedule=cosine_with_restarts",
+                                                              "optim.cycles=2", "optim.warmup_steps=1"]])
+def test_other_optimizers_train_and_resume_exactly(tmp_path, tiny_batches, optim):
+    n = 6
+    straight = run_training(_cfg(tmp_path / "a", *RUN, *optim, f"trainer.max_steps={n}",
+                                 "trainer.checkpoint_every_n_steps=100"), tmp_path / "a", tiny_batches)
+    assert straight.status == "finished" and straight.step == n
+    b = tmp_path / "b"  # stopped after step 3 (the schedule keeps its length), then resumed
+    cfg = _cfg(b, *RUN, *optim, f"trainer.max_steps={n}", "trainer.checkpoint_every_n_steps=100")
+    assert run_training(cfg, b, tiny_batches, extra_callbacks=[_InterruptAt(3)]).status == "interrupted"
+    resumed = run_training(cfg, b, tiny_batches, resume_from=last_checkpoint(b) / "trainer_state.ckpt")
+    assert resumed.status == "finished" and resumed.step == n
+    assert _max_diff(_lora_state(b), _lora_state(tmp_path / "a")) <= 1e-6
+    plain = run_training(_cfg(tmp_path / "c", *RUN, f"trainer.max_steps={n}", "trainer.checkpoint_every_n_steps=100"),
+                         tmp_path / "c", tiny_batches)
+    assert plain.status == "finished"
+    assert _max_diff(_lora_state(tmp_path / "c"), _lora_state(tmp_path / "a")) > 1e-4  # another optimiser was used
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "a") if r["type"] == "train"]
+    if "optim=adafactor" in optim:  # warmup 1 step, then two cosine cycles over the remaining 5
+        assert lrs[0] < lrs[1] and lrs[-1] < lrs[1] and any(b > a for a, b in zip(lrs[2:], lrs[3:]))
+
+
+def test_8bit_adamw_needs_a_gpu_and_unknown_names_are_refused(tmp_path):
+    from kolors_story.train.checks import check_train
+
+    with pytest.raises(ValueError, match="adamw8bit runs on CUDA GPUs only"):
+        check_train(_cfg(tmp_path, "optim.name=adamw8bit"))
+    with pytest.raises(ValueError, match="optim.name='sgd'.*adamw, adamw8bit, prodigy, adafactor"):
+        check_train(_cfg(tmp_path, "optim.name=sgd"))
+    with pytest.raises(ValueError, match="optim.schedule='step'"):
+        check_train(_cfg(tmp_path, "optim.schedule=step"))
 
 
 def test_resume_equals_straight_run_at_epoch_boundary_and_mid_epoch_after_ctrl_c(tmp_path, tiny_batches):

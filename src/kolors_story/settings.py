@@ -132,13 +132,16 @@ class LoraSettings:
 
 @dataclass
 class OptimSettings:
-    name: str = "adamw"  # optimiser: adamw
+    name: str = "adamw"  # adamw, adamw8bit (bitsandbytes, CUDA), prodigy (set lr=1: it finds its own step) or adafactor
     lr: float = 1.0e-4  # peak learning rate
-    weight_decay: float = 0.01  # AdamW weight decay on the LoRA weights
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
-    eps: float = 1.0e-8  # AdamW epsilon
-    schedule: str = "constant"  # constant or cosine (after warmup)
+    weight_decay: float = 0.01  # weight decay on the LoRA weights
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas (adamw, adamw8bit, prodigy)
+    eps: float = 1.0e-8  # Adam epsilon (adamw, adamw8bit, prodigy)
+    schedule: str = "constant"  # constant, cosine, linear, polynomial or cosine_with_restarts (after warmup)
     warmup_steps: int = 0  # linear warmup steps from 0 to lr
+    cycles: int = 1  # cosine_with_restarts: number of cosine cycles
+    power: float = 1.0  # polynomial: decay power (1 = linear)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # more keyword arguments for the optimiser (e.g. prodigy's d_coef)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from kolors_story.errors import SettingsError, TrainingError
 from kolors_story.evaluate.alignment import check_clip_folder
 from kolors_story.evaluate.scorer import check_scorer_folder
 from kolors_story.generate.coherence import check_coherence
+from kolors_story.train.optimizers import check_optimizer
 from kolors_story.generate.sampler import (
     check_sampler,
     check_size_for,
@@ -53,9 +54,8 @@ def check_trainer(t: TrainerSettings) -> None:
         raise SettingsError(f"trainer.gradient_clip_val={t.gradient_clip_val}: must be > 0 or null")
 
 
-def check_optim(o: OptimSettings) -> None:
-    if str(o.name).lower() != "adamw":
-        raise SettingsError(f"optim.name={o.name!r}: only adamw is implemented")
+def check_optim(o: OptimSettings, device: str = "cpu") -> None:
+    check_optimizer(o, device)
     if not (math.isfinite(o.lr) and o.lr > 0):
         raise SettingsError(f"optim.lr={o.lr}: must be a finite number > 0 (the baseline's is 1e-4)")
     if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
@@ -64,8 +64,6 @@ def check_optim(o: OptimSettings) -> None:
         raise SettingsError(f"optim.betas={list(o.betas)}: two numbers in [0, 1), e.g. [0.9, 0.999]")
     if not (math.isfinite(o.eps) and o.eps > 0):
         raise SettingsError(f"optim.eps={o.eps}: must be > 0")
-    if o.schedule not in ("constant", "cosine"):
-        raise SettingsError(f"optim.schedule={o.schedule!r}: use constant or cosine")
     if o.warmup_steps < 0:
         raise SettingsError(f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
 
@@ -76,7 +74,7 @@ def check_train(job: TrainConfig) -> None:
     if job.stage not in STAGES:
         raise TrainingError(f"stage={job.stage!r}: use one of {', '.join(STAGES)}")
     check_trainer(job.trainer)
-    check_optim(job.optim)
+    check_optim(job.optim, str(job.model.device))
     targets = check_lora(job.lora.rank, job.lora.alpha, job.lora.target_modules, job.lora.init, job.lora.dropout)
     if job.dataset.crop not in CROP_POLICIES:
         raise SettingsError(f"dataset.crop={job.dataset.crop!r}: use one of {list(CROP_POLICIES)}")

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kolors_story.errors import SettingsError
 from kolors_story.settings import OptimSettings
+from kolors_story.train.optimizers import build_optimizer, build_schedule
 
 NAN_HINT = (
     "Likely cause: fp16 overflow. The stock SDXL VAE overflows in float16 (NaN latents, black "
@@ -32,28 +32,6 @@ NAN_HINT = (
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN/Inf; training stops and the last good checkpoint is kept."""
-
-
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of the peak lr at optimizer step ``step``: linear warmup, then constant or cosine.
-
-    A closure (not a callable object), so LambdaLR does not store it in the checkpoint: a resumed
-    run with a longer ``max_steps`` stretches the cosine to the new length.
-    """
-    if schedule not in ("constant", "cosine"):
-        raise SettingsError(f"optim.schedule={schedule!r}: use constant or cosine")
-    warmup_steps = max(0, int(warmup_steps))
-    total_steps = max(1, int(total_steps))
-
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def sample_generators(seeds: torch.Tensor) -> list[torch.Generator]:
@@ -81,8 +59,6 @@ class KolorsLoraModule(L.LightningModule):
             raise ValueError(f"scheduler prediction_type={self.prediction_type!r} is not supported (epsilon, v_prediction)")
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
         self.optim = optim
-        if str(optim.name).lower() != "adamw":
-            raise SettingsError(f"optim.name={optim.name!r}: only adamw is implemented")
         self.min_snr_gamma = float(min_snr_gamma) if min_snr_gamma not in (None, 0, 0.0) else None
         self.noise_offset = float(noise_offset or 0.0)
         self.nan_hint = nan_hint if nan_hint is not None else NAN_HINT.format(lr=float(optim.lr))
@@ -180,23 +156,14 @@ class KolorsLoraModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError("no trainable parameters: add a LoRA to the UNet before training")
-        o = self.optim
-        opt = torch.optim.AdamW(
-            params,
-            lr=float(o.lr),
-            betas=tuple(float(b) for b in o.betas),
-            eps=float(o.eps),
-            weight_decay=float(o.weight_decay),
-        )
+        opt = build_optimizer(params, self.optim)
         total = self.total_steps
         if total is None:
             # Note: with a finite max_epochs this sets up the dataloader before a checkpoint's
             # loader state is restored; run_training passes total_steps to avoid that.
             total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         total = int(total) if math.isfinite(total) else 1
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(str(o.schedule), int(o.warmup_steps or 0), total)
-        )
+        sched = build_schedule(opt, self.optim, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     # ---------------------------------------------------------------------------- checkpoints
