@@ -156,6 +156,28 @@ def test_contract_shapes_order_and_text_encoder_released(built, tiny_model_dir):
     assert len(built.encoders) == 1 and built.encoders[0]() is None, "text encoder still referenced"
 
 
+def test_cached_embeddings_follow_the_kolors_encoding_convention(built, tiny_pipe):
+    """The guard against training on other text features than generation sees, written out without
+    encode_prompt (SimpleTuner's 77 tokens would fail it): ChatGLM3 tokens padded on the LEFT to
+    256, the penultimate layer's hidden states as the sequence, the last layer's state at the last
+    position as the pooled vector."""
+    tok, te = tiny_pipe.tokenizer, tiny_pipe.text_encoder
+    for path, caption in zip(built.cache.items, CAPTIONS):
+        inputs = tok([caption], padding="max_length", max_length=256, truncation=True, return_tensors="pt")
+        assert inputs["input_ids"].shape == (1, 256) and inputs["attention_mask"][0, 0] == 0  # left padding
+        assert inputs["attention_mask"][0, -1] == 1
+        with torch.no_grad():
+            out = te(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     position_ids=inputs["position_ids"], output_hidden_states=True)
+        sequence = out.hidden_states[-2].permute(1, 0, 2)[0]  # ChatGLM is sequence-first
+        pooled = out.hidden_states[-1][-1, 0, :]
+        t = load_cached_item(path)
+        assert t["prompt_embeds"].shape == (256, sequence.shape[-1])
+        assert torch.allclose(t["prompt_embeds"], sequence.float(), atol=1e-6)
+        assert torch.allclose(t["pooled_prompt_embeds"], pooled.float(), atol=1e-6)
+        assert not torch.allclose(t["pooled_prompt_embeds"], out.hidden_states[-2][-1, 0, :].float(), atol=1e-3)
+
+
 def test_cached_embeddings_equal_generation_exactly(built, tiny_pipe):
     for path, caption in zip(built.cache.items, CAPTIONS):
         t = load_cached_item(path)
