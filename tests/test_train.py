@@ -225,6 +225,30 @@ def test_other_optimizers_train_and_resume_exactly(tmp_path, tiny_batches, optim
         assert lrs[0] < lrs[1] and lrs[-1] < lrs[1] and any(b > a for a, b in zip(lrs[2:], lrs[3:]))
 
 
+def test_validation_loss_is_fixed_for_a_lora_and_moves_with_training(tmp_path, tiny_batches, tiny_model_dir):
+    from kolors_story.lora import add_lora
+    from kolors_story.models.loading import load_pipeline
+    from kolors_story.settings import OptimSettings
+    from kolors_story.train.held_out import held_out_loss, split_items
+
+    runs = {}
+    for name in ("a", "b"):  # the same run twice: the same validation losses, to the bit
+        cfg = _cfg(tmp_path / name, *RUN, "trainer.validation_split=1", "trainer.max_steps=4",
+                   "trainer.checkpoint_every_n_steps=2")
+        result = run_training(cfg, tmp_path / name, tiny_batches)
+        assert result.status == "finished"
+        runs[name] = [r["val_loss"] for r in read_metrics(tmp_path / name) if r["type"] == "checkpoint"]
+    assert runs["a"] == runs["b"] and len(runs["a"]) == 2 and runs["a"][0] != runs["a"][1]
+    train, held = split_items(tiny_batches, 1, cfg.trainer.seed)
+    assert len(train) == 3 and len(held) == 1  # the held-out item is never trained on
+    pipe = load_pipeline(tiny_model_dir, text_encoder=False)
+    add_lora(pipe.unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=list(cfg.lora.target_modules))
+    untrained = KolorsLoraModule(pipe.unet, dict(pipe.scheduler.config), OptimSettings())
+    base = held_out_loss(untrained, held, cfg.trainer.validation_timesteps, cfg.trainer.seed)
+    assert base == held_out_loss(untrained, held, cfg.trainer.validation_timesteps, cfg.trainer.seed)
+    assert abs(base - runs["a"][-1]) > 1e-6  # a trained LoRA scores differently from a fresh one
+
+
 def test_8bit_adamw_needs_a_gpu_and_unknown_names_are_refused(tmp_path):
     from kolors_story.train.checks import check_train
 

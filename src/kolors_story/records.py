@@ -122,6 +122,7 @@ class CheckpointRecord(TypedDict, total=False):
     trainer_state: str
     interrupted: bool  # saved on Ctrl-C
     validation_error: str  # the story render failed; the LoRA is saved without scores
+    val_loss: float  # the held-out validation loss (trainer.validation_split > 0; train.held_out)
 
 
 class StatusRecord(TypedDict):

@@ -165,6 +165,8 @@ class TrainerSettings:
     noise_offset: float = 0.0  # offset noise strength (e.g. 0.05: darker darks / brighter brights); 0 -> off
     progress_bar: bool = True  # Lightning's progress bar (steps/epoch counts)
     seed: int = 42  # seed of LoRA init, noise, timesteps, data order and random crops
+    validation_split: float = 0.0  # held-out items for the validation loss: a share (<1) or a count (>=1); 0 -> off
+    validation_timesteps: List[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])  # where it is scored
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +26,7 @@ from kolors_story.records import (
     CheckpointRecord,
     checkpoint_name,
 )
+from kolors_story.train.held_out import held_out_loss
 from kolors_story.train.logger import RunLogger
 from kolors_story.train.validation import StoryValidator
 
@@ -41,6 +42,9 @@ class RunContext:
     log_every_n_steps: int = 1
     validator: StoryValidator | None = None
     scenes: list | None = None
+    held_out: list = field(default_factory=list)  # items scored for the validation loss (train.held_out)
+    validation_timesteps: tuple[int, ...] = ()
+    seed: int = 0
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -128,6 +132,10 @@ class CheckpointCallback(L.Callback):
                 print(f"\nCtrl-C: saving a checkpoint at step {trainer.global_step} before stopping ...")
                 self.save(trainer, pl_module, interrupted=True)
 
+    def _val_loss(self, pl_module) -> float:
+        with torch.random.fork_rng(devices=[]):  # the training run's random streams stay untouched
+            return held_out_loss(pl_module, self.ctx.held_out, self.ctx.validation_timesteps, self.ctx.seed)
+
     def _validate(self, folder: Path, step: int) -> tuple[dict | None, str | None]:
         """The story render + scores, or the reason it failed (a failed render must not cost the LoRA)."""
         try:
@@ -157,6 +165,7 @@ class CheckpointCallback(L.Callback):
         with atomic_dir(final, tmp=tmp) if rank0 else nullcontext(tmp):
             if rank0:
                 files = save_lora(pl_module.unet, tmp, {**self.ctx.metadata, "step": step, "epoch": epoch})
+                val_loss = self._val_loss(pl_module) if self.ctx.held_out and not interrupted else None
                 if self.ctx.validator is not None and not interrupted:
                     story, validation_error = self._validate(tmp, step)
             self._save_trainer_state(trainer, tmp / TRAINER_STATE, interrupted)
@@ -166,6 +175,9 @@ class CheckpointCallback(L.Callback):
             rel = _rel(final, self.ctx.run_dir)
             record = checkpoint_record(step, epoch, rel, files, story, interrupted=interrupted,
                                        validation_error=validation_error)
+            if val_loss is not None:
+                record["val_loss"] = val_loss
+                print(f"checkpoint {rel}: validation loss {val_loss:.5f} ({len(self.ctx.held_out)} held-out items)")
             self.ctx.logger.checkpoint(record, self.ctx.scenes)
             if story is not None:
                 verdict = "PASS" if story["passed"] else "below the gate"

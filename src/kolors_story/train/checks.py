@@ -75,6 +75,11 @@ def check_train(job: TrainConfig) -> None:
         raise TrainingError(f"stage={job.stage!r}: use one of {', '.join(STAGES)}")
     check_trainer(job.trainer)
     check_optim(job.optim, str(job.model.device))
+    if not 0 <= float(job.trainer.validation_split):
+        raise SettingsError(f"trainer.validation_split={job.trainer.validation_split}: a share < 1, a count >= 1, or 0")
+    if any(not 0 <= int(v) < 1100 for v in job.trainer.validation_timesteps) or not job.trainer.validation_timesteps:
+        raise SettingsError(f"trainer.validation_timesteps={list(job.trainer.validation_timesteps)}: "
+                            "timesteps in [0, 1100) (Kolors' schedule), at least one")
     targets = check_lora(job.lora.rank, job.lora.alpha, job.lora.target_modules, job.lora.init, job.lora.dropout)
     if job.dataset.crop not in CROP_POLICIES:
         raise SettingsError(f"dataset.crop={job.dataset.crop!r}: use one of {list(CROP_POLICIES)}")

@@ -96,9 +96,16 @@ class KolorsLoraModule(L.LightningModule):
         return clipped / (snr + 1.0) if self.prediction_type == "v_prediction" else clipped / snr
 
     def compute_loss(self, batch: dict, seeds: torch.Tensor | None = None) -> torch.Tensor:
-        latents = batch["latents"].float()
         seeds = batch["noise_seed"] if seeds is None else seeds
-        noise, timesteps = self.noise_and_timesteps(latents, seeds)
+        noise, timesteps = self.noise_and_timesteps(batch["latents"].float(), seeds)
+        per_sample = self.per_sample_loss(batch, noise, timesteps)
+        if self.min_snr_gamma is not None:
+            per_sample = per_sample * self.snr_weights(timesteps)
+        return per_sample.mean()
+
+    def per_sample_loss(self, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The unweighted denoising loss of each sample for the given noise and timesteps."""
+        latents = batch["latents"].float()
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         dtype = self.unet.dtype
         # Called exactly as KolorsPipeline calls it during sampling.
@@ -116,10 +123,7 @@ class KolorsLoraModule(L.LightningModule):
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        per_sample = F.mse_loss(pred, target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
-        if self.min_snr_gamma is not None:
-            per_sample = per_sample * self.snr_weights(timesteps)
-        return per_sample.mean()
+        return F.mse_loss(pred, target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
 
     # ------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -32,13 +32,14 @@ def _checkpoint_table(result):
     from rich.table import Table
 
     c = Table(title=f"Checkpoints in {result.run_dir} (story panel + aesthetic scores)")
-    for col in ("step", "mean", "min", "pass", "CLIP-I", "CLIP-T", "copy", "objective", "panel"):
+    for col in ("step", "mean", "min", "pass", "CLIP-I", "CLIP-T", "copy", "objective", "val loss", "panel"):
         c.add_column(col)
     for r in result.checkpoints:
         fmt = (lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-")
         c.add_row(str(r["step"]), fmt(r.get("mean")), fmt(r.get("min")),
                   {True: "yes", False: "no", None: "-"}[r.get("passed")], fmt(r.get("coherence")),
                   fmt(r.get("clip_t")), fmt(r.get("copy_paste")), fmt(r.get("story_objective")),
+                  "-" if r.get("val_loss") is None else f"{r['val_loss']:.5f}",
                   str(r["panel"]) if r.get("panel") else "-")
     return c
 

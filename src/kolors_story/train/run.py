@@ -32,6 +32,7 @@ from kolors_story.models.loading import ensure_model, load_pipeline, model_hash
 from kolors_story.records import WANDB_ID_FILE, CheckpointRecord, last_checkpoint
 from kolors_story.settings import TrainConfig
 from kolors_story.story import Scene, story_scenes
+from kolors_story.train.held_out import split_items
 from kolors_story.train.checkpoints import CheckpointCallback, RunContext, VaeToDevice
 from kolors_story.train.checks import STAGES
 from kolors_story.train.devices import (
@@ -213,7 +214,8 @@ def run_training(job: TrainConfig, run_dir: str | Path, items: Sequence, *, scen
     pipe = _trainable_unet(job)
     module = KolorsLoraModule(pipe.unet, dict(pipe.scheduler.config), job.optim, min_snr_gamma=t.min_snr_gamma,
                               noise_offset=t.noise_offset)
-    loader = make_loader(items, t)
+    train_items, held_out = split_items(items, t.validation_split, t.seed)  # the same split on every rank
+    loader = make_loader(train_items, t)
     module.describe_sample = loader.dataset.describe
     # 2. What every LoRA file records; rank 0 alone logs (metrics.jsonl + W&B) and validates.
     config = settings_dict(job)
@@ -227,7 +229,8 @@ def run_training(job: TrainConfig, run_dir: str | Path, items: Sequence, *, scen
     logger = RunLogger(None if is_child else run_dir, mirror)
     callback = CheckpointCallback(RunContext(
         run_dir=run_dir, logger=logger, metadata=metadata, every_n_steps=int(t.checkpoint_every_n_steps or 10**12),
-        log_every_n_steps=int(t.log_every_n_steps or 1), validator=validator, scenes=scenes))
+        log_every_n_steps=int(t.log_every_n_steps or 1), validator=validator, scenes=scenes, held_out=held_out,
+        validation_timesteps=tuple(int(v) for v in t.validation_timesteps), seed=int(t.seed)))
     # 3. The Lightning Trainer; fit (DDP children get what they train on through the environment).
     callbacks = [callback, *([VaeToDevice(pipe)] if validator is not None else []), *extra_callbacks]
     trainer = _lightning_trainer(job, run_dir, loader, module, precision, callbacks)

@@ -83,7 +83,10 @@ class WandbMirror:
             self._fail("log", exc)
 
     def log_checkpoint(self, record: CheckpointRecord, run_dir: Path, scenes: list | None = None) -> None:
-        """Scores as scalars, the panel as an image and a per-scene table (with each image)."""
+        """Scores as scalars, the panel as an image and a per-scene table (with each image); the
+        validation loss (when there is a held-out split)."""
+        if self.run is not None and record.get("val_loss") is not None:
+            self.log({"val/loss": float(record["val_loss"])}, step=int(record["step"]))
         if self.run is None or record.get("scores") is None:
             return
         try:
