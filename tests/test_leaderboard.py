@@ -81,6 +81,27 @@ def test_story_objective_ranks_by_coherence_alignment_and_copies(tmp_path):
     assert floor[0].run.name == "0_lora.rank=4"  # min 6.1 >= 6.0; the other's min is 5.8
 
 
+def test_ema_weights_rank_beside_the_raw_ones_and_render_from_best_yaml(tmp_path):
+    from kolors_story.generate.runs import resolve_checkpoint
+
+    ema = {"files": {}, "scores": [6.4] * 8, "mean": 6.4, "min": 6.0, "passed": True, "coherence": 0.7,
+           "val_loss": 0.12}
+    run = _job(tmp_path, "0_lora.rank=4", ["lora.rank=4"], [{**_ck(10, 6.2), "val_loss": 0.13, "ema": ema}])
+    rows = build_leaderboard(tmp_path)
+    assert [(r.checkpoint, r.mean, r.val_loss) for r in rows] == [
+        ("checkpoints/step-000010:ema", 6.4, 0.12), ("checkpoints/step-000010", 6.2, 0.13)]
+    folder = run / "checkpoints" / "step-000010"
+    folder.mkdir(parents=True)
+    for name in ("lora.safetensors", "lora_ema.safetensors"):
+        (folder / name).write_bytes(b"x")
+    write_leaderboard(tmp_path)
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert best["checkpoint"] == "checkpoints/step-000010:ema" and best["val_loss"] == 0.12
+    assert resolve_checkpoint(tmp_path / "best.yaml").lora.name == "lora_ema.safetensors"
+    assert resolve_checkpoint(run, "step-000010").lora.name == "lora.safetensors"
+    assert resolve_checkpoint(run, "step-000010:ema").lora.name == "lora_ema.safetensors"
+
+
 def test_writes_csv_markdown_and_best(tmp_path):
     _job(tmp_path, "0_lora.rank=4", ["lora.rank=4"], [_ck(10, 6.1)])
     _job(tmp_path, "1_lora.rank=16", ["lora.rank=16"], [_ck(10, 6.3)])

@@ -249,6 +249,48 @@ def test_validation_loss_is_fixed_for_a_lora_and_moves_with_training(tmp_path, t
     assert abs(base - runs["a"][-1]) > 1e-6  # a trained LoRA scores differently from a fresh one
 
 
+class _RawWeights(L.Callback):
+    """The LoRA weights after every optimizer step (what the EMA follows)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append({n.removeprefix("unet.").replace(".default", ""): p.detach().clone()
+                           for n, p in pl_module.named_parameters() if p.requires_grad})
+
+
+def test_ema_weights_equal_a_reference_average_and_resume_exactly(tmp_path, tiny_batches):
+    from kolors_story.lora import read_lora
+
+    n, decay = 5, 0.6
+    ema = ["trainer.ema.enabled=true", f"trainer.ema.decay={decay}", "trainer.checkpoint_every_n_steps=100"]
+    raw = _RawWeights()
+    run = run_training(_cfg(tmp_path / "a", *RUN, *ema, f"trainer.max_steps={n}"), tmp_path / "a", tiny_batches,
+                       extra_callbacks=[raw])
+    assert run.status == "finished" and len(raw.steps) == n
+    reference = {k: v.clone() for k, v in raw.steps[0].items()}  # diffusers' EMAModel: the 1st update copies
+    for step, weights in enumerate(raw.steps[1:], start=1):
+        d = min(decay, (1 + step) / (10 + step))
+        reference = {k: d * reference[k] + (1 - d) * weights[k] for k in reference}
+    folder = last_checkpoint(tmp_path / "a")
+    got = read_lora(folder / "lora_ema.safetensors")
+    assert got.metadata["ema"] is True and (folder / "lora_kohya_ema.safetensors").is_file()
+    assert (folder / "lora_diffsynth_ema.ckpt").is_file()
+    keys = {k.replace(".weight", ""): k for k in got.state_dict}
+    assert len(keys) == len(reference)
+    for name, value in reference.items():
+        assert torch.allclose(got.state_dict[keys[name.replace(".weight", "")]], value, atol=1e-6), name
+    raw_file = read_lora(folder / "lora.safetensors").state_dict
+    assert _max_diff(raw_file, got.state_dict) > 1e-4  # the raw weights are exported as they are
+    # stopped at step 2 and resumed: the same average
+    b = tmp_path / "b"
+    cfg = _cfg(b, *RUN, *ema, f"trainer.max_steps={n}")
+    assert run_training(cfg, b, tiny_batches, extra_callbacks=[_InterruptAt(2)]).status == "interrupted"
+    assert run_training(cfg, b, tiny_batches, resume_from=last_checkpoint(b) / "trainer_state.ckpt").status == "finished"
+    assert _max_diff(read_lora(last_checkpoint(b) / "lora_ema.safetensors").state_dict, got.state_dict) <= 1e-6
+
+
 def test_8bit_adamw_needs_a_gpu_and_unknown_names_are_refused(tmp_path):
     from kolors_story.train.checks import check_train
 

@@ -31,6 +31,7 @@ MANIFEST_FORMAT = "kolors-story-manifest/1"
 PROMPTS_FILE = "prompts.csv"
 PANEL_FILE = "panel.png"
 CANDIDATES_FILE = "candidates.png"  # best-of: every candidate, the kept ones framed
+EMA_SUFFIX = ":ema"  # a checkpoint's EMA weights (lora_ema.safetensors): checkpoint=step-XXXXXX:ema
 WANDB_ID_FILE = "wandb_run.json"  # the run's W&B id, so a resumed run continues the same W&B run
 TINY_NOTE = "tiny random model: not a real result"
 
@@ -123,6 +124,7 @@ class CheckpointRecord(TypedDict, total=False):
     interrupted: bool  # saved on Ctrl-C
     validation_error: str  # the story render failed; the LoRA is saved without scores
     val_loss: float  # the held-out validation loss (trainer.validation_split > 0; train.held_out)
+    ema: dict  # trainer.ema: the EMA weights' files, val_loss and story scores/panel (same keys as above)
 
 
 class StatusRecord(TypedDict):

@@ -145,6 +145,13 @@ class OptimSettings:
 
 
 @dataclass
+class EmaSettings:
+    enabled: bool = False  # keep an exponential moving average of the LoRA weights; checkpoints export it as *_ema.* files
+    decay: float = 0.999  # its decay per update (diffusers EMAModel: min(decay, (1+n)/(10+n)) at the n-th update)
+    every: int = 1  # update it every N optimizer steps
+
+
+@dataclass
 class TrainerSettings:
     accelerator: str = "auto"  # auto, gpu, cpu
     devices: Any = 1  # number of devices (processes with ddp), a list of ids, or auto
@@ -167,6 +174,7 @@ class TrainerSettings:
     seed: int = 42  # seed of LoRA init, noise, timesteps, data order and random crops
     validation_split: float = 0.0  # held-out items for the validation loss: a share (<1) or a count (>=1); 0 -> off
     validation_timesteps: List[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])  # where it is scored
+    ema: EmaSettings = field(default_factory=EmaSettings)  # exponential moving average of the LoRA weights
 
 
 @dataclass

@@ -22,7 +22,7 @@ import yaml
 from kolors_story.errors import MissingFileError, SettingsError
 from kolors_story.evaluate.selection import Objective
 from kolors_story.files import atomic_write_text
-from kolors_story.records import METRICS_FILE, CheckpointRecord, read_metrics
+from kolors_story.records import EMA_SUFFIX, METRICS_FILE, CheckpointRecord, read_metrics
 from kolors_story.settings import EvaluateConfig, LoggerSettings
 
 OBJECTIVES = ("mean", "min", "coherence", "story")
@@ -74,6 +74,12 @@ def _job_num(run: Path) -> int:
     return int(head) if head.isdigit() else 1 << 30
 
 
+def _ema_row(record: dict) -> dict:
+    """A checkpoint's EMA weights as a checkpoint line of their own (only the EMA's own numbers)."""
+    return {"type": "checkpoint", "step": record.get("step"), "epoch": record.get("epoch"), **record["ema"],
+            "dir": f"{record['dir']}{EMA_SUFFIX}"}
+
+
 def rows_for_run(run: Path, story: Objective | None = None) -> list[Row]:
     records = read_metrics(run / METRICS_FILE)
     overrides = _overrides(run)
@@ -81,6 +87,8 @@ def rows_for_run(run: Path, story: Objective | None = None) -> list[Row]:
     status = status_rec.get("status", "unknown") if status_rec else ("unknown" if records else "failed")
     error = status_rec.get("error") if status_rec else (None if records else "no metrics.jsonl: the job died before training started")
     checkpoints: list[CheckpointRecord] = [r for r in records if r.get("type") == "checkpoint"]
+    # the EMA weights of a checkpoint rank beside its raw weights, as "<dir>:ema"
+    checkpoints = [v for r in checkpoints for v in [r] + ([_ema_row(r)] if r.get("ema") else [])]
     rows = []
     for r in checkpoints:
         rows.append(

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf, open_dict
 
 from kolors_story.configs import override_key, task_overrides
 from kolors_story.errors import MissingFileError, SettingsError
-from kolors_story.records import CHECKPOINTS, LAST_FILE
+from kolors_story.records import CHECKPOINTS, EMA_SUFFIX, LAST_FILE
 
 RUN_GROUPS = ("model", "scorer", "story", "sampler", "coherence")  # taken from the training run's config
 
@@ -90,6 +90,8 @@ def resolve_checkpoint(run: str | Path | None, checkpoint: str | Path | None = "
             raise SettingsError(f"{best_file} names no run; add a 'run' key or pass run=<run folder>")
     if run_path is None:
         raise SettingsError("run= is empty: give a training run folder")
+    ema = checkpoint.endswith(EMA_SUFFIX)  # the checkpoint's EMA weights (trainer.ema)
+    checkpoint = checkpoint.removesuffix(EMA_SUFFIX)
     if not run_path.is_dir():
         raise MissingFileError(f"run={run_path} is not a folder (expected a training run with .hydra/ and checkpoints/)")
     if checkpoint == "last":
@@ -102,9 +104,10 @@ def resolve_checkpoint(run: str | Path | None, checkpoint: str | Path | None = "
             raise MissingFileError(f"checkpoint=last: {last} does not exist (has the run saved a checkpoint yet?)")
     else:
         folder = _checkpoint_folder(run_path, checkpoint)
-    lora = folder / "lora.safetensors"
+    lora = folder / ("lora_ema.safetensors" if ema else "lora.safetensors")
     if not lora.is_file():
-        raise MissingFileError(f"checkpoint {folder} has no lora.safetensors")
+        raise MissingFileError(f"checkpoint {folder} has no {lora.name}"
+                               + (" (the run was trained without trainer.ema.enabled)" if ema else ""))
     config = run_path / ".hydra" / "config.yaml"
     if not config.is_file():
         raise MissingFileError(f"run {run_path} has no .hydra/config.yaml (is it a train.py run folder?)")

@@ -15,6 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
+from kolors_story.lora.files import with_suffix
 from kolors_story.errors import OutputExistsError, SettingsError
 from kolors_story.files import (
     atomic_dir,
@@ -46,8 +47,9 @@ def _lora_files(loras: list) -> list[tuple[Path, str, int | None]]:
     for n, spec in enumerate(loras):
         prefix = f"lora{n + 1}-" if prefix_all else ""
         files.append((spec.path, prefix + spec.path.name, n))
-        if spec.path.name == "lora.safetensors":  # a training checkpoint: ship the other formats too
-            for sibling in SIBLING_FORMATS:
+        if spec.path.name in ("lora.safetensors", "lora_ema.safetensors"):  # a checkpoint: the other formats too
+            suffix = "_ema" if spec.path.name == "lora_ema.safetensors" else ""
+            for sibling in (with_suffix(name, suffix) for name in SIBLING_FORMATS):
                 if (spec.path.parent / sibling).is_file():
                     files.append((spec.path.parent / sibling, prefix + sibling, None))
     return files
@@ -92,7 +94,8 @@ def _copy_loras(result, folder: Path, manifest: dict) -> tuple[list[dict], list[
     rows, details = [], []
     for src, dest, idx in _lora_files(result.loras):
         shutil.copy2(src, folder / dest)
-        fmt = SIBLING_FORMATS.get(src.name, "diffusers" if src.suffix == ".safetensors" else src.suffix.lstrip("."))
+        fmt = SIBLING_FORMATS.get(src.name.replace("_ema.", "."),
+                                  "diffusers" if src.suffix == ".safetensors" else src.suffix.lstrip("."))
         row = {"file": dest, "format": fmt, "sha256": file_sha256(folder / dest)}
         if idx is not None:
             d = _lora_details(src)

@@ -127,8 +127,10 @@ def _diffusers_adapter_metadata(cfg, targets: list[str]) -> dict:
     }
 
 
-def save_lora(unet, folder, metadata: dict | None = None, adapter_name: str = "default") -> dict[str, Path]:
-    """Write the adapter as ``lora.safetensors``, ``lora_kohya.safetensors`` and ``lora_diffsynth.ckpt``.
+def save_lora(unet, folder, metadata: dict | None = None, adapter_name: str = "default",
+              suffix: str = "") -> dict[str, Path]:
+    """Write the adapter as ``lora.safetensors``, ``lora_kohya.safetensors`` and ``lora_diffsynth.ckpt``
+    (``suffix`` before the extension: ``_ema`` gives ``lora_ema.safetensors`` ...).
 
     Each write is atomic (temp file + rename). All three carry rank, alpha, target modules, the UNet
     config and ``metadata`` (base_model_hash, dataset_hash, resolved config ...). Returns
@@ -158,7 +160,7 @@ def save_lora(unet, folder, metadata: dict | None = None, adapter_name: str = "d
         log.warning(
             "LoRA targets %s in DiffSynth names include modules outside the competition's load_lora() "
             "target_modules %s: those weights are ignored there", ds_targets, list(COMPETITION_TARGETS))
-    files = {fmt: folder / name for fmt, name in FILE_NAMES.items()}
+    files = {fmt: folder / with_suffix(name, suffix) for fmt, name in FILE_NAMES.items()}
 
     def header(fmt: str, extra: dict) -> dict:
         return {"format": "pt", INFO_KEY: json.dumps({**info, "format": fmt}, ensure_ascii=False), **extra}
@@ -181,6 +183,12 @@ def save_lora(unet, folder, metadata: dict | None = None, adapter_name: str = "d
         torch.save(ckpt, tmp)
     return files
 
+
+
+def with_suffix(name: str, suffix: str) -> str:
+    """``lora_kohya.safetensors`` + ``_ema`` -> ``lora_kohya_ema.safetensors``."""
+    stem, dot, ext = name.partition(".")
+    return f"{stem}{suffix}{dot}{ext}"
 
 
 # ---------------------------------------------------------------------------------------------

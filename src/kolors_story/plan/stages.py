@@ -210,7 +210,7 @@ def train_stages(sizes: Sizes, job: TrainConfig) -> list[Stage]:
               count.text_encode(sizes.text_encoder, max(cache_b, n_scenes), sizes.dtype), {"cache_batch_size": cache_b}),
         Stage("cache: VAE latents", sizes.weights("vae"), count.vae_encode(sizes.vae, cache_b, h, w, sizes.dtype),
               {"cache_batch_size": cache_b}),
-        Stage("train step", unet_w + 16 * lora + beside,  # LoRA fp32 weights + grads + AdamW's two moments
+        Stage("train step", unet_w + (16 + 4 * t.ema.enabled) * lora + beside,  # LoRA fp32 weights + grads + AdamW's two moments (+ EMA copy)
               count.train_step(sizes.unet, t.batch_size, h, w, sizes.dtype, t.gradient_checkpointing, job.lora.rank,
                                targets), {"batch_size": t.batch_size, "gradient_checkpointing": t.gradient_checkpointing}),
     ]

@@ -43,6 +43,7 @@ class RunContext:
     validator: StoryValidator | None = None
     scenes: list | None = None
     held_out: list = field(default_factory=list)  # items scored for the validation loss (train.held_out)
+    ema: object = None  # train.ema.EmaCallback when trainer.ema.enabled
     validation_timesteps: tuple[int, ...] = ()
     seed: int = 0
 
@@ -52,6 +53,21 @@ def _rel(path: Path, root: Path) -> str:
         return str(Path(path).relative_to(root))
     except ValueError:
         return str(path)
+
+
+def ema_record(rel: str, ema: dict) -> dict:
+    """The ``ema`` part of a checkpoint line: the same fields as the raw weights' (paths under the run)."""
+    story = ema.get("story")
+    out = {"files": {fmt: f"{rel}/{Path(p).name}" for fmt, p in ema["files"].items()}}
+    if ema.get("val_loss") is not None:
+        out["val_loss"] = ema["val_loss"]
+    if ema.get("validation_error"):
+        out["validation_error"] = ema["validation_error"]
+    if story is not None:
+        out.update({k: story[k] for k in ("scores", "mean", "min", "passed", "coherence", "outlier", "clip_t",
+                                          "copy_paste", "story_objective")},
+                   panel=f"{rel}/ema/{story['panel']}", images=[f"{rel}/ema/{p}" for p in story["images"]])
+    return out
 
 
 def checkpoint_record(step: int, epoch: int, rel: str, files: dict, story: dict | None, *, interrupted: bool,
@@ -132,6 +148,18 @@ class CheckpointCallback(L.Callback):
                 print(f"\nCtrl-C: saving a checkpoint at step {trainer.global_step} before stopping ...")
                 self.save(trainer, pl_module, interrupted=True)
 
+    def _save_ema(self, pl_module, folder: Path, step: int, epoch: int, interrupted: bool) -> dict:
+        """The EMA weights as ``*_ema.*`` files, their validation loss and story (in ``<checkpoint>/ema/``)."""
+        out: dict = {}
+        with self.ctx.ema.applied(pl_module):
+            out["files"] = save_lora(pl_module.unet, folder, {**self.ctx.metadata, "step": step, "epoch": epoch,
+                                                              "ema": True}, suffix="_ema")
+            if self.ctx.held_out and not interrupted:
+                out["val_loss"] = self._val_loss(pl_module)
+            if self.ctx.validator is not None and not interrupted:
+                out["story"], out["validation_error"] = self._validate(folder / "ema", step)
+        return out
+
     def _val_loss(self, pl_module) -> float:
         with torch.random.fork_rng(devices=[]):  # the training run's random streams stay untouched
             return held_out_loss(pl_module, self.ctx.held_out, self.ctx.validation_timesteps, self.ctx.seed)
@@ -168,6 +196,7 @@ class CheckpointCallback(L.Callback):
                 val_loss = self._val_loss(pl_module) if self.ctx.held_out and not interrupted else None
                 if self.ctx.validator is not None and not interrupted:
                     story, validation_error = self._validate(tmp, step)
+                ema = self._save_ema(pl_module, tmp, step, epoch, interrupted) if self.ctx.ema is not None else None
             self._save_trainer_state(trainer, tmp / TRAINER_STATE, interrupted)
         if rank0:
             atomic_write_text(self.ckpt_root / LAST_FILE, name + "\n")
@@ -178,6 +207,8 @@ class CheckpointCallback(L.Callback):
             if val_loss is not None:
                 record["val_loss"] = val_loss
                 print(f"checkpoint {rel}: validation loss {val_loss:.5f} ({len(self.ctx.held_out)} held-out items)")
+            if ema is not None:
+                record["ema"] = ema_record(rel, ema)
             self.ctx.logger.checkpoint(record, self.ctx.scenes)
             if story is not None:
                 verdict = "PASS" if story["passed"] else "below the gate"

@@ -34,7 +34,9 @@ def _checkpoint_table(result):
     c = Table(title=f"Checkpoints in {result.run_dir} (story panel + aesthetic scores)")
     for col in ("step", "mean", "min", "pass", "CLIP-I", "CLIP-T", "copy", "objective", "val loss", "panel"):
         c.add_column(col)
-    for r in result.checkpoints:
+    rows = [v for r in result.checkpoints for v in [r] + ([{**r["ema"], "step": f"{r['step']} ema"}]
+                                                          if r.get("ema") else [])]
+    for r in rows:
         fmt = (lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-")
         c.add_row(str(r["step"]), fmt(r.get("mean")), fmt(r.get("min")),
                   {True: "yes", False: "no", None: "-"}[r.get("passed")], fmt(r.get("coherence")),

@@ -32,6 +32,7 @@ from kolors_story.models.loading import ensure_model, load_pipeline, model_hash
 from kolors_story.records import WANDB_ID_FILE, CheckpointRecord, last_checkpoint
 from kolors_story.settings import TrainConfig
 from kolors_story.story import Scene, story_scenes
+from kolors_story.train.ema import EmaCallback
 from kolors_story.train.held_out import split_items
 from kolors_story.train.checkpoints import CheckpointCallback, RunContext, VaeToDevice
 from kolors_story.train.checks import STAGES
@@ -232,7 +233,9 @@ def run_training(job: TrainConfig, run_dir: str | Path, items: Sequence, *, scen
         log_every_n_steps=int(t.log_every_n_steps or 1), validator=validator, scenes=scenes, held_out=held_out,
         validation_timesteps=tuple(int(v) for v in t.validation_timesteps), seed=int(t.seed)))
     # 3. The Lightning Trainer; fit (DDP children get what they train on through the environment).
-    callbacks = [callback, *([VaeToDevice(pipe)] if validator is not None else []), *extra_callbacks]
+    ema = [EmaCallback(t.ema)] if t.ema.enabled else []  # before the checkpoints: they export its weights
+    callback.ctx.ema = ema[0] if ema else None
+    callbacks = [*ema, callback, *([VaeToDevice(pipe)] if validator is not None else []), *extra_callbacks]
     trainer = _lightning_trainer(job, run_dir, loader, module, precision, callbacks)
     loader.batch_sampler.trainer = trainer  # its state_dict reads the trainer's progress counters
     if not is_child:
