@@ -7,6 +7,7 @@ In-process tests train the tiny Kolors on in-memory batches built the way the ca
 from __future__ import annotations
 
 import json
+import math
 
 import lightning as L
 import pytest
@@ -289,6 +290,50 @@ def test_ema_weights_equal_a_reference_average_and_resume_exactly(tmp_path, tiny
     assert run_training(cfg, b, tiny_batches, extra_callbacks=[_InterruptAt(2)]).status == "interrupted"
     assert run_training(cfg, b, tiny_batches, resume_from=last_checkpoint(b) / "trainer_state.ckpt").status == "finished"
     assert _max_diff(read_lora(last_checkpoint(b) / "lora_ema.safetensors").state_dict, got.state_dict) <= 1e-6
+
+
+def test_loss_and_timestep_knobs(tiny_model_dir, tiny_batches):
+    from kolors_story.models.loading import load_pipeline
+    from kolors_story.settings import LossSettings, OptimSettings
+    from kolors_story.train.module import sample_generators
+
+    pipe = load_pipeline(tiny_model_dir, text_encoder=False)
+    config = dict(pipe.scheduler.config)
+
+    def module(**loss):
+        return KolorsLoraModule(pipe.unet, config, OptimSettings(), loss=LossSettings(**loss))
+
+    seeds = torch.arange(2000)
+    latents = torch.zeros(2000, 4, 1, 1)
+    # the default draws exactly what the trainer always drew: randint(0, 1100) from each sample's generator
+    _, t = module().noise_and_timesteps(latents, seeds)
+    assert t.tolist() == [int(torch.randint(0, 1100, (1,), generator=g)) for g in sample_generators(seeds)]
+    means = {}
+    for kind in ("logit_normal", "low", "high"):
+        _, t = module(timestep_distribution=kind, timestep_min=100, timestep_max=900).noise_and_timesteps(latents, seeds)
+        assert int(t.min()) >= 100 and int(t.max()) < 900, kind
+        means[kind] = float(t.float().mean())
+    uniform = float(module(timestep_min=100, timestep_max=900).noise_and_timesteps(latents, seeds)[1].float().mean())
+    assert means["low"] < uniform - 100 < uniform + 100 < means["high"] and abs(means["logit_normal"] - 500) < 30
+    _, t_ln = module(timestep_distribution="logit_normal", timestep_min=100, timestep_max=900).noise_and_timesteps(
+        latents, seeds)
+    assert float(t_ln.float().std()) < float(t.float().std())  # concentrated in the middle
+
+    batch = {k: torch.stack([b[k] for b in tiny_batches]) for k in tiny_batches[0]}
+    batch["noise_seed"] = torch.arange(4)
+    with torch.no_grad():
+        losses = {name: module(**kw).compute_loss(batch).item() for name, kw in {
+            "mse": {}, "zero_perturbation": {"input_perturbation": 0.0}, "huber": {"type": "huber"},
+            "smooth_l1": {"type": "smooth_l1"}, "debiased": {"debiased_estimation": True},
+            "perturbed": {"input_perturbation": 0.1}}.items()}
+        m = module(debiased_estimation=True)
+        noise, steps = m.noise_and_timesteps(batch["latents"], batch["noise_seed"])
+        manual = (m.per_sample_loss(batch, noise, steps) * m.debiased_weights(steps)).mean().item()
+    assert losses["zero_perturbation"] == losses["mse"]
+    assert len({round(v, 9) for v in losses.values()}) == 5 and all(map(math.isfinite, losses.values()))
+    assert losses["debiased"] == pytest.approx(manual, rel=1e-6)
+    ac = m.alphas_cumprod[steps]
+    assert m.debiased_weights(steps).tolist() == pytest.approx((1 / torch.sqrt((ac / (1 - ac)).clamp(max=1000))).tolist())
 
 
 def test_8bit_adamw_needs_a_gpu_and_unknown_names_are_refused(tmp_path):

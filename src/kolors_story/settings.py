@@ -145,6 +145,20 @@ class OptimSettings:
 
 
 @dataclass
+class LossSettings:
+    type: str = "mse"  # mse (DiffSynth's), huber or smooth_l1 (robust to outlier pixels; both use huber_delta)
+    huber_delta: float = 0.1  # huber/smooth_l1: where the loss turns from quadratic to linear
+    debiased_estimation: bool = False  # weight each sample by 1/sqrt(SNR(t)) (Yu et al. 2023, kohya's option)
+    input_perturbation: float = 0.0  # noise the input with (noise + this x extra noise), target the noise alone (Ning et al. 2023); 0 -> off
+    timestep_min: int = 0  # smallest training timestep
+    timestep_max: Optional[int] = None  # one past the largest; null -> the schedule's length (1100 for Kolors)
+    timestep_distribution: str = "uniform"  # uniform, logit_normal, low (favours small t: detail) or high (large t: layout)
+    logit_mean: float = 0.0  # logit_normal: mean of the normal before the sigmoid
+    logit_std: float = 1.0  # logit_normal: its standard deviation
+    bias_power: float = 2.0  # low/high: how strongly (u^power of a uniform u)
+
+
+@dataclass
 class EmaSettings:
     enabled: bool = False  # keep an exponential moving average of the LoRA weights; checkpoints export it as *_ema.* files
     decay: float = 0.999  # its decay per update (diffusers EMAModel: min(decay, (1+n)/(10+n)) at the n-th update)
@@ -175,6 +189,7 @@ class TrainerSettings:
     validation_split: float = 0.0  # held-out items for the validation loss: a share (<1) or a count (>=1); 0 -> off
     validation_timesteps: List[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])  # where it is scored
     ema: EmaSettings = field(default_factory=EmaSettings)  # exponential moving average of the LoRA weights
+    loss: LossSettings = field(default_factory=LossSettings)  # loss type, weighting and timestep sampling
 
 
 @dataclass

@@ -13,6 +13,8 @@ from kolors_story.errors import SettingsError, TrainingError
 from kolors_story.evaluate.alignment import check_clip_folder
 from kolors_story.evaluate.scorer import check_scorer_folder
 from kolors_story.generate.coherence import check_coherence
+from kolors_story.models.configs import KOLORS_SCHEDULER_CONFIG
+from kolors_story.train.module import check_loss, timestep_range
 from kolors_story.train.optimizers import check_optimizer
 from kolors_story.generate.sampler import (
     check_sampler,
@@ -75,9 +77,12 @@ def check_train(job: TrainConfig) -> None:
         raise TrainingError(f"stage={job.stage!r}: use one of {', '.join(STAGES)}")
     check_trainer(job.trainer)
     check_optim(job.optim, str(job.model.device))
+    check_loss(job.trainer.loss)
+    timestep_range(job.trainer.loss, int(KOLORS_SCHEDULER_CONFIG["num_train_timesteps"]))  # 1100, tiny too
     if not 0 <= float(job.trainer.validation_split):
         raise SettingsError(f"trainer.validation_split={job.trainer.validation_split}: a share < 1, a count >= 1, or 0")
-    if any(not 0 <= int(v) < 1100 for v in job.trainer.validation_timesteps) or not job.trainer.validation_timesteps:
+    if any(not 0 <= int(v) < int(KOLORS_SCHEDULER_CONFIG["num_train_timesteps"]) for v in job.trainer.validation_timesteps) \
+            or not job.trainer.validation_timesteps:
         raise SettingsError(f"trainer.validation_timesteps={list(job.trainer.validation_timesteps)}: "
                             "timesteps in [0, 1100) (Kolors' schedule), at least one")
     targets = check_lora(job.lora.rank, job.lora.alpha, job.lora.target_modules, job.lora.init, job.lora.dropout)

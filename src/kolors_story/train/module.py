@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kolors_story.settings import OptimSettings
+from kolors_story.errors import SettingsError
+from kolors_story.settings import LossSettings, OptimSettings
 from kolors_story.train.optimizers import build_optimizer, build_schedule
 
 NAN_HINT = (
@@ -34,6 +35,55 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN/Inf; training stops and the last good checkpoint is kept."""
 
 
+LOSS_TYPES = ("mse", "huber", "smooth_l1")
+TIMESTEP_DISTRIBUTIONS = ("uniform", "logit_normal", "low", "high")
+
+
+def check_loss(loss: LossSettings) -> None:
+    if loss.type not in LOSS_TYPES:
+        raise SettingsError(f"trainer.loss.type={loss.type!r}: use one of {', '.join(LOSS_TYPES)}")
+    if loss.timestep_distribution not in TIMESTEP_DISTRIBUTIONS:
+        raise SettingsError(f"trainer.loss.timestep_distribution={loss.timestep_distribution!r}: use one of "
+                            f"{', '.join(TIMESTEP_DISTRIBUTIONS)}")
+    for key in ("huber_delta", "logit_std", "bias_power"):
+        if not float(getattr(loss, key)) > 0:
+            raise SettingsError(f"trainer.loss.{key}={getattr(loss, key)}: must be > 0")
+    if not float(loss.input_perturbation) >= 0:
+        raise SettingsError(f"trainer.loss.input_perturbation={loss.input_perturbation}: must be >= 0 (0 = off, ~0.1 in the paper)")
+
+
+def timestep_range(loss: LossSettings, num_train_timesteps: int) -> tuple[int, int]:
+    """``[low, high)`` of the training timesteps, checked against the schedule's length."""
+    low = int(loss.timestep_min)
+    high = num_train_timesteps if loss.timestep_max is None else int(loss.timestep_max)
+    if not 0 <= low < high <= num_train_timesteps:
+        raise SettingsError(f"trainer.loss.timestep_min={loss.timestep_min}, timestep_max={loss.timestep_max}: need "
+                            f"0 <= min < max <= {num_train_timesteps} (the schedule's length)")
+    return low, high
+
+
+def draw_timestep(loss: LossSettings, span: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    """One training timestep from the sample's own generator (uniform: exactly the historical draw)."""
+    low, high = span
+    kind = loss.timestep_distribution
+    if kind == "uniform":
+        return torch.randint(low, high, (1,), generator=g)
+    if kind == "logit_normal":
+        u = torch.sigmoid(torch.randn(1, generator=g, dtype=torch.float64) * float(loss.logit_std) + float(loss.logit_mean))
+    else:
+        u = torch.rand(1, generator=g, dtype=torch.float64) ** float(loss.bias_power)
+        u = u if kind == "low" else 1.0 - u
+    return (low + torch.floor(u * (high - low))).clamp(low, high - 1).long()
+
+
+def elementwise_loss(loss: LossSettings, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if loss.type == "huber":
+        return F.huber_loss(pred, target, reduction="none", delta=float(loss.huber_delta))
+    if loss.type == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, reduction="none", beta=float(loss.huber_delta))
+    return F.mse_loss(pred, target, reduction="none")
+
+
 def sample_generators(seeds: torch.Tensor) -> list[torch.Generator]:
     return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds.tolist()]
 
@@ -47,7 +97,8 @@ class KolorsLoraModule(L.LightningModule):
     """
 
     def __init__(self, unet: torch.nn.Module, scheduler_config: dict, optim: OptimSettings, *,
-                 min_snr_gamma: float | None = None, noise_offset: float = 0.0, nan_hint: str | None = None):
+                 min_snr_gamma: float | None = None, noise_offset: float = 0.0, nan_hint: str | None = None,
+                 loss: LossSettings | None = None):
         super().__init__()
         from diffusers import DDPMScheduler
 
@@ -61,6 +112,8 @@ class KolorsLoraModule(L.LightningModule):
         self.optim = optim
         self.min_snr_gamma = float(min_snr_gamma) if min_snr_gamma not in (None, 0, 0.0) else None
         self.noise_offset = float(noise_offset or 0.0)
+        self.loss_settings = loss if loss is not None else LossSettings()
+        self.timestep_range = timestep_range(self.loss_settings, self.num_train_timesteps)
         self.nan_hint = nan_hint if nan_hint is not None else NAN_HINT.format(lr=float(optim.lr))
         # The checkpoint holds only the LoRA weights, not the frozen multi-GB base.
         self.strict_loading = False
@@ -76,17 +129,26 @@ class KolorsLoraModule(L.LightningModule):
     # ------------------------------------------------------------------------------------ loss
     def noise_and_timesteps(self, latents: torch.Tensor, seeds: torch.Tensor):
         """Per-sample noise (+ optional offset noise) and timesteps, each from the sample's own seed."""
+        noise, timesteps, _ = self._draw(latents, seeds)
+        return noise, timesteps
+
+    def _draw(self, latents: torch.Tensor, seeds: torch.Tensor):
+        """Noise, timesteps and the input perturbation (None when off), in a fixed order per generator."""
         b, c = latents.shape[:2]
-        noise, offsets, steps = [], [], []
+        noise, offsets, steps, extra = [], [], [], []
+        perturb = float(self.loss_settings.input_perturbation)
         for g in sample_generators(seeds):
-            steps.append(torch.randint(0, self.num_train_timesteps, (1,), generator=g))
+            steps.append(draw_timestep(self.loss_settings, self.timestep_range, g))
             noise.append(torch.randn(latents.shape[1:], generator=g))
             offsets.append(torch.randn((c, 1, 1), generator=g))
+            if perturb:
+                extra.append(torch.randn(latents.shape[1:], generator=g))
         noise = torch.stack(noise)
         if self.noise_offset:
             noise = noise + self.noise_offset * torch.stack(offsets)
-        timesteps = torch.cat(steps)
-        return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
+        timesteps = torch.cat(steps).to(latents.device)
+        perturbation = (perturb * torch.stack(extra)).to(latents.device, latents.dtype) if perturb else None
+        return noise.to(latents.device, latents.dtype), timesteps, perturbation
 
     def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon targets."""
@@ -97,16 +159,26 @@ class KolorsLoraModule(L.LightningModule):
 
     def compute_loss(self, batch: dict, seeds: torch.Tensor | None = None) -> torch.Tensor:
         seeds = batch["noise_seed"] if seeds is None else seeds
-        noise, timesteps = self.noise_and_timesteps(batch["latents"].float(), seeds)
-        per_sample = self.per_sample_loss(batch, noise, timesteps)
+        noise, timesteps, perturbation = self._draw(batch["latents"].float(), seeds)
+        per_sample = self.per_sample_loss(batch, noise, timesteps,
+                                          input_noise=None if perturbation is None else noise + perturbation)
         if self.min_snr_gamma is not None:
             per_sample = per_sample * self.snr_weights(timesteps)
+        if self.loss_settings.debiased_estimation:
+            per_sample = per_sample * self.debiased_weights(timesteps)
         return per_sample.mean()
 
-    def per_sample_loss(self, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The unweighted denoising loss of each sample for the given noise and timesteps."""
+    def debiased_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """1/sqrt(SNR) (SNR capped at 1000, as kohya does), so low-noise steps do not dominate."""
+        ac = self.alphas_cumprod.to(timesteps.device)[timesteps]
+        return 1.0 / torch.sqrt(torch.clamp(ac / (1.0 - ac), max=1000.0))
+
+    def per_sample_loss(self, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor,
+                        input_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The unweighted denoising loss of each sample for the given noise and timesteps
+        (``input_noise``: what noises the input when it differs from the target noise)."""
         latents = batch["latents"].float()
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        noisy = self.noise_scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
         dtype = self.unet.dtype
         # Called exactly as KolorsPipeline calls it during sampling.
         pred = self.unet(
@@ -123,7 +195,7 @@ class KolorsLoraModule(L.LightningModule):
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        return F.mse_loss(pred, target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+        return elementwise_loss(self.loss_settings, pred, target.float()).mean(dim=list(range(1, pred.ndim)))
 
     # ------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

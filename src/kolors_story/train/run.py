@@ -214,7 +214,7 @@ def run_training(job: TrainConfig, run_dir: str | Path, items: Sequence, *, scen
     precision = resolve_precision(t.precision, t.accelerator)
     pipe = _trainable_unet(job)
     module = KolorsLoraModule(pipe.unet, dict(pipe.scheduler.config), job.optim, min_snr_gamma=t.min_snr_gamma,
-                              noise_offset=t.noise_offset)
+                              noise_offset=t.noise_offset, loss=t.loss)
     train_items, held_out = split_items(items, t.validation_split, t.seed)  # the same split on every rank
     loader = make_loader(train_items, t)
     module.describe_sample = loader.dataset.describe
