@@ -468,3 +468,62 @@ def test_crop_geometry_covers_target_and_is_deterministic():
     lefts = {crop_geometry((100, 300), (64, 64), "random", s, "abc")[1][1] for s in range(20)}
     assert len(lefts) > 5, "random crops must vary with the seed"
     assert crop_geometry((300, 100), (64, 32), "center", 0, "x") == ((300 * 32 // 100, 32), ((96 - 64) // 2, 0))
+
+
+# ---------------------------------------------------------------------------- caption variants and dropout
+
+
+def test_caption_variants_keep_the_trigger_and_first_tags():
+    from kolors_story.data.captions import caption_variants
+
+    caption = "水墨画，一只鸟，竹子，月亮，远山，小桥"
+    out = caption_variants(caption, prefix="水墨画，", keep_tokens=1, count=4, seed=3)
+    assert out[0] == caption and len(out) == len(set(out)) == 4
+    for v in out:
+        assert v.startswith("水墨画，一只鸟，") and sorted(v.split("，")) == sorted(caption.split("，"))
+    assert out == caption_variants(caption, prefix="水墨画，", keep_tokens=1, count=4, seed=3)  # fixed by the seed
+    assert out != caption_variants(caption, prefix="水墨画，", keep_tokens=1, count=4, seed=4)
+    assert caption_variants("a single caption", count=4) == ["a single caption"]  # nothing to reorder
+
+
+def test_cache_holds_each_tag_order_and_the_empty_caption(built, tmp_path, tiny_pipe):
+    from functools import partial
+
+    from kolors_story.data.cache_files import load_empty_prompt, read_cache_metadata
+    from kolors_story.data.captions import caption_variants
+
+    data_dir = _copy(built.data_dir, tmp_path / "data")
+    cfg = _cfg(data_dir)
+    prepared = SimpleNamespace(data_dir=data_dir, train_dir=data_dir / "train", dataset_hash="abc123",
+                               items=[(data_dir / "train" / f"{i}.jpg", c) for i, c in enumerate(CAPTIONS)])
+    variants = partial(caption_variants, count=3, seed=0)
+    result = build_cache(cfg.model, prepared, data_dir=data_dir, resolution=cfg.dataset.resolution,
+                         batch_size=2, variants=variants, empty_caption=True)
+    assert result.stats["latents_computed"] == 0  # the latents are the image's, whatever the caption
+    assert len(result.variants) == len(CAPTIONS) and result.items == [g[0] for g in result.variants]
+    for group, caption in zip(result.variants, CAPTIONS):
+        assert [read_cache_metadata(p)["caption"] for p in group] == variants(caption)
+        assert torch.equal(load_cached_item(group[0])["latents"], load_cached_item(group[-1])["latents"])
+    empty = load_empty_prompt(result.empty)
+    embeds, _, pooled, _ = tiny_pipe.encode_prompt("", torch.device("cpu"), 1, False)
+    assert torch.equal(empty["prompt_embeds"], embeds[0].float()) and torch.equal(empty["pooled_prompt_embeds"], pooled[0])
+
+
+def test_loader_picks_variants_and_drops_captions_from_each_samples_seed():
+    from kolors_story.train.loader import CachedItems
+
+    def item(value: float) -> dict:
+        return {"latents": torch.zeros(4, 2, 2), "prompt_embeds": torch.full((3, 2), value),
+                "pooled_prompt_embeds": torch.full((2,), value), "add_time_ids": torch.zeros(6)}
+
+    empty = {"prompt_embeds": torch.full((3, 2), -1.0), "pooled_prompt_embeds": torch.full((2,), -1.0)}
+    data = CachedItems([[item(0.0), item(1.0), item(2.0)]], caption_dropout=0.1, empty=empty)
+    seen = [data[(0, seed)] for seed in range(4000)]
+    dropped = [bool(s["caption_dropped"]) for s in seen]
+    assert abs(sum(dropped) / len(dropped) - 0.1) < 0.015
+    assert all(float(s["prompt_embeds"][0, 0]) == -1.0 for s, d in zip(seen, dropped) if d)
+    kept = [float(s["prompt_embeds"][0, 0]) for s, d in zip(seen, dropped) if not d]
+    assert {v: kept.count(v) / len(kept) > 0.3 for v in (0.0, 1.0, 2.0)} == {0.0: True, 1.0: True, 2.0: True}
+    assert all(torch.equal(data[(0, s)]["prompt_embeds"], seen[s]["prompt_embeds"]) for s in range(50))  # by seed
+    plain = CachedItems([item(5.0)])[(0, 7)]
+    assert "caption_dropped" not in plain and float(plain["prompt_embeds"][0, 0]) == 5.0

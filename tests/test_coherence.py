@@ -16,7 +16,12 @@ from PIL import Image
 from kolors_story.errors import UserError
 from kolors_story.generate.render import Job, render_jobs
 from kolors_story.generate.sampler import sampler_settings
-from kolors_story.models.ip_adapter import WEIGHT_NAME, adapter_shapes, ensure_tiny_ip_adapter, file_shapes
+from kolors_story.models.ip_adapter import (
+    WEIGHT_NAME,
+    adapter_shapes,
+    ensure_tiny_ip_adapter,
+    file_shapes,
+)
 from tests.helpers import settings
 from tests.test_generate import make_lora, max_diff, pixels, run_generate
 from tests.test_train import RUN, story, tiny_batches  # noqa: F401 (fixtures shared with the training tests)
@@ -164,8 +169,16 @@ def test_bad_coherence_settings_name_the_key(tmp_path):
 def test_tiny_ip_adapter_has_the_release_layout_and_loads_through_diffusers(tiny_pipe, tmp_path):
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
-    from kolors_story.generate.reference import image_embeds, load_adapter, unload_adapter
-    from kolors_story.models.configs import TINY_IP_RESAMPLER, tiny_ip_encoder_config, tiny_unet_config
+    from kolors_story.generate.reference import (
+        image_embeds,
+        load_adapter,
+        unload_adapter,
+    )
+    from kolors_story.models.configs import (
+        TINY_IP_RESAMPLER,
+        tiny_ip_encoder_config,
+        tiny_unet_config,
+    )
 
     folder = ensure_tiny_ip_adapter(tmp_path / "ipa", seed=0)
     assert (folder / WEIGHT_NAME).is_file() and (folder / "image_encoder" / "config.json").is_file()

@@ -336,6 +336,27 @@ def test_loss_and_timestep_knobs(tiny_model_dir, tiny_batches):
     assert m.debiased_weights(steps).tolist() == pytest.approx((1 / torch.sqrt((ac / (1 - ac)).clamp(max=1000))).tolist())
 
 
+def test_caption_variants_and_dropout_resume_exactly(tmp_path, tiny_batches):
+    # per image two caption variants (the second: other text features) and a 30 % caption dropout
+    variants = [[b, {**b, "prompt_embeds": b["prompt_embeds"].flip(0)}] for b in tiny_batches]
+    empty = {"prompt_embeds": torch.zeros_like(tiny_batches[0]["prompt_embeds"]),
+             "pooled_prompt_embeds": torch.zeros_like(tiny_batches[0]["pooled_prompt_embeds"])}
+    n = 6
+    extra = [*RUN, f"trainer.max_steps={n}", "trainer.checkpoint_every_n_steps=100", "dataset.caption_dropout=0.3"]
+    straight = run_training(_cfg(tmp_path / "a", *extra), tmp_path / "a", variants, empty_caption=empty)
+    assert straight.status == "finished"
+    b = tmp_path / "b"
+    cfg = _cfg(b, *extra)
+    assert run_training(cfg, b, variants, empty_caption=empty, extra_callbacks=[_InterruptAt(3)]).status == "interrupted"
+    assert run_training(cfg, b, variants, empty_caption=empty,
+                        resume_from=last_checkpoint(b) / "trainer_state.ckpt").status == "finished"
+    assert _max_diff(_lora_state(b), _lora_state(tmp_path / "a")) <= 1e-6
+    plain = run_training(_cfg(tmp_path / "c", *extra[:-1]), tmp_path / "c", tiny_batches)
+    assert plain.status == "finished" and _max_diff(_lora_state(tmp_path / "c"), _lora_state(tmp_path / "a")) > 1e-5
+    with pytest.raises(Exception, match="caption_dropout needs the empty caption"):
+        run_training(_cfg(tmp_path / "d", *extra), tmp_path / "d", variants)
+
+
 def test_8bit_adamw_needs_a_gpu_and_unknown_names_are_refused(tmp_path):
     from kolors_story.train.checks import check_train
 

@@ -15,7 +15,13 @@ import numpy as np
 
 from kolors_story.bench.score import _score_images
 from kolors_story.bench.timing import BenchContext, Comparison, alternate, median
-from kolors_story.evaluate.selection import Candidates, Objective, coordinate_ascent, exhaustive, story_terms
+from kolors_story.evaluate.selection import (
+    Candidates,
+    Objective,
+    coordinate_ascent,
+    exhaustive,
+    story_terms,
+)
 
 SCENES = 8
 
@@ -64,8 +70,17 @@ def _search(ctx: BenchContext) -> tuple[dict, list[dict]]:
 def _alignment_cost(ctx: BenchContext) -> dict:
     from kolors_story.evaluate.alignment import PromptAligner
     from kolors_story.evaluate.scorer import AestheticScorer
-    from kolors_story.models.configs import REAL_CLIP_CONFIG, REAL_PREDICTOR_CONFIG, tiny_clip_config, tiny_predictor_config
-    from kolors_story.models.random_init import build_clip, build_clip_processor, build_predictor
+    from kolors_story.models.configs import (
+        REAL_CLIP_CONFIG,
+        REAL_PREDICTOR_CONFIG,
+        tiny_clip_config,
+        tiny_predictor_config,
+    )
+    from kolors_story.models.random_init import (
+        build_clip,
+        build_clip_processor,
+        build_predictor,
+    )
 
     ctx.log(f"select: building {'tiny' if ctx.quick else 'real-size'} predictor + CLIP with its text tower ...")
     predictor_cfg = tiny_predictor_config() if ctx.quick else dict(REAL_PREDICTOR_CONFIG)

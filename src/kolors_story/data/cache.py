@@ -80,10 +80,17 @@ CACHE_VERSION = 1
 @dataclass
 class TrainingCache:
     cache_dir: Path
-    items: list[Path]  # one file per training image, metadata.csv order
+    items: list[Path]  # one file per training image (its caption as written), metadata.csv order
     story: Path | None  # the scenes' embeddings (None when no scenes were given)
     model_hash: str
     stats: dict = field(default_factory=dict)  # counts of reused / computed parts of this build
+    variants: list[list[Path]] | None = None  # dataset.shuffle_tags: per image, one file per tag order
+    empty: Path | None = None  # dataset.caption_dropout: the empty caption's embeddings
+
+    @property
+    def training_items(self) -> list:
+        """What the trainer draws from: per image its file, or its list of caption variants."""
+        return self.variants if self.variants is not None else self.items
 
     def __len__(self) -> int:
         return len(self.items)
@@ -243,6 +250,13 @@ class _CacheBuild:
         self.stats["latents_reused"] = sum(1 for k in {it.image_key for it in self.todo.values()} if k in self.latents)
         self.stats["embeds_reused"] = sum(1 for k in {it.text_key for it in self.todo.values()} if k in self.texts)
 
+    def empty_file(self) -> Path:
+        """The empty caption's embeddings (caption dropout), a file of their own."""
+        self.empty_key = _key({**self.story_material, "text": ""})
+        path = self.story_dir / f"empty-{self.empty_key}.safetensors"
+        self.empty_path = None if self.disk.empty(path) is not None else path  # still to write
+        return path
+
     def story_file(self, scenes: list[Scene]) -> Path:
         """3. Where the story's embeddings live, and whether they are there already."""
         sk = _key({**self.story_material, "scenes": [[s.prompt, s.negative] for s in scenes]})
@@ -270,6 +284,8 @@ class _CacheBuild:
     def encode_texts(self, scenes: list[Scene], story_path: Path | None) -> None:
         """4. The text encoder, only if some embedding (or the story) is missing; released after."""
         need = sorted({it.text_key: it.caption for it in self.todo.values() if it.text_key not in self.texts}.items())
+        if getattr(self, "empty_path", None) is not None:
+            need.append((self.empty_key, ""))
         story_needed = story_path is not None and self.stats["story"] == "computed"
         if not need and not story_needed:
             return
@@ -284,6 +300,11 @@ class _CacheBuild:
                 for tk, caption in need:
                     self.texts[tk] = encoded[caption]
                 self.stats["embeds_computed"] = len(need)
+                if getattr(self, "empty_path", None) is not None:
+                    emb, pooled = self.texts[self.empty_key]
+                    write_cache_file(self.empty_path, {"prompt_embeds": emb, "pooled_prompt_embeds": pooled},
+                                     {"cache_version": str(CACHE_VERSION), "kind": "empty", "model_hash": self.mhash,
+                                      "dtype": self.dtype_name})
             if story_needed:
                 with _bar(len(scenes), "cache: story prompts", "scene") as bar:
                     # One call for all scenes, exactly as generation encodes them.
@@ -337,25 +358,29 @@ class _CacheBuild:
 
 def build_cache(model: ModelSettings, prepared, *, data_dir: str | Path | None = None, resolution=None,
                 crop: str = "center", crop_seed: int = 0, batch_size: int = 4,
-                scenes: list[Scene] | None = None) -> TrainingCache:
+                scenes: list[Scene] | None = None, variants=None, empty_caption: bool = False) -> TrainingCache:
     """Make sure every training item (and the story, if ``scenes``) has a valid cache file.
 
     ``prepared`` is a ``PreparedDataset`` or a processed folder (``<dir>/train/metadata.csv``);
     the cache goes to ``<data_dir>/cache`` (default: beside the processed ``train/``).
     ``resolution`` (default ``model.resolution``), ``crop`` and ``crop_seed`` decide the pixels;
     ``batch_size`` images/captions go through the VAE/text encoder at a time. Only what is missing
-    or unusable is computed; nothing is loaded when everything is cached.
+    or unusable is computed; nothing is loaded when everything is cached. ``variants(caption)``
+    gives the caption orders to cache per image (tag shuffling; the first is the caption as
+    written); ``empty_caption`` caches the empty caption's embeddings (caption dropout).
     """
     # 1. Settings and model checked before any file is read; 2. the dataset; 3. what is there.
     build = _CacheBuild(model, model.resolution if resolution is None else resolution, crop, crop_seed, batch_size)
     pairs, dataset_hash = dataset_items(prepared)
     cache_dir = Path(data_dir) / "cache" if data_dir is not None else Path(pairs[0][0]).parent.parent / "cache"
     build.open(cache_dir)
-    items = build.plan(pairs)
+    orders = [variants(c) if variants else [c] for _, c in pairs]
+    items = build.plan([(image, text) for (image, _), texts in zip(pairs, orders) for text in texts])
     build.reuse_files(items)
     build.reuse_parts()
     scenes = list(scenes or [])
     story_path = build.story_file(scenes) if scenes else None
+    empty = build.empty_file() if empty_caption else None
     build.write_ready()
     build.encode_texts(scenes, story_path)
     build.encode_images()
@@ -373,5 +398,9 @@ def build_cache(model: ModelSettings, prepared, *, data_dir: str | Path | None =
         stats["latents_reused"], stats["latents_computed"], stats["embeds_reused"], stats["embeds_computed"],
         stats["story"], len(build.disk.bad),
     )
-    return TrainingCache(cache_dir=cache_dir, items=[it.file for it in items], story=story_path,
-                         model_hash=build.mhash, stats=stats)
+    groups, start = [], 0
+    for texts in orders:
+        groups.append([it.file for it in items[start : start + len(texts)]])
+        start += len(texts)
+    return TrainingCache(cache_dir=cache_dir, items=[g[0] for g in groups], story=story_path, model_hash=build.mhash,
+                         stats=stats, variants=groups if variants else None, empty=empty)

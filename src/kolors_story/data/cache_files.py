@@ -86,6 +86,14 @@ def load_story_embeddings(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+EMPTY_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
+
+
+def load_empty_prompt(path: str | Path) -> dict[str, torch.Tensor]:
+    """The empty caption's embeddings (caption dropout): ``prompt_embeds`` [L, D], ``pooled_prompt_embeds`` [D]."""
+    return _load(path, EMPTY_KEYS)
+
+
 def read_cache_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata stored in a cache file's header (caption, image hash, crop, model hash ...)."""
     with safe_open(str(path), framework="pt") as f:
@@ -127,6 +135,11 @@ class ExpectedShapes:
             return f"add_time_ids target {t['add_time_ids'][4:].tolist()} != {list(self.target_hw)}"
         return None
 
+    def empty_problem(self, t: dict[str, torch.Tensor]) -> str | None:
+        want = {"prompt_embeds": (MAX_SEQUENCE_LENGTH, self.hidden), "pooled_prompt_embeds": (self.hidden,)}
+        shapes = {k: tuple(v.shape) for k, v in t.items()}
+        return None if shapes == want else f"shapes {shapes} != expected {want}"
+
     def story_problem(self, t: dict[str, torch.Tensor], n: int) -> str | None:
         if tuple(t["prompt_embeds"].shape) != (n, MAX_SEQUENCE_LENGTH, self.hidden):
             return f"prompt_embeds {tuple(t['prompt_embeds'].shape)} != {(n, MAX_SEQUENCE_LENGTH, self.hidden)}"
@@ -165,6 +178,9 @@ class CacheDisk:
 
     def item(self, path: Path) -> dict[str, torch.Tensor] | None:
         return self._checked(path, load_cached_item, self.expected.item_problem)
+
+    def empty(self, path: Path) -> dict[str, torch.Tensor] | None:
+        return self._checked(path, load_empty_prompt, self.expected.empty_problem)
 
     def story(self, path: Path, n: int) -> dict[str, torch.Tensor] | None:
         return self._checked(path, load_story_embeddings, lambda t: self.expected.story_problem(t, n))

@@ -24,9 +24,9 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from kolors_story.errors import UserError
+from kolors_story.evaluate.alignment import PromptAligner
 from kolors_story.evaluate.scorer import AestheticScorer
 from kolors_story.evaluate.selection import Objective
-from kolors_story.evaluate.alignment import PromptAligner
 from kolors_story.evaluate.summary import story_scores
 from kolors_story.files import atomic_write_json
 from kolors_story.records import MANIFEST_FILE, SCORES_FILE

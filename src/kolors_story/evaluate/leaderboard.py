@@ -22,7 +22,12 @@ import yaml
 from kolors_story.errors import MissingFileError, SettingsError
 from kolors_story.evaluate.selection import Objective
 from kolors_story.files import atomic_write_text
-from kolors_story.records import EMA_SUFFIX, METRICS_FILE, CheckpointRecord, read_metrics
+from kolors_story.records import (
+    EMA_SUFFIX,
+    METRICS_FILE,
+    CheckpointRecord,
+    read_metrics,
+)
 from kolors_story.settings import EvaluateConfig, LoggerSettings
 
 OBJECTIVES = ("mean", "min", "coherence", "story")

@@ -61,7 +61,12 @@ def story_scores(scores: list[float], embeddings, threshold: float = 6.0, *, ima
                  min_cosine: float = 0.97, objective=None) -> StoryScores:
     """The gate (mean/min/max, passed), CLIP-I coherence + outlier (2+ images), CLIP-T prompt
     alignment (when given), copy-paste pairs (when the images are given) and the story objective."""
-    from kolors_story.evaluate.duplicates import copy_paste_share, cosine_matrix, duplicate_pairs, thumbnails
+    from kolors_story.evaluate.duplicates import (
+        copy_paste_share,
+        cosine_matrix,
+        duplicate_pairs,
+        thumbnails,
+    )
     from kolors_story.evaluate.selection import Objective
 
     summary = summarize_scores(scores, threshold)

@@ -17,7 +17,11 @@ from kolors_story.evaluate.scorer import AestheticScorer
 from kolors_story.evaluate.summary import score_story
 from kolors_story.files import atomic_write_json, publish_files
 from kolors_story.generate.checks import check_generate, wants_alignment, wants_scores
-from kolors_story.generate.coherence import StoryCoherence, coherence_on, prepare_pipeline
+from kolors_story.generate.coherence import (
+    StoryCoherence,
+    coherence_on,
+    prepare_pipeline,
+)
 from kolors_story.generate.loras import LoraSpec, load_loras
 from kolors_story.generate.manifest import ModelInfo, build_manifest, png_fields
 from kolors_story.generate.memory import (

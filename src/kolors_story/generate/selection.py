@@ -19,7 +19,12 @@ from PIL import Image
 
 from kolors_story.errors import SettingsError
 from kolors_story.evaluate.duplicates import thumbnails
-from kolors_story.evaluate.selection import Objective, candidates_of, choose_story, story_terms
+from kolors_story.evaluate.selection import (
+    Objective,
+    candidates_of,
+    choose_story,
+    story_terms,
+)
 from kolors_story.settings import BestOfSettings, ScorerSettings
 
 SELECT_MODES = ("scene", "story")

@@ -15,7 +15,6 @@ import re
 import shutil
 from pathlib import Path
 
-from kolors_story.lora.files import with_suffix
 from kolors_story.errors import OutputExistsError, SettingsError
 from kolors_story.files import (
     atomic_dir,
@@ -24,6 +23,7 @@ from kolors_story.files import (
     file_sha256,
 )
 from kolors_story.generate.model_card import model_card
+from kolors_story.lora.files import with_suffix
 from kolors_story.records import MANIFEST_FILE, SCORES_FILE
 from kolors_story.settings import GenerateConfig
 

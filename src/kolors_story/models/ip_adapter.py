@@ -18,7 +18,11 @@ from pathlib import Path
 
 import torch
 
-from kolors_story.models.configs import TINY_IP_RESAMPLER, tiny_ip_encoder_config, tiny_unet_config
+from kolors_story.models.configs import (
+    TINY_IP_RESAMPLER,
+    tiny_ip_encoder_config,
+    tiny_unet_config,
+)
 
 WEIGHT_NAME = "ip_adapter_plus_general.safetensors"
 ENCODER_FOLDER = "image_encoder"

@@ -11,7 +11,12 @@ import math
 from pathlib import Path
 
 from kolors_story.models import configs as real
-from kolors_story.models.ip_adapter import ENCODER_FOLDER, adapter_shapes, attention_layers, file_shapes
+from kolors_story.models.ip_adapter import (
+    ENCODER_FOLDER,
+    adapter_shapes,
+    attention_layers,
+    file_shapes,
+)
 from kolors_story.plan import count
 from kolors_story.settings import CoherenceSettings, SamplerSettings
 

@@ -13,18 +13,18 @@ from kolors_story.errors import SettingsError, TrainingError
 from kolors_story.evaluate.alignment import check_clip_folder
 from kolors_story.evaluate.scorer import check_scorer_folder
 from kolors_story.generate.coherence import check_coherence
-from kolors_story.models.configs import KOLORS_SCHEDULER_CONFIG
-from kolors_story.train.module import check_loss, timestep_range
-from kolors_story.train.optimizers import check_optimizer
 from kolors_story.generate.sampler import (
     check_sampler,
     check_size_for,
     warn_if_guidance_off,
 )
 from kolors_story.lora.adapter import check_lora, check_targets
+from kolors_story.models.configs import KOLORS_SCHEDULER_CONFIG
 from kolors_story.models.loading import model_configs
 from kolors_story.settings import OptimSettings, TrainConfig, TrainerSettings
 from kolors_story.story import story_scenes
+from kolors_story.train.module import check_loss, timestep_range
+from kolors_story.train.optimizers import check_optimizer
 
 STAGES = ("all", "data", "train")
 

@@ -17,26 +17,42 @@ from kolors_story.settings import TrainerSettings
 
 class CachedItems(torch.utils.data.Dataset):
     """The training items: cache files (``data.cache_files.load_cached_item``) or in-memory dicts
-    with the same keys. Indexed by ``(item index, noise seed)`` pairs from :class:`StreamBatchSampler`."""
+    with the same keys, or per image a list of them (its caption variants). Indexed by ``(item
+    index, noise seed)`` pairs from :class:`StreamBatchSampler`; the seed also picks the caption
+    variant and, with probability ``caption_dropout``, swaps in the ``empty`` caption's embeddings."""
 
-    def __init__(self, items: Sequence[Path | str | dict]):
+    def __init__(self, items: Sequence, caption_dropout: float = 0.0, empty: dict | None = None):
         if len(items) == 0:
             raise TrainingError("the training set is empty: the data stage kept no image (see <data_dir>/report.json)")
+        if caption_dropout and empty is None:
+            raise TrainingError("dataset.caption_dropout needs the empty caption's embeddings (the cache builds them)")
         self.items = list(items)
+        self.caption_dropout, self.empty = float(caption_dropout or 0.0), empty
 
     def __len__(self) -> int:
         return len(self.items)
 
     def describe(self, index: int) -> str:
         item = self.items[index]
+        item = item[0] if isinstance(item, (list, tuple)) else item
         return str(item) if isinstance(item, (str, Path)) else f"item {index}"
 
     def __getitem__(self, key):
         index, seed = key
         item = self.items[index]
+        variants = isinstance(item, (list, tuple))
+        rng = np.random.default_rng([int(seed), 0xCA9])  # the sample's own caption choice (resumes replay it)
+        if variants:
+            item = item[int(rng.integers(len(item)))]
         if isinstance(item, (str, Path)):
             item = load_cached_item(item)
         out = {k: item[k] for k in ITEM_KEYS}
+        if self.caption_dropout:
+            dropped = bool(rng.random() < self.caption_dropout)
+            if dropped:
+                out.update(prompt_embeds=self.empty["prompt_embeds"],
+                           pooled_prompt_embeds=self.empty["pooled_prompt_embeds"])
+            out["caption_dropped"] = torch.tensor(dropped)
         out["noise_seed"] = torch.tensor(int(seed), dtype=torch.int64)
         out["index"] = torch.tensor(int(index), dtype=torch.int64)
         return out
@@ -138,8 +154,9 @@ class ResumableLoader(torch.utils.data.DataLoader):
         self.batch_sampler.load_state_dict(state)
 
 
-def make_loader(items: Sequence, trainer: TrainerSettings) -> ResumableLoader:
-    dataset = CachedItems(items)
+def make_loader(items: Sequence, trainer: TrainerSettings, caption_dropout: float = 0.0,
+                empty: dict | None = None) -> ResumableLoader:
+    dataset = CachedItems(items, caption_dropout, empty)
     sampler = StreamBatchSampler(len(dataset), trainer.batch_size, trainer.steps_per_epoch, trainer.seed)
     return ResumableLoader(dataset, batch_sampler=sampler, num_workers=int(trainer.num_workers or 0),
                            persistent_workers=False)

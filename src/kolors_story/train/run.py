@@ -17,6 +17,7 @@ import signal
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -24,7 +25,8 @@ from omegaconf import OmegaConf
 
 from kolors_story.configs import in_multirun, typed
 from kolors_story.data.cache import build_cache
-from kolors_story.data.cache_files import load_story_embeddings
+from kolors_story.data.cache_files import load_empty_prompt, load_story_embeddings
+from kolors_story.data.captions import caption_variants
 from kolors_story.errors import TrainingError
 from kolors_story.files import atomic_write_text
 from kolors_story.lora import add_lora_from_settings
@@ -32,8 +34,6 @@ from kolors_story.models.loading import ensure_model, load_pipeline, model_hash
 from kolors_story.records import WANDB_ID_FILE, CheckpointRecord, last_checkpoint
 from kolors_story.settings import TrainConfig
 from kolors_story.story import Scene, story_scenes
-from kolors_story.train.ema import EmaCallback
-from kolors_story.train.held_out import split_items
 from kolors_story.train.checkpoints import CheckpointCallback, RunContext, VaeToDevice
 from kolors_story.train.checks import STAGES
 from kolors_story.train.devices import (
@@ -42,6 +42,8 @@ from kolors_story.train.devices import (
     secondary_process,
     world_size,
 )
+from kolors_story.train.ema import EmaCallback
+from kolors_story.train.held_out import split_items
 from kolors_story.train.loader import make_loader
 from kolors_story.train.logger import RunLogger
 from kolors_story.train.module import KolorsLoraModule, NonFiniteLossError
@@ -201,8 +203,11 @@ def _fit(trainer: L.Trainer, module, loader, callback: CheckpointCallback, resum
 
 def run_training(job: TrainConfig, run_dir: str | Path, items: Sequence, *, scenes: list[Scene] | None = None,
                  story_embeds: dict | None = None, dataset_hash: str = "", resume_from: str | Path | None = None,
-                 extra_callbacks: Sequence[L.Callback] = (), is_child: bool = False) -> TrainResult:
-    """Train the LoRA on ``items`` (cache files or dicts with the cache's keys) into ``run_dir``.
+                 extra_callbacks: Sequence[L.Callback] = (), is_child: bool = False,
+                 empty_caption: str | Path | dict | None = None) -> TrainResult:
+    """Train the LoRA on ``items`` (cache files or dicts with the cache's keys; per image a list of
+    them for caption variants) into ``run_dir``. ``empty_caption``: the empty caption's embeddings
+    (a cache file or dict), needed with ``dataset.caption_dropout``.
 
     Returns a :class:`TrainResult` (status finished/failed/interrupted) instead of raising for a
     non-finite loss or Ctrl-C, after writing the status line; other errors propagate.
@@ -216,7 +221,8 @@ def run_training(job: TrainConfig, run_dir: str | Path, items: Sequence, *, scen
     module = KolorsLoraModule(pipe.unet, dict(pipe.scheduler.config), job.optim, min_snr_gamma=t.min_snr_gamma,
                               noise_offset=t.noise_offset, loss=t.loss)
     train_items, held_out = split_items(items, t.validation_split, t.seed)  # the same split on every rank
-    loader = make_loader(train_items, t)
+    empty = load_empty_prompt(empty_caption) if isinstance(empty_caption, (str, Path)) else empty_caption
+    loader = make_loader(train_items, t, job.dataset.caption_dropout, empty)
     module.describe_sample = loader.dataset.describe
     # 2. What every LoRA file records; rank 0 alone logs (metrics.jsonl + W&B) and validates.
     config = settings_dict(job)
@@ -244,7 +250,8 @@ def run_training(job: TrainConfig, run_dir: str | Path, items: Sequence, *, scen
               f"{len(loader)} batches/epoch, precision {precision} -> {run_dir}")
     handoff = None
     if not is_child and world_size(t) > 1:
-        handoff = {"config": config, "run_dir": str(run_dir), "items": [str(i) for i in items],
+        handoff = {"config": config, "run_dir": str(run_dir), "empty_caption": str(empty_caption) if empty_caption else None,
+                   "items": [[str(v) for v in i] if isinstance(i, (list, tuple)) else str(i) for i in items],
                    "scenes": [s.as_dict() for s in scenes] if scenes else None, "dataset_hash": dataset_hash,
                    "resume_from": str(resume_from) if resume_from else None}
     try:
@@ -282,7 +289,8 @@ def run_handoff() -> None:
     h = json.loads(os.environ[HANDOFF_ENV])
     scenes = [Scene(**s) for s in h["scenes"]] if h.get("scenes") else None
     run_training(typed(h["config"], TrainConfig), Path(h["run_dir"]), h["items"], scenes=scenes,
-                 dataset_hash=h["dataset_hash"], resume_from=h["resume_from"], is_child=True)
+                 dataset_hash=h["dataset_hash"], resume_from=h["resume_from"], is_child=True,
+                 empty_caption=h.get("empty_caption"))
 
 
 def handoff_pending() -> bool:
@@ -300,9 +308,12 @@ def data_stage(job: TrainConfig, scenes: list[Scene] | None) -> tuple:
         prepared = load_prepared(job.data_dir)
     else:
         prepared = run_data_stage(job.dataset, job.filter, job.data_dir)
-    cache = build_cache(job.model, prepared, data_dir=job.data_dir, resolution=job.dataset.resolution,
-                        crop=job.dataset.crop, crop_seed=job.trainer.seed, batch_size=job.cache.batch_size,
-                        scenes=scenes)
+    d = job.dataset
+    variants = (partial(caption_variants, prefix=d.caption_prefix or "", keep_tokens=int(d.keep_tokens),
+                        count=int(d.shuffle_variants), seed=int(job.trainer.seed)) if d.shuffle_tags else None)
+    cache = build_cache(job.model, prepared, data_dir=job.data_dir, resolution=d.resolution,
+                        crop=d.crop, crop_seed=job.trainer.seed, batch_size=job.cache.batch_size,
+                        scenes=scenes, variants=variants, empty_caption=float(d.caption_dropout) > 0)
     return prepared, cache
 
 
@@ -338,7 +349,7 @@ def train(job: TrainConfig, *, resume_from: Path | None = None) -> float | None:
     # 3. Training on the cache (a second node's rank 0 trains too, but writes nothing).
     story = load_story_embeddings(cache.story) if cache.story is not None else None
     secondary = secondary_process()
-    result = run_training(job, run_dir, cache.items, scenes=scenes, story_embeds=story,
+    result = run_training(job, run_dir, cache.training_items, scenes=scenes, story_embeds=story, empty_caption=cache.empty,
                           dataset_hash=prepared.dataset_hash, resume_from=resume_from, is_child=secondary)
     if secondary:
         return None

@@ -16,7 +16,11 @@ from kolors_story.evaluate.alignment import PromptAligner
 from kolors_story.evaluate.scorer import AestheticScorer
 from kolors_story.evaluate.summary import score_story
 from kolors_story.files import atomic_write_json
-from kolors_story.generate.coherence import StoryCoherence, coherence_on, prepare_pipeline
+from kolors_story.generate.coherence import (
+    StoryCoherence,
+    coherence_on,
+    prepare_pipeline,
+)
 from kolors_story.generate.outputs import save_story
 from kolors_story.generate.reference import unload_adapter
 from kolors_story.generate.render import render_scenes
