@@ -527,3 +527,49 @@ def test_loader_picks_variants_and_drops_captions_from_each_samples_seed():
     assert all(torch.equal(data[(0, s)]["prompt_embeds"], seen[s]["prompt_embeds"]) for s in range(50))  # by seed
     plain = CachedItems([item(5.0)])[(0, 7)]
     assert "caption_dropped" not in plain and float(plain["prompt_embeds"][0, 0]) == 5.0
+
+
+# ---------------------------------------------------------------------------- aspect-ratio buckets
+
+
+def test_buckets_keep_each_images_aspect_with_the_pipelines_time_ids(built, tmp_path, tiny_pipe):
+    from kolors_story.data.buckets import auto_buckets, bucket_for
+
+    assert auto_buckets((1024, 1024))[0] == (1344, 768) and (1024, 1024) in auto_buckets((1024, 1024))
+    assert all(h % 64 == 0 and w % 64 == 0 and 0.5 <= w / h <= 2 for h, w in auto_buckets((1024, 1024)))
+    buckets = [[64, 64], [64, 128], [128, 64]]
+    data_dir = _copy(built.data_dir, tmp_path / "data")
+    cfg = _cfg(data_dir, f"dataset.buckets={buckets}")
+    prepared = SimpleNamespace(data_dir=data_dir, train_dir=data_dir / "train", dataset_hash="abc123",
+                               items=[(data_dir / "train" / f"{i}.jpg", c) for i, c in enumerate(CAPTIONS)])
+    result = build_cache(cfg.model, prepared, data_dir=data_dir, resolution=cfg.dataset.resolution, batch_size=2,
+                         buckets=cfg.dataset.buckets)
+    sizes = set()
+    for path, (w, h) in zip(result.items, SIZES):
+        t = load_cached_item(path)
+        bucket = bucket_for((h, w), [tuple(b) for b in buckets])
+        sizes.add(bucket)
+        assert tuple(t["latents"].shape) == (4, bucket[0] // 8, bucket[1] // 8)
+        ids = [int(v) for v in t["add_time_ids"].tolist()]
+        assert ids[:2] == [h, w] and ids[4:] == list(bucket)
+        # exactly what KolorsPipeline computes for that original size, crop and target
+        want = tiny_pipe._get_add_time_ids((h, w), tuple(ids[2:4]), bucket, torch.float32,
+                                           tiny_pipe.text_encoder.config.hidden_size)
+        assert want[0].tolist() == t["add_time_ids"].tolist()
+    assert len(sizes) > 1  # the dataset's images really went to different buckets
+    with pytest.raises(ValueError, match="multiples of 64"):
+        build_cache(cfg.model, prepared, data_dir=data_dir, buckets=[[60, 64]])
+
+
+def test_bucket_batches_hold_one_size_and_resume_in_the_same_order():
+    from kolors_story.train.loader import StreamBatchSampler
+
+    groups = [0, 1, 0, 2, 1, 0, 2, 2, 1, 0]
+    sampler = StreamBatchSampler(len(groups), 2, 12, seed=5, groups=groups)
+    batches = sampler.batches(0)
+    assert len(batches) == 12 and all(len({groups[i] for i, _ in b}) == 1 for b in batches)
+    assert batches == sampler.batches(0) and batches != sampler.batches(1)
+    seeds = [s for b in batches for _, s in b]
+    assert len(set(seeds)) == len(seeds)  # every sample its own noise seed
+    ranks = [StreamBatchSampler(len(groups), 2, 6, seed=5, groups=groups).batches(0, r, 2) for r in (0, 1)]
+    assert [b for pair in zip(*ranks) for b in pair] == batches  # two ranks share the same stream

@@ -357,6 +357,18 @@ def test_caption_variants_and_dropout_resume_exactly(tmp_path, tiny_batches):
         run_training(_cfg(tmp_path / "d", *extra), tmp_path / "d", variants)
 
 
+def test_training_on_buckets_of_two_sizes(tmp_path, tiny_batches):
+    wide = [{**b, "latents": torch.cat([b["latents"], b["latents"].flip(-1)], dim=-1),
+             "add_time_ids": torch.tensor([64.0, 128.0, 0.0, 0.0, 64.0, 128.0])} for b in tiny_batches[:2]]
+    items = [*tiny_batches, *wide]
+    result = run_training(_cfg(tmp_path, *RUN, "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=100",
+                               "dataset.buckets=[[64,64],[64,128]]"), tmp_path, items)
+    assert result.status == "finished" and result.step == 6
+    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):  # what buckets prevent
+        run_training(_cfg(tmp_path / "mixed", *RUN, "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=100",
+                          "trainer.batch_size=6"), tmp_path / "mixed", items)
+
+
 def test_8bit_adamw_needs_a_gpu_and_unknown_names_are_refused(tmp_path):
     from kolors_story.train.checks import check_train
 

@@ -83,6 +83,7 @@ class DatasetSettings:
     rebuild: bool = False  # true: redo preflight + filtering even when sources, captions and recipe are unchanged
     resolution: Any = II("model.resolution")  # training size: an int (square) or [height, width]; resized to cover it, then cropped
     crop: str = "center"  # center or random (a random crop is drawn once per image from trainer.seed and cached)
+    buckets: Optional[Any] = None  # aspect-ratio buckets: null (every image cropped to resolution), auto (~resolution² pixels, 1:2..2:1, sides x64) or [[h, w], ...]
     caption_dropout: float = 0.0  # share of samples trained with the empty caption (helps CFG; 0.05-0.1 is common); 0 -> off
     shuffle_tags: bool = False  # train on reordered comma-separated tags (caption_prefix and keep_tokens stay first)
     keep_tokens: int = 0  # shuffle_tags: tags after caption_prefix that keep their place

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kolors_story.data.buckets import bucket_for, image_size, make_buckets
 from kolors_story.data.cache_files import (
     CacheDisk,
     CacheError,
@@ -104,6 +105,7 @@ class _Item:
     image_key: str
     text_key: str
     file: Path
+    target_hw: tuple[int, int] = (0, 0)  # the training size of this image (its bucket, or dataset.resolution)
 
 
 # ------------------------------------------------------------------------------------- the dataset
@@ -171,7 +173,7 @@ def _bar(total: int, desc: str, unit: str):
 class _CacheBuild:
     """One ``build_cache`` call: which files exist, which parts can be reused, what to encode."""
 
-    def __init__(self, model: ModelSettings, resolution, crop: str, crop_seed: int, batch_size: int):
+    def __init__(self, model: ModelSettings, resolution, crop: str, crop_seed: int, batch_size: int, buckets=None):
         if crop not in CROP_POLICIES:
             raise SettingsError(f"dataset.crop={crop!r}: use one of {list(CROP_POLICIES)}")
         if batch_size < 1:
@@ -183,8 +185,9 @@ class _CacheBuild:
         self.dtype_name = str(self.dtype).removeprefix("torch.")
         self.device = str(model.device)
         self.target_hw = target_size(resolution)
+        self.buckets = make_buckets(buckets, self.target_hw)
         self.crop, self.seed, self.batch_size = crop, int(crop_seed), int(batch_size)
-        self.disk = CacheDisk(ExpectedShapes.from_layout(self.layout, self.target_hw))
+        self.disk = CacheDisk(ExpectedShapes.from_layout(self.layout, self.target_hw, self.buckets))
         self.latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # image key -> (latents, add_time_ids)
         self.texts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # text key -> (embeds, pooled)
         self.todo: dict[Path, _Item] = {}  # files still to write
@@ -204,15 +207,16 @@ class _CacheBuild:
         text encoder -> embeddings): swapping one component keeps the other part's cache."""
         common = {"v": CACHE_VERSION, "dtype": self.dtype_name}
         text_fp = component_fingerprint(self.layout, "text")
-        image_policy = {"size": list(self.target_hw), "crop": self.crop, "resample": "lanczos",
+        image_policy = {"crop": self.crop, "resample": "lanczos",
                         "vae": component_fingerprint(self.layout, "vae"),
                         **({"seed": self.seed} if self.crop == "random" else {})}
         items = []
         for image, caption in tqdm(pairs, desc="cache: hashing images", unit="img", dynamic_ncols=True):
             sha = file_sha256(image)
-            ik = _key({**common, **image_policy, "image": sha})
+            hw = bucket_for(image_size(image), self.buckets) if self.buckets else self.target_hw
+            ik = _key({**common, **image_policy, "size": list(hw), "image": sha})
             tk = _key({**common, "text": caption, "max_len": MAX_SEQUENCE_LENGTH, "text_encoder": text_fp})
-            items.append(_Item(image, caption, sha, ik, tk, self.items_dir / f"{ik}-{tk}.safetensors"))
+            items.append(_Item(image, caption, sha, ik, tk, self.items_dir / f"{ik}-{tk}.safetensors", hw))
         self.story_material = {**common, "max_len": MAX_SEQUENCE_LENGTH, "text_encoder": text_fp}
         self.stats["items"] = len(items)
         return items
@@ -273,7 +277,7 @@ class _CacheBuild:
             emb, pooled = self.texts[it.text_key]
             meta = {
                 "cache_version": str(CACHE_VERSION), "kind": "item", "image_file": it.image.name,
-                "image_sha256": it.sha, "caption": it.caption, "resolution": json.dumps(list(self.target_hw)),
+                "image_sha256": it.sha, "caption": it.caption, "resolution": json.dumps(list(it.target_hw)),
                 "crop": self.crop, "crop_top_left": json.dumps([int(ids[2]), int(ids[3])]), "model_hash": self.mhash,
                 "dtype": self.dtype_name, "image_key": it.image_key, "text_key": it.text_key,
             }
@@ -325,15 +329,18 @@ class _CacheBuild:
     def encode_images(self) -> None:
         """5. The VAE, only if some latent is missing; files are written batch by batch."""
         todo = list({it.image_key: it for it in self.todo.values() if it.image_key not in self.latents}.values())
+        todo.sort(key=lambda it: it.target_hw)  # a VAE batch holds one size (one bucket)
         if not todo:
             return
         vae = load_vae(self.layout, self.dtype).to(self.device).eval()
         scale = float(vae.config.scaling_factor)
         try:
             with _bar(len(todo), "cache: VAE latents", "img") as bar:
-                for start in range(0, len(todo), self.batch_size):
-                    self._encode_image_batch(vae, scale, todo[start : start + self.batch_size])
-                    bar.update(len(todo[start : start + self.batch_size]))
+                for size in sorted({it.target_hw for it in todo}):
+                    same = [it for it in todo if it.target_hw == size]
+                    for start in range(0, len(same), self.batch_size):
+                        self._encode_image_batch(vae, scale, same[start : start + self.batch_size])
+                        bar.update(len(same[start : start + self.batch_size]))
         finally:
             del vae
             _release()
@@ -341,7 +348,7 @@ class _CacheBuild:
 
     def _encode_image_batch(self, vae, scale: float, part: list[_Item]) -> None:
         try:
-            pixels, ids = zip(*(preprocess_image(it.image, self.target_hw, self.crop, self.seed, it.sha) for it in part))
+            pixels, ids = zip(*(preprocess_image(it.image, it.target_hw, self.crop, self.seed, it.sha) for it in part))
         except ImageDecodeError as exc:
             raise CacheError(str(exc)) from exc
         x = torch.stack(pixels).to(device=self.device, dtype=vae.dtype)
@@ -358,7 +365,8 @@ class _CacheBuild:
 
 def build_cache(model: ModelSettings, prepared, *, data_dir: str | Path | None = None, resolution=None,
                 crop: str = "center", crop_seed: int = 0, batch_size: int = 4,
-                scenes: list[Scene] | None = None, variants=None, empty_caption: bool = False) -> TrainingCache:
+                scenes: list[Scene] | None = None, variants=None, empty_caption: bool = False,
+                buckets=None) -> TrainingCache:
     """Make sure every training item (and the story, if ``scenes``) has a valid cache file.
 
     ``prepared`` is a ``PreparedDataset`` or a processed folder (``<dir>/train/metadata.csv``);
@@ -367,10 +375,12 @@ def build_cache(model: ModelSettings, prepared, *, data_dir: str | Path | None =
     ``batch_size`` images/captions go through the VAE/text encoder at a time. Only what is missing
     or unusable is computed; nothing is loaded when everything is cached. ``variants(caption)``
     gives the caption orders to cache per image (tag shuffling; the first is the caption as
-    written); ``empty_caption`` caches the empty caption's embeddings (caption dropout).
+    written); ``empty_caption`` caches the empty caption's embeddings (caption dropout);
+    ``buckets`` (``dataset.buckets``: null, auto or [[h, w], ...]) gives each image its own size.
     """
     # 1. Settings and model checked before any file is read; 2. the dataset; 3. what is there.
-    build = _CacheBuild(model, model.resolution if resolution is None else resolution, crop, crop_seed, batch_size)
+    build = _CacheBuild(model, model.resolution if resolution is None else resolution, crop, crop_seed, batch_size,
+                        buckets)
     pairs, dataset_hash = dataset_items(prepared)
     cache_dir = Path(data_dir) / "cache" if data_dir is not None else Path(pairs[0][0]).parent.parent / "cache"
     build.open(cache_dir)
@@ -389,6 +399,7 @@ def build_cache(model: ModelSettings, prepared, *, data_dir: str | Path | None =
     stats = build.stats
     atomic_write_json(cache_dir / "manifest.json", {
         "model_hash": build.mhash, "dataset_hash": dataset_hash, "resolution": list(build.target_hw), "crop": crop,
+        "buckets": [list(b) for b in build.buckets] if build.buckets else None,
         "items": [{"image": str(it.image), "caption": it.caption, "file": it.file.name} for it in items],
         "story": story_path.name if story_path else None, "stats": stats,
     })

@@ -107,9 +107,11 @@ class ExpectedShapes:
     latents: tuple[int, int, int]
     hidden: int
     target_hw: tuple[int, int]
+    factor: int = 8  # image pixels per latent pixel
+    buckets: tuple[tuple[int, int], ...] | None = None  # dataset.buckets: the sizes an item may have
 
     @classmethod
-    def from_layout(cls, layout: KolorsLayout, target_hw: tuple[int, int]) -> ExpectedShapes:
+    def from_layout(cls, layout: KolorsLayout, target_hw: tuple[int, int], buckets=None) -> ExpectedShapes:
         vae_cfg = layout.vae / "config.json"
         if not vae_cfg.exists():
             vae_cfg = layout.root / "vae" / "config.json"
@@ -119,20 +121,28 @@ class ExpectedShapes:
             raise SettingsError(f"dataset.resolution={list(target_hw)} is not a multiple of the VAE factor {factor}")
         text = read_json(layout.text_encoder / "config.json")
         latents = (int(vae.get("latent_channels", 4)), target_hw[0] // factor, target_hw[1] // factor)
-        return cls(latents=latents, hidden=int(text["hidden_size"]), target_hw=target_hw)
+        bad = [list(b) for b in (buckets or []) if b[0] % factor or b[1] % factor]
+        if bad:
+            raise SettingsError(f"dataset.buckets {bad} are not multiples of the VAE factor {factor}")
+        return cls(latents=latents, hidden=int(text["hidden_size"]), target_hw=target_hw, factor=factor,
+                   buckets=tuple(tuple(b) for b in buckets) if buckets else None)
 
     def item_problem(self, t: dict[str, torch.Tensor]) -> str | None:
         shapes = {k: tuple(v.shape) for k, v in t.items()}
+        target = tuple(int(v) for v in t["add_time_ids"][4:].tolist()) if "add_time_ids" in t else self.target_hw
+        if self.buckets is not None and target not in self.buckets:
+            return f"size {list(target)} is not one of the buckets"
+        size = target if self.buckets is not None else self.target_hw
         want = {
-            "latents": self.latents,
+            "latents": (self.latents[0], size[0] // self.factor, size[1] // self.factor),
             "prompt_embeds": (MAX_SEQUENCE_LENGTH, self.hidden),
             "pooled_prompt_embeds": (self.hidden,),
             "add_time_ids": (6,),
         }
         if shapes != want:
             return f"shapes {shapes} != expected {want}"
-        if [int(v) for v in t["add_time_ids"][4:].tolist()] != list(self.target_hw):
-            return f"add_time_ids target {t['add_time_ids'][4:].tolist()} != {list(self.target_hw)}"
+        if list(target) != list(size):
+            return f"add_time_ids target {list(target)} != {list(size)}"
         return None
 
     def empty_problem(self, t: dict[str, torch.Tensor]) -> str | None:

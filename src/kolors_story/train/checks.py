@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from kolors_story.data.buckets import make_buckets
 from kolors_story.data.crop import CROP_POLICIES, target_size
 from kolors_story.data.filtering import recipe_ops
 from kolors_story.data.preflight import POLICIES
@@ -97,6 +98,7 @@ def check_train(job: TrainConfig) -> None:
     factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
     if any(v % factor for v in target_size(job.dataset.resolution)):
         raise SettingsError(f"dataset.resolution={job.dataset.resolution}: must be a multiple of the VAE factor {factor}")
+    make_buckets(job.dataset.buckets, target_size(job.dataset.resolution))
     if job.validate:
         check_sampler(job.sampler)
         check_size_for(configs["unet"], configs["vae"], job.sampler)

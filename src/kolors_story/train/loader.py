@@ -80,8 +80,10 @@ class StreamBatchSampler:
     processed; a resumed run continues with the next batch of the same stream.
     """
 
-    def __init__(self, n_items: int, batch_size: int, batches_per_epoch: int | None, seed: int):
+    def __init__(self, n_items: int, batch_size: int, batches_per_epoch: int | None, seed: int,
+                 groups: list[int] | None = None):
         self.n_items = int(n_items)
+        self.groups = groups  # per item its bucket: every batch is drawn from one (dataset.buckets)
         self.batch_size = max(1, int(batch_size))
         self.seed = int(seed)
         self._fixed = batches_per_epoch
@@ -108,7 +110,34 @@ class StreamBatchSampler:
         g = torch.Generator().manual_seed(_mix(self.seed, epoch, k, 0xDA7A))
         return torch.randperm(self.n_items, generator=g).tolist()
 
+    def _bucket_chunks(self, epoch: int, k: int) -> list[list[int]]:
+        """One pass over the items: each bucket's items in the pass's order, cut into batches, the
+        batches shuffled (seeded), so one batch never mixes sizes."""
+        by_bucket: dict[int, list[int]] = {}
+        for i in self._permutation(epoch, k):
+            by_bucket.setdefault(self.groups[i], []).append(i)
+        chunks = [items[s : s + self.batch_size] for _, items in sorted(by_bucket.items())
+                  for s in range(0, len(items), self.batch_size)]
+        g = torch.Generator().manual_seed(_mix(self.seed, epoch, k, 0xB0C))
+        return [chunks[c] for c in torch.randperm(len(chunks), generator=g).tolist()]
+
+    def _bucket_batches(self, epoch: int, rank: int, world: int) -> list[list[tuple[int, int]]]:
+        need = len(self) * world
+        stream: list[list[int]] = []
+        k = 0
+        while len(stream) < need:
+            stream.extend(self._bucket_chunks(epoch, k))
+            k += 1
+        out, position = [], 0
+        for b, chunk in enumerate(stream[:need]):
+            if b % world == rank:
+                out.append([(i, _mix(self.seed, epoch, position + n, 0x401E)) for n, i in enumerate(chunk)])
+            position += len(chunk)
+        return out
+
     def batches(self, epoch: int, rank: int = 0, world: int = 1) -> list[list[tuple[int, int]]]:
+        if self.groups is not None:
+            return self._bucket_batches(epoch, rank, world)
         n_batches = len(self)
         need = n_batches * self.batch_size * world
         stream: list[int] = []
@@ -154,9 +183,30 @@ class ResumableLoader(torch.utils.data.DataLoader):
         self.batch_sampler.load_state_dict(state)
 
 
+def latent_sizes(items: Sequence) -> list[tuple[int, ...]]:
+    """Each item's latent shape (the first caption variant's), read from the file header only."""
+    from safetensors import safe_open
+
+    out = []
+    for item in items:
+        item = item[0] if isinstance(item, (list, tuple)) else item
+        if isinstance(item, dict):
+            out.append(tuple(item["latents"].shape))
+        else:
+            with safe_open(str(item), "pt") as f:
+                out.append(tuple(f.get_slice("latents").get_shape()))
+    return out
+
+
 def make_loader(items: Sequence, trainer: TrainerSettings, caption_dropout: float = 0.0,
-                empty: dict | None = None) -> ResumableLoader:
+                empty: dict | None = None, by_size: bool = False) -> ResumableLoader:
+    """The training loader; ``by_size``: batches of one latent size each (aspect-ratio buckets)."""
     dataset = CachedItems(items, caption_dropout, empty)
-    sampler = StreamBatchSampler(len(dataset), trainer.batch_size, trainer.steps_per_epoch, trainer.seed)
+    groups = None
+    if by_size:
+        sizes = latent_sizes(dataset.items)
+        index = {s: n for n, s in enumerate(sorted(set(sizes)))}
+        groups = [index[s] for s in sizes]
+    sampler = StreamBatchSampler(len(dataset), trainer.batch_size, trainer.steps_per_epoch, trainer.seed, groups)
     return ResumableLoader(dataset, batch_sampler=sampler, num_workers=int(trainer.num_workers or 0),
                            persistent_workers=False)

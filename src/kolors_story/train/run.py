@@ -222,7 +222,7 @@ def run_training(job: TrainConfig, run_dir: str | Path, items: Sequence, *, scen
                               noise_offset=t.noise_offset, loss=t.loss)
     train_items, held_out = split_items(items, t.validation_split, t.seed)  # the same split on every rank
     empty = load_empty_prompt(empty_caption) if isinstance(empty_caption, (str, Path)) else empty_caption
-    loader = make_loader(train_items, t, job.dataset.caption_dropout, empty)
+    loader = make_loader(train_items, t, job.dataset.caption_dropout, empty, by_size=job.dataset.buckets is not None)
     module.describe_sample = loader.dataset.describe
     # 2. What every LoRA file records; rank 0 alone logs (metrics.jsonl + W&B) and validates.
     config = settings_dict(job)
@@ -313,7 +313,7 @@ def data_stage(job: TrainConfig, scenes: list[Scene] | None) -> tuple:
                         count=int(d.shuffle_variants), seed=int(job.trainer.seed)) if d.shuffle_tags else None)
     cache = build_cache(job.model, prepared, data_dir=job.data_dir, resolution=d.resolution,
                         crop=d.crop, crop_seed=job.trainer.seed, batch_size=job.cache.batch_size,
-                        scenes=scenes, variants=variants, empty_caption=float(d.caption_dropout) > 0)
+                        scenes=scenes, variants=variants, empty_caption=float(d.caption_dropout) > 0, buckets=d.buckets)
     return prepared, cache
 
 
