@@ -120,6 +120,7 @@ class CheckpointRecord(TypedDict, total=False):
     panel: str | None  # relative to the run
     images: list[str]  # relative to the run
     files: dict[str, str]  # LoRA format -> file, relative to the run
+    skipped: dict[str, str]  # LoRA format -> why it was not written (lora.type it cannot hold)
     trainer_state: str
     interrupted: bool  # saved on Ctrl-C
     validation_error: str  # the story render failed; the LoRA is saved without scores

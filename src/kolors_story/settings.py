@@ -128,11 +128,14 @@ class CacheSettings:
 
 @dataclass
 class LoraSettings:
+    type: str = "lora"  # lora, dora (LoRA + learned per-row magnitude), loha (Hadamard product) or lokr (Kronecker product)
     rank: int = 16  # LoRA rank r: capacity of the low-rank update
     alpha: float = 4.0  # LoRA alpha: the update is scaled by alpha / rank
     target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # UNet attention projections that get a LoRA
     init: str = "gaussian"  # initialisation of lora_A: gaussian (as DiffSynth/baseline), default or kaiming (peft's)
-    dropout: float = 0.0  # dropout on the LoRA input during training
+    dropout: float = 0.0  # dropout on the LoRA input during training (lora/dora only)
+    conv_rank: Optional[int] = None  # LoCon: also adapt the ResNet and down/upsampler convolutions with this rank; null -> attention only
+    conv_alpha: Optional[float] = None  # alpha of the convolution adapters; null -> lora.alpha
 
 
 @dataclass

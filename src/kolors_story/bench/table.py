@@ -61,6 +61,10 @@ def _plan_rows(table, plan: dict) -> None:
     for run, per_gpu in plan["runs"].items():
         for gpu, pick in per_gpu.items():
             table.add_row("plan", f"{run} on {gpu} (memory=auto)", _describe(pick), "", "")
+    for name, cost in (plan.get("adapters") or {}).items():
+        table.add_row("plan", f"train lora.type={name} on 24 GB: trainable params / train-step peak",
+                      f"{cost['params'] / 1e6:.1f} M ({cost['fp32_mb']:.0f} MB fp32)",
+                      f"{cost['train_step_gb']:.2f} GB", f"whole run {cost['peak_gb']:.1f} GB")
 
 
 def _select_rows(table, sec: dict) -> None:

@@ -20,8 +20,8 @@ from kolors_story.generate.sampler import (
 )
 from kolors_story.generate.selection import check_select
 from kolors_story.generate.submission import bundle_name
-from kolors_story.lora.files import read_lora
 from kolors_story.lora.keys import arch_index, check_shapes
+from kolors_story.lora.reader import read_lora
 from kolors_story.models.loading import model_configs
 from kolors_story.records import story_files
 from kolors_story.settings import GenerateConfig

@@ -47,6 +47,11 @@ def _lora_section(lora_rows: list[dict], details: list[dict], training_yaml: str
     targets = sorted({t for d in details for t in d.get("target_modules", [])})
     if targets:
         lines += ["", f"Target modules: {', '.join(f'`{t}`' for t in targets)}. Rank and alpha are stored in every file."]
+    kinds = sorted({d.get("type", "lora") for d in details})
+    if kinds != ["lora"]:
+        lines += ["", f"Adapter type: {', '.join(kinds)} (`lora.type`)."]
+    for fmt, why in sorted({(f, w) for d in details for f, w in (d.get("skipped") or {}).items()}):
+        lines += ["", f"No {fmt} file: {why}."]
     lines += ["", "## Training config", ""]
     if training_yaml:
         lines += [f"From {training_from}:", "", "```yaml", training_yaml.rstrip(), "```"]
@@ -133,12 +138,21 @@ def _use_section(lora_rows: list[dict], details: list[dict]) -> list[str]:
         generate_command(lora_rows),
         "python generate.py reproduce=.   # regenerate the 8 images here and check them pixel by pixel",
         "```", "",
-        "With diffusers:", "", "```python",
-        "from diffusers import KolorsPipeline",
-        "pipe = KolorsPipeline.from_pretrained('Kwai-Kolors/Kolors-diffusers', variant='fp16').to('cuda')",
-        f"pipe.load_lora_weights('.', weight_name='{lora_rows[0]['file'] if lora_rows else 'lora.safetensors'}')",
-        "```", "",
     ]
+    diffusers_file = next((r["file"] for r in lora_rows if not r["file"].endswith(("_kohya.safetensors", ".ckpt"))
+                           and (r.get("details") or {}).get("type", "lora") in ("lora", "dora")), None)
+    if diffusers_file or not lora_rows:
+        lines += [
+            "With diffusers:", "", "```python",
+            "from diffusers import KolorsPipeline",
+            "pipe = KolorsPipeline.from_pretrained('Kwai-Kolors/Kolors-diffusers', variant='fp16').to('cuda')",
+            f"pipe.load_lora_weights('.', weight_name='{diffusers_file or 'lora.safetensors'}')",
+            "```", "",
+        ]
+    kohya = next((r["file"] for r in lora_rows if r["file"].endswith("_kohya.safetensors")), None)
+    if kohya:
+        lines += [f"With ComfyUI: copy `{kohya}` to `models/loras/` and apply it with the core `LoraLoaderModelOnly` "
+                  "node to the Kolors model loaded by the ComfyUI-Kolors-MZ nodes.", ""]
     if any(r["file"].endswith("lora_diffsynth.ckpt") for r in lora_rows):
         d0 = details[0] if details else {}
         lines += ["With DiffSynth-Studio (the competition's `load_lora`): "

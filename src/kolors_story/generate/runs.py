@@ -11,6 +11,7 @@ from omegaconf import OmegaConf, open_dict
 
 from kolors_story.configs import override_key, task_overrides
 from kolors_story.errors import MissingFileError, SettingsError
+from kolors_story.lora.files import checkpoint_lora_file
 from kolors_story.records import CHECKPOINTS, EMA_SUFFIX, LAST_FILE
 
 RUN_GROUPS = ("model", "scorer", "story", "sampler", "coherence")  # taken from the training run's config
@@ -104,7 +105,7 @@ def resolve_checkpoint(run: str | Path | None, checkpoint: str | Path | None = "
             raise MissingFileError(f"checkpoint=last: {last} does not exist (has the run saved a checkpoint yet?)")
     else:
         folder = _checkpoint_folder(run_path, checkpoint)
-    lora = folder / ("lora_ema.safetensors" if ema else "lora.safetensors")
+    lora = checkpoint_lora_file(folder, "_ema" if ema else "")
     if not lora.is_file():
         raise MissingFileError(f"checkpoint {folder} has no {lora.name}"
                                + (" (the run was trained without trainer.ema.enabled)" if ema else ""))

@@ -64,7 +64,7 @@ def _lora_details(path: Path) -> dict:
     except Exception as err:  # noqa: BLE001 - the card still gets written; the reason is shown in it
         return {"error": f"{type(err).__name__}: {err}"}
     return {"rank": lf.rank, "alpha": lf.alpha, "target_modules": list(lf.target_modules), "format": lf.format,
-            "metadata": dict(lf.metadata or {})}
+            "type": lf.type, "skipped": dict(lf.info.get("skipped") or {}), "metadata": dict(lf.metadata or {})}
 
 
 def _training_config(details: list[dict], source) -> tuple[str | None, str | None]:

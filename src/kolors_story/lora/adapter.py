@@ -1,8 +1,9 @@
-"""A LoRA adapter on the Kolors UNet (peft through diffusers): adding one to train, loading one or
-several from files to render with, and their strengths.
+"""A LoRA adapter on the Kolors UNet (peft through diffusers): adding one to train (any
+``lora.type``, see :mod:`~kolors_story.lora.variants`), loading one or several from files to render
+with, and their strengths.
 
 Stacked LoRAs are separate peft adapters on the same UNet, each with its own scale (``scale`` =
-strength; the update is scale x alpha / rank x B A).
+strength; the update is scale x alpha / rank x B A, and likewise for DoRA/LoHa/LoKr).
 """
 
 from __future__ import annotations
@@ -14,8 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from kolors_story.errors import SettingsError
-from kolors_story.lora.files import LoraFile, read_lora
+from kolors_story.lora.files import LoraFile
 from kolors_story.lora.keys import LoraFormatError, arch_index, check_shapes
+from kolors_story.lora.reader import read_lora
+from kolors_story.lora.variants import (
+    PARAM_NAMES,
+    check_type,
+    conv_patterns,
+    peft_config,
+)
 from kolors_story.settings import LoraSettings
 
 log = logging.getLogger(__name__)
@@ -63,20 +71,23 @@ def check_targets(targets: list[str], unet_config) -> None:
 
 
 def add_lora(unet, rank: int, alpha: float, target_modules=DEFAULT_TARGETS, init="gaussian",
-             dropout: float = 0.0, adapter_name: str = "default"):
-    """Add a peft LoRA adapter to ``unet`` (``unet.add_adapter(LoraConfig(...))``) and make only it trainable.
+             dropout: float = 0.0, adapter_name: str = "default", type: str = "lora", conv_rank: int | None = None,
+             conv_alpha: float | None = None):
+    """Add a peft adapter of ``type`` (lora, dora, loha, lokr) to ``unet`` and make only it trainable;
+    ``conv_rank`` also adapts the ResNet/down/upsampler convolutions (LoCon) with that rank.
 
     Returns the UNet. ``init="gaussian"`` (DiffSynth/baseline) draws lora_A from N(0, 1/rank);
-    lora_B starts at zero in every init, so a fresh LoRA does not change the output.
+    lora_B starts at zero in every init (LoHa/LoKr: peft's own init, also zero), so a fresh adapter
+    does not change the output.
     """
-    from peft import LoraConfig
-
     targets = check_lora(rank, alpha, target_modules, init, dropout)
-    rank, alpha, dropout = int(rank), float(alpha), float(dropout)
+    rank, alpha, dropout, kind = int(rank), float(alpha), float(dropout), check_type(type)
+    conv_targets, rank_pattern, alpha_pattern = conv_patterns(conv_rank, conv_alpha, alpha)
+    targets += [t for t in conv_targets if t not in targets]
     if adapter_name in (getattr(unet, "peft_config", None) or {}):
         raise SettingsError(f"the UNet already has a LoRA adapter named {adapter_name!r}")
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
-                        init_lora_weights=_peft_init(init), lora_dropout=dropout)
+    config = peft_config(kind, rank, alpha, targets, init=_peft_init(init), dropout=dropout,
+                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     try:
         unet.add_adapter(config, adapter_name=adapter_name)
     except ValueError as e:
@@ -84,17 +95,17 @@ def add_lora(unet, rank: int, alpha: float, target_modules=DEFAULT_TARGETS, init
             raise SettingsError(f"lora.target_modules={targets} does not fit this UNet: {e}") from e
         raise
     # Train only this adapter: the base UNet (and any other adapter) stays frozen.
-    marker = f".{adapter_name}."
     for name, p in unet.named_parameters():
-        p.requires_grad_((".lora_A" in name or ".lora_B" in name) and marker in name)
+        parts = name.split(".")
+        p.requires_grad_(adapter_name in parts and any(part in PARAM_NAMES for part in parts))
     return unet
 
 
-
 def add_lora_from_settings(unet, lora: LoraSettings, adapter_name: str = "default"):
-    """``add_lora`` with the ``lora`` settings group (rank, alpha, target_modules, init, dropout)."""
+    """``add_lora`` with the ``lora`` settings group (type, rank, alpha, target_modules, conv_rank, ...)."""
     return add_lora(unet, rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules),
-                    init=lora.init, dropout=lora.dropout, adapter_name=adapter_name)
+                    init=lora.init, dropout=lora.dropout, adapter_name=adapter_name, type=lora.type,
+                    conv_rank=lora.conv_rank, conv_alpha=lora.conv_alpha)
 
 
 def _unet_of(pipe_or_unet):
@@ -103,15 +114,17 @@ def _unet_of(pipe_or_unet):
 
 def lora_scales(pipe_or_unet) -> dict[str, float]:
     """The active adapters of the UNet and their strengths (``scale`` of load_lora_into_pipeline)."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     unet = _unet_of(pipe_or_unet)
     active = list(unet.active_adapters()) if getattr(unet, "peft_config", None) else []
     scales = {}
     for name in active:
         for m in unet.modules():
-            if isinstance(m, LoraLayer) and name in m.scaling and m.lora_alpha.get(name):
-                scales[name] = float(m.scaling[name] * m.r[name] / m.lora_alpha[name])
+            alphas = (getattr(m, "lora_alpha", None) or getattr(m, "alpha", None) or {}) if isinstance(
+                m, BaseTunerLayer) else {}
+            if name in getattr(m, "scaling", {}) and alphas.get(name):
+                scales[name] = float(m.scaling[name] * m.r[name] / alphas[name])
                 break
         else:
             scales[name] = 1.0
@@ -147,7 +160,6 @@ def load_lora_into_pipeline(pipe, path, scale: float = 1.0, adapter_name: str | 
     calling this several times stacks them; ``scale=0`` leaves the output equal to the base model.
     Returns the adapter name (for :func:`set_lora_scales`).
     """
-    from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
 
     unet = _unet_of(pipe)
@@ -164,16 +176,21 @@ def load_lora_into_pipeline(pipe, path, scale: float = 1.0, adapter_name: str | 
     previous = lora_scales(unet) if existing else {}
 
     # Exact module paths as targets: the adapter lands on precisely the modules the file has weights for.
-    config = LoraConfig(r=lf.rank, lora_alpha=lf.alpha, target_modules=lf.modules, init_lora_weights=False)
+    config = peft_config(lf.type, lf.rank, lf.alpha, lf.modules, init=False, rank_pattern=lf.rank_pattern,
+                         alpha_pattern=lf.alpha_pattern, decompose_both=lf.decompose_both)
     unet.add_adapter(config, adapter_name=adapter_name)
-    result = set_peft_model_state_dict(unet, lf.state_dict, adapter_name=adapter_name)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
-    missing = [k for k in getattr(result, "missing_keys", []) if f".{adapter_name}." in k and ".lora_" in k]
-    if unexpected or missing:
+    try:
+        result = set_peft_model_state_dict(unet, lf.state_dict, adapter_name=adapter_name)
+    except RuntimeError as e:  # a size mismatch: e.g. a LoKr factorised differently from peft's
         unet.delete_adapters(adapter_name)
-        raise LoraFormatError(f"{what}: LoRA keys did not land (unexpected {unexpected[:3]}, missing {missing[:3]})")
+        raise LoraFormatError(f"{what}: the {lf.type} weights do not fit the adapter peft builds for them ({e})") from e
+    mine = [k for k in getattr(result, "missing_keys", []) if adapter_name in k.split(".")
+            and any(part in PARAM_NAMES for part in k.split("."))]
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if any(p in PARAM_NAMES for p in k.split("."))]
+    if unexpected or mine:
+        unet.delete_adapters(adapter_name)
+        raise LoraFormatError(f"{what}: LoRA keys did not land (unexpected {unexpected[:3]}, missing {mine[:3]})")
     set_lora_scales(unet, {**previous, adapter_name: float(scale)})
-    log.info("Loaded LoRA %s (%s, rank %d, alpha %g) as %r at scale %g",
-             what, lf.format, lf.rank, lf.alpha, adapter_name, scale)
+    log.info("Loaded LoRA %s (%s %s, rank %d, alpha %g) as %r at scale %g",
+             what, lf.format, lf.type, lf.rank, lf.alpha, adapter_name, scale)
     return adapter_name
-

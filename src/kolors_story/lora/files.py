@@ -1,4 +1,5 @@
-"""LoRA files: the three formats every checkpoint is written in, and reading any LoRA back.
+"""LoRA files: the three formats every checkpoint is written in, and the record a file reads back
+into (:class:`LoraFile`; reading lives in :mod:`kolors_story.lora.reader`).
 
 Each file is self-describing (rank, alpha, target modules, the UNet config it was made for, and the
 caller's metadata such as base-model and dataset hashes):
@@ -16,10 +17,11 @@ caller's metadata such as base-model and dataset hashes):
   DiffSynth's own ``ModelManager.load_lora`` skips them (it only reads ``lora_B`` keys), and the file
   still opens with ``torch.load(weights_only=True)``. No sidecar file that could get separated.
 
-``read_lora`` reads any of these, plain peft state dicts, and the competition trainer's
-``epoch=..-step=..ckpt`` (DiffSynth names, possibly under a module prefix or inside a Lightning
-``state_dict``). Such trainer files carry no alpha: it falls back to ``default_alpha`` or the
-DiffSynth trainer's default (4.0), with a warning.
+Adapter types other than plain LoRA (``lora.type``: DoRA, LoHa, LoKr; convolutions with
+``lora.conv_rank``) are written where the format can hold them exactly: the kohya/LyCORIS file
+always, the diffusers file for LoRA/DoRA, the DiffSynth file for plain attention LoRAs only. A
+format that cannot is skipped, never written wrong; the reason is in every written file's info
+block (``skipped``), the checkpoint record and the model card (see :mod:`kolors_story.lora.variants`).
 """
 
 from __future__ import annotations
@@ -32,25 +34,23 @@ from pathlib import Path
 
 import torch
 
-from kolors_story.errors import MissingFileError
 from kolors_story.files import atomic_path
 from kolors_story.lora.keys import (
     DIFFUSERS_PREFIX,
-    DIFFUSERS_TOP,
-    KOHYA_PREFIX,
-    LoraFormatError,
     arch_index,
+    by_module,
     clean_unet_config,
-    detect_key_space,
-    diffsynth_to_peft,
-    kohya_to_peft,
     normalise_peft,
     peft_modules,
     peft_to_diffsynth,
     peft_to_diffusers,
     peft_to_kohya,
     short_target,
-    strip_to_top,
+)
+from kolors_story.lora.variants import (
+    skipped_exports,
+    to_lycoris_values,
+    type_of_params,
 )
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,71 @@ DIFFSYNTH_DEFAULT_ALPHA = 4.0
 COMPETITION_TARGETS = ("to_q", "to_k", "to_v", "to_out")
 
 
+@dataclass
+class LoraFile:
+    """An adapter read from disk, in peft key names of the diffusers UNet (``<module>.lora_A.weight``,
+    ``<module>.hada_w1_a`` ...). ``rank``/``alpha`` hold for every module except those in
+    ``rank_pattern``/``alpha_pattern`` (full module path -> value; e.g. the convolutions of a LoCon)."""
+
+    state_dict: dict[str, torch.Tensor]
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    metadata: dict = field(default_factory=dict)  # the metadata given to save_lora ({} for foreign files)
+    format: str = "diffusers"  # diffusers | kohya | diffsynth | diffsynth_trainer | peft
+    path: Path | None = None
+    alpha_source: str = "file"  # file | default_alpha argument | fallback default
+    info: dict = field(default_factory=dict)  # the whole info block written by save_lora
+    type: str = "lora"  # lora | dora | loha | lokr
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    decompose_both: bool = False  # LoKr: the first Kronecker factor is low-rank too
+
+    @property
+    def modules(self) -> list[str]:
+        """Full module paths of the UNet that carry this adapter."""
+        return peft_modules(self.state_dict)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
 # ---------------------------------------------------------------------------------------------
 # saving
+
+
+class SavedFiles(dict):
+    """``{format: path}`` of the files written, and ``skipped``: ``{format: why it was not written}``."""
+
+    def __init__(self, files: dict, skipped: dict):
+        super().__init__(files)
+        self.skipped = dict(skipped)
+
+
+@dataclass
+class AdapterState:
+    """One adapter of a UNet as plain tensors (normalised peft keys, on the CPU) and its per-module sizes."""
+
+    type: str
+    rank: int
+    alpha: float
+    state_dict: dict[str, torch.Tensor]
+    ranks: dict[str, int]  # module -> rank
+    alphas: dict[str, float]  # module -> alpha
+    config: object  # the peft config
+
+    @property
+    def rank_pattern(self) -> dict[str, int]:
+        return {m: r for m, r in self.ranks.items() if r != self.rank}
+
+    @property
+    def alpha_pattern(self) -> dict[str, float]:
+        return {m: a for m, a in self.alphas.items() if a != self.alpha}
+
+    def conv_modules(self, unet_config) -> list[str]:
+        shapes = arch_index(unet_config).weight_shapes
+        return [m for m in self.ranks if len(shapes.get(m, ())) == 4]
 
 
 def _jsonable(metadata) -> dict:
@@ -89,7 +152,9 @@ def _jsonable(metadata) -> dict:
     return json.loads(json.dumps(dict(metadata), default=str))
 
 
-def _adapter_state(unet, adapter_name: str):
+def adapter_state(unet, adapter_name: str = "default") -> AdapterState:
+    """The adapter's weights and per-module rank/alpha (the layers' own, whatever strength is set)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import get_peft_model_state_dict
 
     configs = getattr(unet, "peft_config", None) or {}
@@ -98,91 +163,136 @@ def _adapter_state(unet, adapter_name: str):
             f"the UNet has no LoRA adapter {adapter_name!r} (it has {sorted(configs) or 'none'}); call add_lora first"
         )
     cfg = configs[adapter_name]
-    unsupported = [n for n in ("use_dora", "use_rslora", "lora_bias") if getattr(cfg, n, False)]
-    unsupported += [n for n in ("rank_pattern", "alpha_pattern") if getattr(cfg, n, None)]
+    unsupported = [n for n in ("use_rslora", "lora_bias", "use_effective_conv2d") if getattr(cfg, n, False)]
     if unsupported:
-        raise ValueError(f"LoRA adapter {adapter_name!r} uses {unsupported}: the export formats need one rank/alpha")
+        raise ValueError(f"adapter {adapter_name!r} uses {unsupported}: no file format here can hold that")
     sd = normalise_peft(get_peft_model_state_dict(unet, adapter_name=adapter_name), f"adapter {adapter_name!r}")
     out = {}
     for k, v in sd.items():
         if v.is_meta:
             raise ValueError(f"LoRA weight {k} is on the meta device: materialise the LoRA before saving")
         out[k] = v.detach().to("cpu").contiguous().clone()
-    return cfg, out
+    ranks, alphas = {}, {}
+    for name, module in unet.named_modules():
+        if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "r", {}):
+            alpha = (getattr(module, "lora_alpha", None) or getattr(module, "alpha"))[adapter_name]
+            ranks[name], alphas[name] = int(module.r[adapter_name]), float(alpha)
+    kind = type_of_params(_params(out))
+    alpha = float(getattr(cfg, "lora_alpha", None) or getattr(cfg, "alpha"))
+    return AdapterState(kind, int(cfg.r), alpha, out, ranks, alphas, cfg)
 
 
-def _diffusers_adapter_metadata(cfg, targets: list[str]) -> dict:
+def _params(sd: dict) -> set[str]:
+    return {param for params in by_module(sd).values() for param in params}
+
+
+def _diffusers_adapter_metadata(state: AdapterState, targets: list[str]) -> dict:
     """The LoraConfig fields diffusers' loader rebuilds the adapter from (``LoraConfig(**metadata)``)."""
+    cfg = state.config
     return {
-        "r": int(cfg.r),
-        "lora_alpha": float(cfg.lora_alpha),
+        "r": state.rank,
+        "lora_alpha": state.alpha,
         "target_modules": targets,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": state.rank_pattern,
+        "alpha_pattern": state.alpha_pattern,
         "lora_dropout": float(cfg.lora_dropout),
         "init_lora_weights": cfg.init_lora_weights,
-        "use_dora": False,
+        "use_dora": state.type == "dora",
         "use_rslora": False,
         "lora_bias": False,
     }
 
 
-def save_lora(unet, folder, metadata: dict | None = None, adapter_name: str = "default",
-              suffix: str = "") -> dict[str, Path]:
-    """Write the adapter as ``lora.safetensors``, ``lora_kohya.safetensors`` and ``lora_diffsynth.ckpt``
-    (``suffix`` before the extension: ``_ema`` gives ``lora_ema.safetensors`` ...).
+def _kohya_tensors(state: AdapterState) -> dict:
+    """The kohya/LyCORIS tensors: LyCORIS' value conventions per module, then its key names."""
+    converted = {}
+    for module, params in by_module(state.state_dict).items():
+        scaling = state.alphas[module] / state.ranks[module]
+        for param, value in to_lycoris_values(params, scaling).items():
+            converted[f"{module}.{param}"] = value
+    return peft_to_kohya(converted, state.alphas, state.type)
 
-    Each write is atomic (temp file + rename). All three carry rank, alpha, target modules, the UNet
-    config and ``metadata`` (base_model_hash, dataset_hash, resolved config ...). Returns
-    ``{"diffusers": path, "kohya": path, "diffsynth": path}``.
+
+def _kohya_header(state: AdapterState, conv: bool) -> dict:
+    """kohya's ``ss_*`` training metadata (LyCORIS' ``algo`` names for the non-LoRA types)."""
+    header = {"ss_network_dim": str(state.rank), "ss_network_alpha": str(state.alpha)}
+    if state.type == "lora" and not conv:
+        return {**header, "ss_network_module": "networks.lora"}
+    args = {"algo": {"dora": "lora"}.get(state.type, "locon" if state.type == "lora" else state.type)}
+    if state.type == "dora":
+        args["dora_wd"] = True
+    if conv:
+        conv_modules = [m for m in state.ranks if m in state.rank_pattern or m in state.alpha_pattern]
+        if conv_modules:
+            args["conv_dim"] = state.ranks[conv_modules[0]]
+            args["conv_alpha"] = state.alphas[conv_modules[0]]
+    return {**header, "ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
+
+
+def save_lora(unet, folder, metadata: dict | None = None, adapter_name: str = "default",
+              suffix: str = "") -> SavedFiles:
+    """Write the adapter as ``lora.safetensors``, ``lora_kohya.safetensors`` and ``lora_diffsynth.ckpt``
+    (``suffix`` before the extension: ``_ema`` gives ``lora_ema.safetensors`` ...), each format that can
+    hold its type (see the module docstring); ``.skipped`` of the result says why a format was not written.
+
+    Each write is atomic (temp file + rename). Every file carries type, rank, alpha, target modules,
+    the UNet config and ``metadata`` (base_model_hash, dataset_hash, resolved config ...).
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    cfg, sd = _adapter_state(unet, adapter_name)
-    rank, alpha = int(cfg.r), float(cfg.lora_alpha)
-    # Short names of the modules that really carry the LoRA (also right for adapters loaded with
+    state = adapter_state(unet, adapter_name)
+    sd = state.state_dict
+    # Short names of the modules that really carry the adapter (also right for adapters loaded with
     # exact module paths as targets).
     targets = sorted({short_target(m) for m in peft_modules(sd)})
+    conv = bool(state.conv_modules(unet.config))
+    skipped = skipped_exports(state.type, conv)
     info = {
         "format_version": FORMAT_VERSION,
-        "rank": rank,
-        "alpha": alpha,
+        "type": state.type,
+        "rank": state.rank,
+        "alpha": state.alpha,
+        "rank_pattern": state.rank_pattern,
+        "alpha_pattern": state.alpha_pattern,
         "target_modules": targets,
         "unet_config": clean_unet_config(unet.config),
         "metadata": _jsonable(metadata),
+        "skipped": skipped,
     }
     # Convert everything first, so a conversion error leaves no file half-updated.
     index = arch_index(unet.config)
-    diffsynth_sd = peft_to_diffsynth(sd, index)
-    ds_targets = sorted({short_target(m) for m in peft_modules(diffsynth_sd)})
+    diffsynth_sd = peft_to_diffsynth(sd, index) if "diffsynth" not in skipped else None
+    ds_targets = sorted({short_target(m) for m in peft_modules(diffsynth_sd or {})})
     if not set(ds_targets) <= set(COMPETITION_TARGETS):
         log.warning(
             "LoRA targets %s in DiffSynth names include modules outside the competition's load_lora() "
             "target_modules %s: those weights are ignored there", ds_targets, list(COMPETITION_TARGETS))
-    files = {fmt: folder / with_suffix(name, suffix) for fmt, name in FILE_NAMES.items()}
+    kohya_sd = _kohya_tensors(state)
+    files = {fmt: folder / with_suffix(name, suffix) for fmt, name in FILE_NAMES.items() if fmt not in skipped}
 
     def header(fmt: str, extra: dict) -> dict:
         return {"format": "pt", INFO_KEY: json.dumps({**info, "format": fmt}, ensure_ascii=False), **extra}
 
-    adapter_meta = {DIFFUSERS_PREFIX + k: v for k, v in _diffusers_adapter_metadata(cfg, targets).items()}
-    with atomic_path(files["diffusers"]) as tmp:
-        save_file(peft_to_diffusers(sd), str(tmp), metadata=header(
-            "diffusers", {"lora_adapter_metadata": json.dumps(adapter_meta, indent=2, sort_keys=True)}))
+    if "diffusers" in files:
+        adapter_meta = {DIFFUSERS_PREFIX + k: v for k, v in _diffusers_adapter_metadata(state, targets).items()}
+        with atomic_path(files["diffusers"]) as tmp:
+            save_file(peft_to_diffusers(sd), str(tmp), metadata=header(
+                "diffusers", {"lora_adapter_metadata": json.dumps(adapter_meta, indent=2, sort_keys=True)}))
     with atomic_path(files["kohya"]) as tmp:
-        save_file(peft_to_kohya(sd, alpha), str(tmp), metadata=header(
-            "kohya", {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
-                      "ss_network_module": "networks.lora"}))
-    ckpt = dict(diffsynth_sd)
-    blob = json.dumps({**info, "format": "diffsynth", "diffsynth_target_modules": ds_targets},
-                      ensure_ascii=False).encode("utf-8")
-    ckpt[CKPT_META_PREFIX + "rank"] = torch.tensor(rank, dtype=torch.int64)
-    ckpt[CKPT_META_PREFIX + "alpha"] = torch.tensor(alpha, dtype=torch.float64)
-    ckpt[CKPT_META_PREFIX + "info"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()
-    with atomic_path(files["diffsynth"]) as tmp:
-        torch.save(ckpt, tmp)
-    return files
-
+        save_file(kohya_sd, str(tmp), metadata=header("kohya", _kohya_header(state, conv)))
+    if "diffsynth" in files:
+        ckpt = dict(diffsynth_sd)
+        blob = json.dumps({**info, "format": "diffsynth", "diffsynth_target_modules": ds_targets},
+                          ensure_ascii=False).encode("utf-8")
+        ckpt[CKPT_META_PREFIX + "rank"] = torch.tensor(state.rank, dtype=torch.int64)
+        ckpt[CKPT_META_PREFIX + "alpha"] = torch.tensor(state.alpha, dtype=torch.float64)
+        ckpt[CKPT_META_PREFIX + "info"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()
+        with atomic_path(files["diffsynth"]) as tmp:
+            torch.save(ckpt, tmp)
+    for fmt, why in skipped.items():
+        log.info("%s: no %s file (%s)", folder, fmt, why)
+    return SavedFiles(files, skipped)
 
 
 def with_suffix(name: str, suffix: str) -> str:
@@ -191,180 +301,9 @@ def with_suffix(name: str, suffix: str) -> str:
     return f"{stem}{suffix}{dot}{ext}"
 
 
-# ---------------------------------------------------------------------------------------------
-# reading
-
-
-@dataclass
-class LoraFile:
-    """A LoRA read from disk, in peft key names of the diffusers UNet (``<module>.lora_A.weight``)."""
-
-    state_dict: dict[str, torch.Tensor]
-    rank: int
-    alpha: float
-    target_modules: list[str]
-    metadata: dict = field(default_factory=dict)  # the metadata given to save_lora ({} for foreign files)
-    format: str = "diffusers"  # diffusers | kohya | diffsynth | diffsynth_trainer | peft
-    path: Path | None = None
-    alpha_source: str = "file"  # file | default_alpha argument | fallback default
-    info: dict = field(default_factory=dict)  # the whole info block written by save_lora
-
-    @property
-    def modules(self) -> list[str]:
-        """Full module paths of the UNet that carry this LoRA."""
-        return peft_modules(self.state_dict)
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
-
-
-def _load_tensors(path: Path) -> tuple[dict, dict]:
-    """(tensors, header metadata) from a .safetensors file or a weights-only torch checkpoint."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except Exception as e:  # safetensors raises its own error types
-            raise LoraFormatError(f"{path}: not a readable safetensors file ({e})") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LoraFormatError(
-            f"{path}: cannot be read as a plain tensor checkpoint with torch.load(weights_only=True) ({e}). "
-            "Untrusted pickles are not executed; re-save the LoRA as a dict of tensors."
-        ) from e
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]  # a full Lightning checkpoint
-    if not isinstance(obj, Mapping):
-        raise LoraFormatError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
-
-
-def _info_from(tensors: dict, header: dict, path: Path) -> dict:
-    raw = header.get(INFO_KEY)
-    blob = tensors.get(CKPT_META_PREFIX + "info")
-    if raw is None and blob is not None:
-        raw = bytes(blob.to(torch.uint8).tolist()).decode("utf-8")
-    if raw is None:
-        return {}
-    try:
-        info = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise LoraFormatError(f"{path}: the {INFO_KEY} metadata block is not valid JSON ({e})") from e
-    return info if isinstance(info, dict) else {}
-
-
-def _one_value(values: dict, what: str, path: Path):
-    distinct = sorted(set(values.values()))
-    if len(distinct) > 1:
-        raise LoraFormatError(f"{path}: modules have different {what} {distinct}; only one {what} is supported")
-    return distinct[0] if distinct else None
-
-
-def _to_peft(tensors: dict, space: str, config, path: Path) -> tuple[dict, dict]:
-    """The LoRA weights in peft key names of the diffusers UNet, and any per-module alphas (kohya)."""
-    what = str(path)
-    if space == "kohya":
-        ignored = sorted({"_".join(k.split("_")[:2]) for k in tensors if not k.startswith(KOHYA_PREFIX)})
-        if ignored:
-            log.warning("%s: ignoring non-UNet LoRA weights (%s); only the UNet LoRA is loaded", path, ignored)
-        return kohya_to_peft(tensors, arch_index(config), what)
-    lora = {k: v for k, v in tensors.items() if ".lora_A." in k or ".lora_B." in k}
-    if space == "diffsynth":
-        return diffsynth_to_peft(lora, arch_index(config), what), {}
-    if space == "diffusers":
-        others = sorted({k.split(".")[0] for k in lora if not k.startswith(DIFFUSERS_PREFIX)})
-        if others:
-            log.warning("%s: ignoring LoRA weights of %s; only the UNet LoRA is loaded", path, others)
-        lora = {k[len(DIFFUSERS_PREFIX):]: v for k, v in lora.items() if k.startswith(DIFFUSERS_PREFIX)}
-    elif space == "peft":  # peft names, possibly under a wrapper prefix such as PeftModel's base_model.model.
-        stripped = {}
-        for k, v in lora.items():
-            split = strip_to_top(k, DIFFUSERS_TOP)
-            if split is None:
-                raise LoraFormatError(f"{path}: key {k!r} names no diffusers UNet module")
-            stripped[split[1]] = v
-        lora = stripped
-    else:
-        raise LoraFormatError(
-            f"{path}: no UNet LoRA weights found (expected diffusers 'unet.*.lora_A.weight', kohya "
-            f"'lora_unet_*.lora_down.weight' or DiffSynth 'blocks.*.lora_A.default.weight' keys; "
-            f"first keys: {sorted(tensors)[:3]})"
-        )
-    return normalise_peft(lora, what), {}
-
-
-def _rank(sd: dict, path: Path) -> int:
-    """The rank, from the weights themselves; every module needs both halves."""
-    ranks = {}
-    for module in peft_modules(sd):
-        a, b = sd.get(f"{module}.lora_A.weight"), sd.get(f"{module}.lora_B.weight")
-        if a is None or b is None:
-            raise LoraFormatError(f"{path}: module {module} has only one of lora_A/lora_B")
-        if a.shape[0] != b.shape[1]:
-            raise LoraFormatError(f"{path}: {module} lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} disagree")
-        ranks[module] = int(a.shape[0])
-    return int(_one_value(ranks, "ranks", path))
-
-
-def _alpha(info: dict, header: dict, adapter_meta: dict, file_alphas: dict, default_alpha, space: str, rank: int,
-           path: Path) -> tuple[float, str]:
-    """(alpha, where it came from): our info block, diffusers' or kohya's metadata, the argument,
-    else the fallback DiffSynth/diffusers would assume (with a warning)."""
-    alpha = info.get("alpha")
-    if alpha is None:
-        alpha = adapter_meta.get(DIFFUSERS_PREFIX + "lora_alpha")
-    if alpha is None and file_alphas:
-        alpha = _one_value(file_alphas, "alphas", path)
-    if alpha is None and header.get("ss_network_alpha"):
-        alpha = float(header["ss_network_alpha"])
-    if alpha is not None:
-        return float(alpha), "file"
-    if default_alpha is not None:
-        return float(default_alpha), "default_alpha argument"
-    # diffusers/kohya treat a missing alpha as alpha = rank; DiffSynth's trainer default is 4.0.
-    alpha = DIFFSYNTH_DEFAULT_ALPHA if space == "diffsynth" else float(rank)
-    log.warning(
-        "%s records no LoRA alpha; using alpha=%s (%s). The strength is scale * alpha / rank: "
-        "set the LoRA scale (or default_alpha) to match how it was trained.",
-        path, alpha, "DiffSynth trainer default" if space == "diffsynth" else "alpha = rank")
-    return float(alpha), "fallback default"
-
-
-def read_lora(path, unet_config=None, default_alpha: float | None = None) -> LoraFile:
-    """Read a LoRA file in any supported format into peft key names of the diffusers UNet.
-
-    ``unet_config`` is the config of the UNet the LoRA is meant for (needed to translate kohya and
-    DiffSynth names); default: the config recorded in the file, else the real Kolors UNet.
-    ``default_alpha`` is used only when the file records no alpha (DiffSynth trainer checkpoints).
-    """
-    from kolors_story.models.configs import KOLORS_UNET_CONFIG
-
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"LoRA file {path} does not exist")
-    tensors, header = _load_tensors(path)
-    info = _info_from(tensors, header, path)
-    tensors = {k: v for k, v in tensors.items() if not k.startswith(CKPT_META_PREFIX)}
-    space = detect_key_space(list(tensors))
-    config = unet_config if unet_config is not None else info.get("unet_config") or KOLORS_UNET_CONFIG
-    sd, file_alphas = _to_peft(tensors, space, config, path)
-    rank = _rank(sd, path)
-    adapter_meta = {}
-    if header.get("lora_adapter_metadata"):
-        try:
-            adapter_meta = json.loads(header["lora_adapter_metadata"])
-        except json.JSONDecodeError:
-            adapter_meta = {}
-    alpha, source = _alpha(info, header, adapter_meta, file_alphas, default_alpha, space, rank, path)
-    targets = info.get("target_modules") or adapter_meta.get(DIFFUSERS_PREFIX + "target_modules")
-    if not targets:
-        targets = sorted({short_target(m) for m in peft_modules(sd)})
-    return LoraFile(state_dict=sd, rank=rank, alpha=alpha, target_modules=list(targets),
-                    metadata=dict(info.get("metadata") or {}),
-                    format={"diffsynth": "diffsynth" if info else "diffsynth_trainer"}.get(space, space),
-                    path=path, alpha_source=source, info=info)
-
+def checkpoint_lora_file(folder, suffix: str = "") -> Path:
+    """The file that stands for a checkpoint folder's adapter: ``lora.safetensors``, or the kohya file
+    for the types diffusers cannot hold (LoHa/LoKr). The path of the first when neither exists."""
+    folder = Path(folder)
+    candidates = [folder / with_suffix(FILE_NAMES[fmt], suffix) for fmt in ("diffusers", "kohya")]
+    return next((c for c in candidates if c.is_file()), candidates[0])

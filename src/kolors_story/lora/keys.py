@@ -24,6 +24,7 @@ import json
 import torch
 
 from kolors_story.errors import UserError
+from kolors_story.lora.variants import KOHYA_PARAM_NAMES, PARAM_NAMES
 
 
 class LoraFormatError(UserError, ValueError):
@@ -150,8 +151,36 @@ def split_lora_key(key: str) -> tuple[str, str, str]:
     raise LoraFormatError(f"key {key!r} is not a LoRA weight (<module>.lora_A/lora_B.weight)")
 
 
+def split_adapter_key(key: str) -> tuple[str, str]:
+    """Any adapter key of peft -> (module, normalised parameter): ``<m>.lora_A[.<adapter>].weight`` ->
+    ``lora_A.weight``, ``<m>.lora_magnitude_vector[.<adapter>][.weight]`` / ``<m>.hada_w1_a[.<adapter>]`` ->
+    the bare name."""
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        if p in PARAM_NAMES:
+            if p in ("lora_A", "lora_B"):
+                module, _, kind = split_lora_key(key)
+                return module, f"{p}.{kind}"
+            tail = parts[i + 1 :]
+            if tail and tail[-1] == "weight":
+                tail = tail[:-1]
+            if len(tail) > 1:
+                break
+            return ".".join(parts[:i]), p
+    raise LoraFormatError(f"key {key!r} is not an adapter weight (LoRA/DoRA/LoHa/LoKr parameter of peft)")
+
+
 def peft_modules(state_dict: dict) -> list[str]:
-    return sorted({split_lora_key(k)[0] for k in state_dict})
+    return sorted({split_adapter_key(k)[0] for k in state_dict})
+
+
+def by_module(state_dict: dict) -> dict[str, dict]:
+    """``{module: {parameter: tensor}}`` of a normalised peft state dict."""
+    out: dict[str, dict] = {}
+    for k, v in state_dict.items():
+        module, param = split_adapter_key(k)
+        out.setdefault(module, {})[param] = v
+    return out
 
 
 def short_target(module: str) -> str:
@@ -164,10 +193,10 @@ def normalise_peft(state_dict: dict, what: str) -> dict:
     """Drop adapter names from peft keys (``lora_A.default.weight`` -> ``lora_A.weight``)."""
     out = {}
     for k, v in state_dict.items():
-        module, ab, kind = split_lora_key(k)
-        if kind != "weight":
+        module, param = split_adapter_key(k)
+        if param.endswith(".bias"):
             raise LoraFormatError(f"{what}: LoRA bias {k!r} is not supported")
-        out[f"{module}.{ab}.weight"] = v
+        out[f"{module}.{param}"] = v
     return out
 
 
@@ -179,19 +208,25 @@ def peft_to_diffusers(state_dict: dict) -> dict:
     return {DIFFUSERS_PREFIX + k: v for k, v in state_dict.items()}
 
 
-def peft_to_kohya(state_dict: dict, alpha: float) -> dict:
+def peft_to_kohya(state_dict: dict, alphas: dict[str, float], kind: str = "lora") -> dict:
+    """peft keys -> kohya/LyCORIS keys (``alphas``: module -> alpha; values already in LyCORIS' conventions)."""
+    names = KOHYA_PARAM_NAMES[kind]
     out = {}
-    for module in peft_modules(state_dict):
-        name = KOHYA_PREFIX + module.replace(".", "_")
-        down = state_dict[f"{module}.lora_A.weight"]
-        out[f"{name}.lora_down.weight"] = down
-        out[f"{name}.lora_up.weight"] = state_dict[f"{module}.lora_B.weight"]
-        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    for module, params in by_module(state_dict).items():
+        prefix = KOHYA_PREFIX + module.replace(".", "_")
+        for param, value in params.items():
+            if param not in names:
+                raise LoraFormatError(f"{module}.{param} is not a parameter of a {kind} adapter")
+            out[f"{prefix}.{names[param]}"] = value
+        out[f"{prefix}.alpha"] = torch.tensor(float(alphas[module]), dtype=torch.float32)
     return out
 
 
+_FROM_KOHYA = {k: p for names in KOHYA_PARAM_NAMES.values() for p, k in names.items()}
+
+
 def kohya_to_peft(state_dict: dict, index: ArchIndex, what: str) -> tuple[dict, dict[str, float]]:
-    """kohya keys -> peft keys, plus the per-module alphas found in the file."""
+    """kohya/LyCORIS keys -> peft keys, plus the per-module alphas found in the file."""
     out, alphas = {}, {}
     for key, value in state_dict.items():
         if not key.startswith(KOHYA_PREFIX):
@@ -203,14 +238,13 @@ def kohya_to_peft(state_dict: dict, index: ArchIndex, what: str) -> tuple[dict, 
                 f"{what}: kohya key {key!r} names no module of this UNet "
                 "(a LoRA for another base model, or kohya's SGM block names which are not supported)"
             )
-        if rest == "lora_down.weight":
-            out[f"{module}.lora_A.weight"] = value
-        elif rest == "lora_up.weight":
-            out[f"{module}.lora_B.weight"] = value
-        elif rest == "alpha":
+        if rest == "alpha":
             alphas[module] = float(value.item())
+        elif rest in _FROM_KOHYA:
+            out[f"{module}.{_FROM_KOHYA[rest]}"] = value
         else:
-            raise LoraFormatError(f"{what}: unsupported kohya key {key!r} (only lora_down/lora_up/alpha)")
+            raise LoraFormatError(f"{what}: unsupported kohya key {key!r} (LoRA lora_down/lora_up, DoRA dora_scale, "
+                                  "LoHa hada_*, LoKr lokr_* and alpha are read)")
     return out, alphas
 
 
@@ -255,9 +289,14 @@ def diffsynth_to_peft(state_dict: dict, index: ArchIndex, what: str) -> dict:
     return normalise_peft(out, what)
 
 
+def is_adapter_key(key: str) -> bool:
+    """A LoRA/DoRA/LoHa/LoKr weight of peft (any key space but kohya's)."""
+    return any(part in PARAM_NAMES for part in key.split("."))
+
+
 def detect_key_space(keys: list[str]) -> str:
     """'kohya', 'diffusers' (unet.-prefixed), 'peft' (bare diffusers names) or 'diffsynth'."""
-    lora_keys = [k for k in keys if ".lora_" in k or k.startswith(KOHYA_PREFIX)]
+    lora_keys = [k for k in keys if is_adapter_key(k) or k.startswith(KOHYA_PREFIX)]
     if not lora_keys:
         return "none"
     if any(k.startswith(KOHYA_PREFIX) for k in lora_keys):
@@ -274,13 +313,21 @@ def detect_key_space(keys: list[str]) -> str:
 
 
 def check_shapes(state_dict: dict, index: ArchIndex, what: str) -> None:
-    """Every LoRA module exists in the UNet and its A/B shapes fit the module's weight."""
+    """Every adapter module exists in the UNet and the weights that show its size fit the module's weight
+    (LoRA/DoRA A, B and magnitude, LoHa factors; a LoKr's Kronecker factors are checked when loaded)."""
     for k, v in state_dict.items():
-        module, ab, _ = split_lora_key(k)
+        module, param = split_adapter_key(k)
         shape = index.weight_shapes.get(module)
         if shape is None:
             raise LoraFormatError(f"{what}: LoRA module {module!r} is not in this UNet (another base model?)")
-        ok = v.shape[1] == shape[1] if ab == "lora_A" else v.shape[0] == shape[0]
+        fan_in = int(torch.Size(shape[1:]).numel())
+        expected = {"lora_A.weight": (1, shape[1]), "lora_B.weight": (0, shape[0]), "hada_w1_a": (0, shape[0]),
+                    "hada_w2_a": (0, shape[0]), "hada_w1_b": (1, fan_in), "hada_w2_b": (1, fan_in)}.get(param)
+        ok = expected is None or (v.dim() > expected[0] and v.shape[expected[0]] == expected[1])
+        if param in ("hada_w1_b", "hada_w2_b"):  # flattened, or per input channel with a Tucker core
+            ok = v.dim() == 2 and v.shape[1] in (fan_in, shape[1])
+        if param == "lora_magnitude_vector":
+            ok = v.numel() == shape[0]
         if not ok:
             raise LoraFormatError(
                 f"{what}: {k} has shape {tuple(v.shape)} but the UNet's {module}.weight is {shape}: "

@@ -168,16 +168,17 @@ def unet_call(config_json: str, batch: int, height: int, width: int, dtype: str,
 
 @lru_cache(maxsize=64)
 def train_step(config_json: str, batch: int, height: int, width: int, dtype: str, checkpointing: bool,
-               rank: int, targets: tuple[str, ...], tokens: int = 256) -> int:
+               rank: int, targets: tuple[str, ...], tokens: int = 256, adapter: tuple = ("lora", None)) -> int:
     """Peak bytes of a LoRA training step (forward, MSE loss, backward) with the LoRA in float32,
-    as the trainer builds it; without the optimizer state (that is resident, counted apart)."""
+    as the trainer builds it; without the optimizer state (that is resident, counted apart).
+    ``adapter``: (lora.type, lora.conv_rank); DoRA's weight norms and LoHa/LoKr's rebuilt weights count."""
     from diffusers import UNet2DConditionModel
 
     from kolors_story.lora.adapter import add_lora
 
     unet = build_on("meta", lambda: UNet2DConditionModel(**json.loads(config_json)), _dtype(dtype))
     unet.requires_grad_(False)
-    add_lora(unet, rank=rank, alpha=rank, target_modules=list(targets))
+    add_lora(unet, rank=rank, alpha=rank, target_modules=list(targets), type=adapter[0], conv_rank=adapter[1])
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -189,14 +190,14 @@ def train_step(config_json: str, batch: int, height: int, width: int, dtype: str
 
 
 @lru_cache(maxsize=64)
-def lora_params(config_json: str, rank: int, targets: tuple[str, ...]) -> int:
+def lora_params(config_json: str, rank: int, targets: tuple[str, ...], adapter: tuple = ("lora", None)) -> int:
     from diffusers import UNet2DConditionModel
 
     from kolors_story.lora.adapter import add_lora
 
     unet = build_on("meta", lambda: UNet2DConditionModel(**json.loads(config_json)), torch.float16)
     unet.requires_grad_(False)
-    add_lora(unet, rank=rank, alpha=rank, target_modules=list(targets))
+    add_lora(unet, rank=rank, alpha=rank, target_modules=list(targets), type=adapter[0], conv_rank=adapter[1])
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 

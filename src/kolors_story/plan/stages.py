@@ -201,7 +201,8 @@ def train_stages(sizes: Sizes, job: TrainConfig) -> list[Stage]:
     h, w = (int(res), int(res)) if isinstance(res, (int, str)) else (int(res[0]), int(res[1]))
     n_scenes = len(story_scenes(job.story, job.sampler))
     targets = tuple(job.lora.target_modules)
-    lora = count.lora_params(sizes.unet, job.lora.rank, targets)
+    adapter = (job.lora.type, job.lora.conv_rank)
+    lora = count.lora_params(sizes.unet, job.lora.rank, targets, adapter)
     unet_w = sizes.weights("unet")
     beside = (sizes.weights("vae") + sizes.weights("scorer") + sizes.weights("clip")) if job.validate else 0  # stay loaded
     cache_b = job.cache.batch_size
@@ -212,7 +213,7 @@ def train_stages(sizes: Sizes, job: TrainConfig) -> list[Stage]:
               {"cache_batch_size": cache_b}),
         Stage("train step", unet_w + (16 + 4 * t.ema.enabled) * lora + beside,  # LoRA fp32 weights + grads + AdamW's two moments (+ EMA copy)
               count.train_step(sizes.unet, t.batch_size, h, w, sizes.dtype, t.gradient_checkpointing, job.lora.rank,
-                               targets), {"batch_size": t.batch_size, "gradient_checkpointing": t.gradient_checkpointing}),
+                               targets, adapter=adapter), {"batch_size": t.batch_size, "gradient_checkpointing": t.gradient_checkpointing}),
     ]
     if job.validate:
         b = min(s.batch_size, n_scenes)

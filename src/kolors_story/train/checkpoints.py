@@ -84,6 +84,8 @@ def checkpoint_record(step: int, epoch: int, rel: str, files: dict, story: dict 
                       copy_paste=story["copy_paste"], story_objective=story["story_objective"],
                       panel=f"{rel}/{story['panel']}",
                       images=[f"{rel}/{p}" for p in story["images"]])
+    if getattr(files, "skipped", None):
+        record["skipped"] = dict(files.skipped)
     if interrupted:
         record["interrupted"] = True
     if validation_error:

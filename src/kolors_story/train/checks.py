@@ -20,6 +20,7 @@ from kolors_story.generate.sampler import (
     warn_if_guidance_off,
 )
 from kolors_story.lora.adapter import check_lora, check_targets
+from kolors_story.lora.variants import check_type, conv_patterns
 from kolors_story.models.configs import KOLORS_SCHEDULER_CONFIG
 from kolors_story.models.loading import model_configs
 from kolors_story.settings import OptimSettings, TrainConfig, TrainerSettings
@@ -87,6 +88,11 @@ def check_train(job: TrainConfig) -> None:
         raise SettingsError(f"trainer.validation_timesteps={list(job.trainer.validation_timesteps)}: "
                             "timesteps in [0, 1100) (Kolors' schedule), at least one")
     targets = check_lora(job.lora.rank, job.lora.alpha, job.lora.target_modules, job.lora.init, job.lora.dropout)
+    check_type(job.lora.type)
+    conv_patterns(job.lora.conv_rank, job.lora.conv_alpha, job.lora.alpha)
+    if job.lora.type in ("loha", "lokr") and float(job.lora.dropout):
+        raise SettingsError(f"lora.dropout={job.lora.dropout} applies to lora/dora only; set it to 0 for "
+                            f"lora.type={job.lora.type}")
     if job.dataset.crop not in CROP_POLICIES:
         raise SettingsError(f"dataset.crop={job.dataset.crop!r}: use one of {list(CROP_POLICIES)}")
     if job.dataset.on_bad_file not in POLICIES:

@@ -107,9 +107,9 @@ def save_run_config(cfg, run_dir: Path) -> None:
 
 def warn_if_dataset_changed(ckpt_dir: Path, dataset_hash: str) -> None:
     try:
-        from kolors_story.lora import read_lora
+        from kolors_story.lora import checkpoint_lora_file, read_lora
 
-        meta = read_lora(ckpt_dir / "lora.safetensors").metadata
+        meta = read_lora(checkpoint_lora_file(ckpt_dir)).metadata
     except Exception:  # noqa: BLE001 - informational only
         return
     old = meta.get("dataset_hash")
