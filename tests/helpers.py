@@ -33,7 +33,7 @@ def prepare(cfg, **kw):
     from kolors_story.data import prepare_dataset
 
     job = to_settings(cfg, "train")
-    return prepare_dataset(job.dataset, job.filter, job.data_dir, **kw)
+    return prepare_dataset(job.dataset, job.filter, job.data_dir, scorer=job.scorer, **kw)
 
 
 def run_data_stage(cfg):
@@ -42,4 +42,4 @@ def run_data_stage(cfg):
     from kolors_story.data import run_data_stage as run
 
     job = to_settings(cfg, "train")
-    return run(job.dataset, job.filter, job.data_dir)
+    return run(job.dataset, job.filter, job.data_dir, job.scorer)

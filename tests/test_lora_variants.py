@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from kolors_story.errors import SettingsError
-from kolors_story.lora import FILE_NAMES, add_lora, load_lora_into_pipeline, read_lora, save_lora
+from kolors_story.lora import (
+    FILE_NAMES,
+    add_lora,
+    load_lora_into_pipeline,
+    read_lora,
+    save_lora,
+)
 from kolors_story.lora.reader import _load_tensors
 
 TOL = 1e-5  # same module, same float32 maths: only summation order may differ

@@ -51,6 +51,24 @@ def test_default_training_fits_24_gb():
     assert step.weights > 5 * GB  # the fp16 UNet, the LoRA's AdamW state, VAE and scorer beside it
 
 
+def test_curation_and_adapter_types_are_counted_at_real_size():
+    """filter.min_aesthetic adds the predictor's stage (ViT-L/14 fp32 ~1.2 GB, alone); DoRA's weight norms
+    make its train step heavier than LoRA's; LoKr has far fewer trainable parameters."""
+    _, plain = _plan("train", ["model=kolors", "memory.budget_gb=24"])
+    _, curated = _plan("train", ["model=kolors", "memory.budget_gb=24", "filter.min_aesthetic=5.0"])
+    stage = next(st for st in curated.stages if st.name == "data: aesthetic curation")
+    assert 1.0 * GB < stage.weights < 1.4 * GB and stage.peak < curated.worst.peak
+    assert "data: aesthetic curation" not in {st.name for st in plain.stages}
+    from kolors_story.plan import count
+
+    _, dora = _plan("train", ["model=kolors", "memory.budget_gb=24", "lora.type=dora"])
+    step = {p: next(st for st in plan.stages if st.name == "train step") for p, plan in (("lora", plain), ("dora", dora))}
+    assert step["dora"].peak > step["lora"].peak + 1 * GB and dora.fits
+    sizes = planning_sizes(settings("train", ["model=kolors"]).model, settings("train", ["model=kolors"]).scorer)
+    targets = ("to_q", "to_k", "to_v", "to_out.0")
+    assert count.lora_params(sizes.unet, 16, targets, ("lokr", None)) * 10 < count.lora_params(sizes.unet, 16, targets)
+
+
 def test_prompt_alignment_counts_clip_with_its_text_tower():
     """CLIP ViT-L/14 with both towers (428 M parameters, fp32) is counted where CLIP-T runs."""
     _, with_clip = _plan("evaluate", ["model=kolors", "memory.budget_gb=24"])

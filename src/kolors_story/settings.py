@@ -116,6 +116,9 @@ class FilterSettings:
     process: List[Any] = field(default_factory=list)  # data-juicer ops, passed to dj-process as they are (batch_size 1 is added per op)
     np: int = 1  # dj-process worker processes (1 is fastest for a few hundred images)
     timeout: Optional[float] = None  # seconds before dj-process is stopped (null: no limit)
+    min_aesthetic: Optional[float] = None  # drop images the competition's aesthetic predictor scores below this (e.g. 5.0); null -> off
+    dedup: bool = False  # drop near-duplicates (perceptual hash), keeping the best-scored / largest of each group
+    dedup_distance: int = 6  # pHash Hamming distance (of 64 bits) at or below which two images are near-duplicates
 
 
 @dataclass

@@ -37,7 +37,7 @@ QUICK_ADAPTERS = ("lora", "dora")
 def adapter_cost(overrides: list[str], budget_gb: float = 24) -> dict:
     """Trainable parameters and the training plan of one adapter type at real size."""
     from kolors_story.plan import count
-    from kolors_story.plan.stages import GB, planning_sizes
+    from kolors_story.plan.stages import planning_sizes
 
     job = compose_settings("train", ["model=kolors", *overrides])
     sizes = planning_sizes(job.model, job.scorer)

@@ -1,4 +1,5 @@
-"""The data stage end to end: source -> preflight -> data-juicer recipe -> processed dataset."""
+"""The data stage end to end: source -> preflight -> curation (dedup, aesthetic threshold; optional)
+-> data-juicer recipe -> processed dataset."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from kolors_story.data import curation
 from kolors_story.data.filtering import recipe_ops, run_recipe
 from kolors_story.data.preflight import load_rgb, preflight
 from kolors_story.data.processed import (
@@ -24,14 +26,16 @@ from kolors_story.data.processed import (
 from kolors_story.data.records import DataError, Dropped, SourceListing
 from kolors_story.data.sources import list_source, normalise_caption
 from kolors_story.files import recover_dir
-from kolors_story.settings import DatasetSettings, FilterSettings
+from kolors_story.settings import DatasetSettings, FilterSettings, ScorerSettings
 
 REPORT_FORMAT = 1  # bump when the processed output changes for the same inputs (forces a rebuild)
 
 
-def _fingerprint(listing: SourceListing, dataset: DatasetSettings, recipe: FilterSettings) -> str:
+def _fingerprint(listing: SourceListing, dataset: DatasetSettings, recipe: FilterSettings,
+                 scorer: ScorerSettings | None) -> str:
     """Everything the processed output depends on: file identities (size + mtime), captions,
-    preflight settings and the recipe. Equal fingerprint -> the previous result is reused."""
+    preflight settings, the curation (and the predictor that scored) and the recipe. Equal
+    fingerprint -> the previous result is reused."""
     files = []
     for c in listing.candidates:
         stat = None
@@ -46,6 +50,11 @@ def _fingerprint(listing: SourceListing, dataset: DatasetSettings, recipe: Filte
         "max_pixels": dataset.max_pixels,
         "filter": {"name": recipe.name, "process": list(recipe.process)},
     }
+    if curation.enabled(recipe):  # absent when off: fingerprints of uncurated datasets stay as they were
+        spec["curation"] = {"min_aesthetic": recipe.min_aesthetic, "dedup": bool(recipe.dedup),
+                            "dedup_distance": int(recipe.dedup_distance) if recipe.dedup else None,
+                            "scorer": curation.scorer_fingerprint(scorer)
+                            if recipe.min_aesthetic is not None and scorer is not None else None}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
 
 
@@ -118,6 +127,27 @@ class _Run:
                 f"Full list: {self.data_dir / 'report.failed.json'}", step="preflight"))
         return pre
 
+    def curate(self, kept: list, scorer: ScorerSettings | None, progress: bool) -> list:
+        """Dedup and the aesthetic threshold (filter.dedup, filter.min_aesthetic); the survivors."""
+        if not curation.enabled(self.recipe):
+            return kept
+        try:
+            result = curation.curate(kept, self.recipe, scorer, self.data_dir, progress)
+        except DataError as exc:
+            raise self.fail(exc) from exc
+        self.report["dropped"] += [d.as_dict() for d in result.dropped]
+        self.report["curation"] = {"min_aesthetic": self.recipe.min_aesthetic, "dedup": bool(self.recipe.dedup),
+                                   "dedup_distance": int(self.recipe.dedup_distance), "scores": result.scores,
+                                   "duplicate_groups": result.groups, "pictures": result.pictures}
+        self.report["counts"]["curation"] = {"in": len(kept), "kept": len(result.kept),
+                                             "dropped": len(kept) - len(result.kept)}
+        if not result.kept:
+            raise self.fail(DataError(
+                f"curation removed every image ({len(kept)} in): lower filter.min_aesthetic "
+                f"({self.recipe.min_aesthetic}) or filter.dedup_distance; scores are in "
+                f"{self.data_dir / 'report.failed.json'}", step="curation"))
+        return result.kept
+
     def filter(self, kept: list, stage_dir: Path, progress: bool) -> list[tuple[Path, str, str, int, int]]:
         """The recipe's survivors as (file, caption, source name, width, height)."""
         if not self.recipe.process:
@@ -175,12 +205,14 @@ class _Run:
 
 
 def prepare_dataset(dataset: DatasetSettings, recipe: FilterSettings, data_dir: str | Path, *,
-                    progress: bool = True) -> PreparedDataset:
-    """Build (or reuse) the processed dataset of ``dataset`` filtered by ``recipe`` in ``data_dir``.
+                    progress: bool = True, scorer: ScorerSettings | None = None) -> PreparedDataset:
+    """Build (or reuse) the processed dataset of ``dataset`` filtered by ``recipe`` in ``data_dir``
+    (``scorer``: the predictor for ``filter.min_aesthetic``).
     Raises DataError with what to do when a step fails or removes every image; the report of a
     failed run goes to report.failed.json."""
     data_dir = Path(str(data_dir)).expanduser().resolve()
     recipe_ops(list(recipe.process))  # a malformed recipe fails before any work
+    curation.check_curation(recipe)
     run = _Run(dataset, recipe, data_dir)
     with _locked(data_dir):
         recover_dir(data_dir / "train")
@@ -189,7 +221,7 @@ def prepare_dataset(dataset: DatasetSettings, recipe: FilterSettings, data_dir: 
         except DataError as exc:
             raise run.fail(exc) from exc
         run.listed(listing)
-        fingerprint = _fingerprint(listing, dataset, recipe)
+        fingerprint = _fingerprint(listing, dataset, recipe, scorer)
         run.report["fingerprint"] = fingerprint
         previous = None if dataset.rebuild else _reusable(data_dir, fingerprint)
         if previous is not None:
@@ -197,7 +229,8 @@ def prepare_dataset(dataset: DatasetSettings, recipe: FilterSettings, data_dir: 
         stage_dir = data_dir / "work" / "preflight"
         shutil.rmtree(stage_dir, ignore_errors=True)
         pre = run.preflight(listing, stage_dir, progress)
-        prepared = run.finish(run.filter(pre.kept, stage_dir, progress))
+        kept = run.curate(pre.kept, scorer, progress)
+        prepared = run.finish(run.filter(kept, stage_dir, progress))
         shutil.rmtree(stage_dir, ignore_errors=True)  # kept images were moved into train/
     return prepared
 
@@ -217,10 +250,11 @@ def _reusable(data_dir: Path, fingerprint: str) -> PreparedDataset | None:
         return None
 
 
-def run_data_stage(dataset: DatasetSettings, recipe: FilterSettings, data_dir: str | Path) -> PreparedDataset:
+def run_data_stage(dataset: DatasetSettings, recipe: FilterSettings, data_dir: str | Path,
+                   scorer: ScorerSettings | None = None) -> PreparedDataset:
     """``python train.py stage=data``: prepare the dataset and say where everything is."""
     start = time.monotonic()
-    prepared = prepare_dataset(dataset, recipe, data_dir)
+    prepared = prepare_dataset(dataset, recipe, data_dir, scorer=scorer)
     r = prepared.report
     counts = r.get("counts", {})
     pre, filt = counts.get("preflight", {}), counts.get("filter", {})
@@ -229,6 +263,11 @@ def run_data_stage(dataset: DatasetSettings, recipe: FilterSettings, data_dir: s
     print(f"  source      {counts.get('source', '?')} candidates from {r['dataset'].get('root', r['dataset'].get('path'))}")
     if pre:
         print(f"  preflight   kept {pre.get('kept')}, dropped {pre.get('dropped')}")
+    cur = counts.get("curation")
+    if cur:
+        pictures = ", ".join(r.get("curation", {}).get("pictures", []))
+        print(f"  curation    kept {cur.get('kept')}, dropped {cur.get('dropped')}"
+              + (f"  (see {pictures} in {prepared.data_dir})" if pictures else ""))
     ops = filt.get("ops") or []
     if ops:
         print(f"  filter      {r['filter']['name']}: kept {filt.get('kept')} of {filt.get('in')}  ("

@@ -206,7 +206,11 @@ def train_stages(sizes: Sizes, job: TrainConfig) -> list[Stage]:
     unet_w = sizes.weights("unet")
     beside = (sizes.weights("vae") + sizes.weights("scorer") + sizes.weights("clip")) if job.validate else 0  # stay loaded
     cache_b = job.cache.batch_size
-    stages = [
+    stages = []
+    if job.filter.min_aesthetic is not None:  # data stage: the predictor alone, released before the cache
+        stages.append(Stage("data: aesthetic curation", sizes.weights("scorer"),
+                            count.score_batch(sizes.scorer, job.scorer.batch_size), {"batch_size": job.scorer.batch_size}))
+    stages += [
         Stage("cache: prompt embeddings", sizes.weights("text_encoder"),
               count.text_encode(sizes.text_encoder, max(cache_b, n_scenes), sizes.dtype), {"cache_batch_size": cache_b}),
         Stage("cache: VAE latents", sizes.weights("vae"), count.vae_encode(sizes.vae, cache_b, h, w, sizes.dtype),

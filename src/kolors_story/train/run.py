@@ -307,7 +307,7 @@ def data_stage(job: TrainConfig, scenes: list[Scene] | None) -> tuple:
     if job.stage == "train":
         prepared = load_prepared(job.data_dir)
     else:
-        prepared = run_data_stage(job.dataset, job.filter, job.data_dir)
+        prepared = run_data_stage(job.dataset, job.filter, job.data_dir, job.scorer)
     d = job.dataset
     variants = (partial(caption_variants, prefix=d.caption_prefix or "", keep_tokens=int(d.keep_tokens),
                         count=int(d.shuffle_variants), seed=int(job.trainer.seed)) if d.shuffle_tags else None)
