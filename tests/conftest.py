@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 from pathlib import Path
 
 # MKL picks matmul kernels by memory layout; fixing the code path makes CPU results bit-exact
@@ -76,3 +78,24 @@ def tiny_pipe(tiny_model_dir):
     from kolors_story.models.loading import load_pipeline
 
     return load_pipeline(tiny_model_dir)
+
+
+@pytest.fixture
+def offline_guard(monkeypatch):
+    """Record every subprocess and refuse every non-loopback connection in this process."""
+    spawned, connects = [], []
+    real_popen, real_connect = subprocess.Popen.__init__, socket.socket.connect
+
+    def popen(self, args, *a, **kw):
+        spawned.append(args)
+        return real_popen(self, args, *a, **kw)
+
+    def connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            connects.append(address)
+            raise OSError("network blocked by the test")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", popen)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return spawned, connects

@@ -6,8 +6,6 @@ and the pictures are written, a re-run reuses, and nothing touches the network o
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 
 import numpy as np
 import pytest
@@ -44,27 +42,6 @@ def _folder(root, duplicates: bool = False):
 def _overrides(tmp_path, source, *extra):
     return ["model=tiny", "dataset=folder", f"dataset.path={source}", "dataset.name=curation", "filter=none",
             f"data_dir={tmp_path / 'data'}", f"scorer.path={tmp_path / 'scorer'}", *extra]
-
-
-@pytest.fixture
-def offline_guard(monkeypatch):
-    """Record every subprocess and refuse every non-loopback connection in this process."""
-    spawned, connects = [], []
-    real_popen, real_connect = subprocess.Popen.__init__, socket.socket.connect
-
-    def popen(self, args, *a, **kw):
-        spawned.append(args)
-        return real_popen(self, args, *a, **kw)
-
-    def connect(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
-            connects.append(address)
-            raise OSError("network blocked by the test")
-        return real_connect(sock, address)
-
-    monkeypatch.setattr(subprocess.Popen, "__init__", popen)
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    return spawned, connects
 
 
 def test_aesthetic_curation_drops_exactly_the_images_below_the_threshold(tmp_path, offline_guard):

@@ -88,6 +88,15 @@ class DatasetSettings:
     shuffle_tags: bool = False  # train on reordered comma-separated tags (caption_prefix and keep_tokens stay first)
     keep_tokens: int = 0  # shuffle_tags: tags after caption_prefix that keep their place
     shuffle_variants: int = 4  # shuffle_tags: tag orders cached per caption (the caption as written is one of them)
+    captioner: str = "none"  # write captions with a vision-language model: none, qwen2_vl (Qwen2-VL-2B, small) or qwen2_5_vl (Qwen2.5-VL-7B, strong)
+    caption_mode: str = "missing"  # missing (only images without a caption), replace (every caption) or append (after the existing one)
+    caption_language: str = "zh"  # zh or en: the language the captioner writes (Kolors reads both)
+    captioner_path: Optional[str] = None  # the captioner's folder; null -> models/<its release name> (python -m kolors_story.download captioner)
+    captioner_device: str = II("model.device")  # device the captioner runs on (released before the cache is built)
+    captioner_dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32
+    captioner_batch_size: int = 4  # images per generate call
+    captioner_max_tokens: int = 96  # longest generated caption, in tokens (Kolors reads 256 prompt tokens)
+    captioner_tiny: bool = False  # build a tiny random captioner of the same class into captioner_path first (plumbing tests only)
 
 
 @dataclass

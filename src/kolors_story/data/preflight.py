@@ -179,8 +179,9 @@ def load_rgb(path: str | Path, max_pixels: int | None = None) -> tuple[Image.Ima
 
 
 def preflight(candidates: list[Candidate], stage_dir: str | Path, *, policy: str = "skip",
-              max_pixels: int | None = None, progress: bool = True) -> PreflightResult:
-    """Check every candidate; stage the good ones as ``<stage_dir>/<id>.jpg``.
+              max_pixels: int | None = None, progress: bool = True, allow_uncaptioned: bool = False) -> PreflightResult:
+    """Check every candidate; stage the good ones as ``<stage_dir>/<id>.jpg`` (``allow_uncaptioned``:
+    an empty caption is fine, the captioner writes one).
 
     ``policy='fail'`` raises a DataError listing every bad file (after checking all of them, so the
     list is complete); ``'skip'`` drops them and returns them in ``dropped``.
@@ -199,7 +200,7 @@ def preflight(candidates: list[Candidate], stage_dir: str | Path, *, policy: str
         reason = cand.problem
         if reason is None and cand.path is None:
             reason = "missing file"
-        if reason is None and not (cand.caption or "").strip():
+        if reason is None and not (cand.caption or "").strip() and not allow_uncaptioned:
             reason = "empty caption"
         if reason is None:
             try:

@@ -1,5 +1,5 @@
 """The data stage end to end: source -> preflight -> curation (dedup, aesthetic threshold; optional)
--> data-juicer recipe -> processed dataset."""
+-> captions (a vision-language model; optional) -> data-juicer recipe -> processed dataset."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kolors_story.data import curation
+from kolors_story.data import captioning, curation
 from kolors_story.data.filtering import recipe_ops, run_recipe
 from kolors_story.data.preflight import load_rgb, preflight
 from kolors_story.data.processed import (
@@ -32,7 +32,7 @@ REPORT_FORMAT = 1  # bump when the processed output changes for the same inputs 
 
 
 def _fingerprint(listing: SourceListing, dataset: DatasetSettings, recipe: FilterSettings,
-                 scorer: ScorerSettings | None) -> str:
+                 scorer: ScorerSettings | None, data_dir: Path) -> str:
     """Everything the processed output depends on: file identities (size + mtime), captions,
     preflight settings, the curation (and the predictor that scored) and the recipe. Equal
     fingerprint -> the previous result is reused."""
@@ -55,6 +55,10 @@ def _fingerprint(listing: SourceListing, dataset: DatasetSettings, recipe: Filte
                             "dedup_distance": int(recipe.dedup_distance) if recipe.dedup else None,
                             "scorer": curation.scorer_fingerprint(scorer)
                             if recipe.min_aesthetic is not None and scorer is not None else None}
+    if captioning.enabled(dataset):  # the captioner and the reviewed captions.csv as it stands
+        spec["captions"] = {"captioner": dataset.captioner, "mode": dataset.caption_mode,
+                            "language": dataset.caption_language, "max_tokens": int(dataset.captioner_max_tokens),
+                            "path": str(dataset.captioner_path), "csv": captioning.captions_digest(data_dir)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
 
 
@@ -114,7 +118,8 @@ class _Run:
     def preflight(self, listing: SourceListing, stage_dir: Path, progress: bool):
         try:
             pre = preflight(listing.candidates, stage_dir, policy=self.dataset.on_bad_file,
-                            max_pixels=self.max_pixels, progress=progress)
+                            max_pixels=self.max_pixels, progress=progress,
+                            allow_uncaptioned=captioning.enabled(self.dataset))
         except DataError as exc:
             raise self.fail(exc) from exc
         n = len(listing.candidates)
@@ -147,6 +152,23 @@ class _Run:
                 f"({self.recipe.min_aesthetic}) or filter.dedup_distance; scores are in "
                 f"{self.data_dir / 'report.failed.json'}", step="curation"))
         return result.kept
+
+    def caption(self, kept: list, progress: bool) -> list:
+        """Captions from the captioner (dataset.captioner); the images that have one."""
+        if not captioning.enabled(self.dataset):
+            return kept
+        try:
+            captioned, dropped, info = captioning.caption_images(kept, self.dataset, self.data_dir, progress)
+        except DataError as exc:
+            raise self.fail(exc) from exc
+        self.report["dropped"] += [d.as_dict() for d in dropped]
+        self.report["captions"] = info
+        self.report["counts"]["captions"] = {"in": len(kept), "kept": len(captioned), "dropped": len(dropped),
+                                             "generated": info["generated"], "reused": info["reused"]}
+        if not captioned:
+            raise self.fail(DataError(f"the captioner wrote no caption for any of the {len(kept)} images; see "
+                                      f"{info['file']}", step="captions"))
+        return captioned
 
     def filter(self, kept: list, stage_dir: Path, progress: bool) -> list[tuple[Path, str, str, int, int]]:
         """The recipe's survivors as (file, caption, source name, width, height)."""
@@ -213,6 +235,7 @@ def prepare_dataset(dataset: DatasetSettings, recipe: FilterSettings, data_dir: 
     data_dir = Path(str(data_dir)).expanduser().resolve()
     recipe_ops(list(recipe.process))  # a malformed recipe fails before any work
     curation.check_curation(recipe)
+    captioning.check_captioning(dataset)
     run = _Run(dataset, recipe, data_dir)
     with _locked(data_dir):
         recover_dir(data_dir / "train")
@@ -220,8 +243,10 @@ def prepare_dataset(dataset: DatasetSettings, recipe: FilterSettings, data_dir: 
             listing = list_source(dataset)
         except DataError as exc:
             raise run.fail(exc) from exc
+        if captioning.enabled(dataset):
+            captioning.allow_uncaptioned(listing.candidates)
         run.listed(listing)
-        fingerprint = _fingerprint(listing, dataset, recipe, scorer)
+        fingerprint = _fingerprint(listing, dataset, recipe, scorer, data_dir)
         run.report["fingerprint"] = fingerprint
         previous = None if dataset.rebuild else _reusable(data_dir, fingerprint)
         if previous is not None:
@@ -229,7 +254,9 @@ def prepare_dataset(dataset: DatasetSettings, recipe: FilterSettings, data_dir: 
         stage_dir = data_dir / "work" / "preflight"
         shutil.rmtree(stage_dir, ignore_errors=True)
         pre = run.preflight(listing, stage_dir, progress)
-        kept = run.curate(pre.kept, scorer, progress)
+        kept = run.caption(run.curate(pre.kept, scorer, progress), progress)
+        # captions.csv was (re)written: the fingerprint of this result is the one with it as it is now
+        run.report["fingerprint"] = _fingerprint(listing, dataset, recipe, scorer, data_dir)
         prepared = run.finish(run.filter(kept, stage_dir, progress))
         shutil.rmtree(stage_dir, ignore_errors=True)  # kept images were moved into train/
     return prepared
@@ -268,6 +295,10 @@ def run_data_stage(dataset: DatasetSettings, recipe: FilterSettings, data_dir: s
         pictures = ", ".join(r.get("curation", {}).get("pictures", []))
         print(f"  curation    kept {cur.get('kept')}, dropped {cur.get('dropped')}"
               + (f"  (see {pictures} in {prepared.data_dir})" if pictures else ""))
+    caps = counts.get("captions")
+    if caps:
+        print(f"  captions    {caps.get('generated')} written by {r['captions']['captioner']}, {caps.get('reused')} "
+              f"reused, {r['captions']['edited']} edited by you  (review: {r['captions']['file']})")
     ops = filt.get("ops") or []
     if ops:
         print(f"  filter      {r['filter']['name']}: kept {filt.get('kept')} of {filt.get('in')}  ("

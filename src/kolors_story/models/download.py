@@ -2,6 +2,7 @@
 
     python -m kolors_story.download                 # Kolors + fp16-fix VAE + aesthetic scorer + CLIP
     python -m kolors_story.download ip_adapter      # Kolors-IP-Adapter-Plus (coherence.reference)
+    python -m kolors_story.download captioner       # Qwen2-VL-2B-Instruct (dataset.captioner=qwen2_vl)
     python -m kolors_story.download kolors --dir /data/models
 """
 
@@ -40,6 +41,10 @@ WEIGHTS = {
         Weights("ip_adapter", "Kwai-Kolors/Kolors-IP-Adapter-Plus", "Kolors-IP-Adapter-Plus",
                 "a reference image for the characters, coherence.reference (coherence.reference.path)",
                 default=False),
+        Weights("captioner", "Qwen/Qwen2-VL-2B-Instruct", "Qwen2-VL-2B-Instruct",
+                "automatic captions, dataset.captioner=qwen2_vl (the small one)", default=False),
+        Weights("captioner_large", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen2.5-VL-7B-Instruct",
+                "automatic captions, dataset.captioner=qwen2_5_vl (the strong one)", default=False),
     )
 }
 

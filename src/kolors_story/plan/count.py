@@ -247,3 +247,41 @@ def score_batch(config_json: str, batch: int) -> int:
     with torch.no_grad(), counting() as mem:
         model(pixel_values=x)
     return mem.peak
+
+
+# Qwen2.5-VL's windowed vision tower cannot run on the meta device (aten::unique_consecutive has no
+# meta kernel): its activations are counted with Qwen2-VL's full-attention tower at the same patch
+# count, widened by this factor (its SwiGLU MLP is 2 x 3420 wide against Qwen2-VL's 5120).
+WINDOWED_VISION_FACTOR = 1.4
+
+
+@lru_cache(maxsize=8)
+def caption_batch(name: str, batch: int, side: int, new_tokens: int, dtype: str, prompt_tokens: int = 64) -> int:
+    """Peak bytes of captioning ``batch`` images of ``side`` x ``side`` pixels: the vision tower on all
+    patches, then the language model's prefill over image + prompt + generated tokens with its KV cache."""
+    from kolors_story.models.captioner import meta_captioner
+
+    model = meta_captioner(name).to(_dtype(dtype)).eval()
+    patches = (side // 28 * 2) ** 2  # 14-px patches, merged 2x2 into one token each
+    vision_model = meta_captioner("qwen2_vl").to(_dtype(dtype)).model.visual if name != "qwen2_vl" else model.model.visual
+    x = torch.empty(batch * patches, 3 * 2 * 14 * 14, device="meta", dtype=_dtype(dtype))
+    with torch.no_grad(), counting() as mem:
+        grid = side // 28 * 2
+        vision_model(x, grid_thw=torch.tensor([[1, grid, grid]] * batch))
+    vision = mem.peak * (1.0 if name == "qwen2_vl" else WINDOWED_VISION_FACTOR)
+    length = patches // 4 + prompt_tokens + new_tokens
+    text_cfg = model.config.text_config
+    embeds = torch.empty(batch, length, text_cfg.hidden_size, device="meta", dtype=_dtype(dtype))
+    positions = torch.zeros(3, batch, length, dtype=torch.long, device="meta")
+    # the rotary embedding forces float32 with torch.autocast, which has no meta device type
+    with torch.no_grad(), mock.patch("torch.autocast", lambda *a, **k: nullcontext()), counting() as mem:
+        out = model.model.language_model(inputs_embeds=embeds, position_ids=positions, use_cache=True)
+        model.lm_head(out.last_hidden_state[:, -1:])
+    return int(max(vision, mem.peak))
+
+
+@lru_cache(maxsize=4)
+def captioner_weights(name: str, dtype: str) -> int:
+    from kolors_story.models.captioner import meta_captioner
+
+    return sum(p.numel() for p in meta_captioner(name).parameters()) * DTYPE_BYTES[dtype]

@@ -207,6 +207,14 @@ def train_stages(sizes: Sizes, job: TrainConfig) -> list[Stage]:
     beside = (sizes.weights("vae") + sizes.weights("scorer") + sizes.weights("clip")) if job.validate else 0  # stay loaded
     cache_b = job.cache.batch_size
     stages = []
+    if job.dataset.captioner != "none":  # data stage: the captioner alone, released before the cache
+        from kolors_story.models.captioner import CAPTION_MAX_SIDE
+
+        dtype = job.dataset.captioner_dtype if job.dataset.captioner_dtype != "auto" else "bfloat16"
+        stages.append(Stage("data: captions", count.captioner_weights(job.dataset.captioner, dtype),
+                            count.caption_batch(job.dataset.captioner, job.dataset.captioner_batch_size,
+                                                CAPTION_MAX_SIDE, job.dataset.captioner_max_tokens, dtype),
+                            {"captioner_batch_size": job.dataset.captioner_batch_size}))
     if job.filter.min_aesthetic is not None:  # data stage: the predictor alone, released before the cache
         stages.append(Stage("data: aesthetic curation", sizes.weights("scorer"),
                             count.score_batch(sizes.scorer, job.scorer.batch_size), {"batch_size": job.scorer.batch_size}))
