@@ -15,6 +15,8 @@ os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
+
+pytest_plugins = ["tests.train_fixtures"]  # tiny_batches, story
 import torch  # noqa: E402
 
 

@@ -23,16 +23,6 @@ from kolors_story.train.optimizers import lr_lambda
 from kolors_story.train.run import run_training
 from tests.helpers import compose, settings
 
-CAPTIONS = ["a red square", "a blue circle", "a green field", "a yellow sun"]
-
-
-def _image(i: int) -> Image.Image:
-    g = torch.Generator().manual_seed(i)
-    base = torch.rand(3, 1, 1, generator=g)
-    noise = torch.rand(3, 64, 64, generator=g) * 0.3
-    arr = ((base * 0.7 + noise).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(arr)
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -42,25 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tiny_batches(tiny_model_dir):
-    """Four training items with the cache's keys, computed from the tiny pipeline itself."""
-    from kolors_story.models.loading import load_pipeline
-
-    pipe = load_pipeline(tiny_model_dir)
-    with torch.no_grad():
-        pixels = torch.stack([torch.from_numpy(__import__("numpy").asarray(_image(i))).permute(2, 0, 1).float()
-                              / 127.5 - 1 for i in range(len(CAPTIONS))])
-        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt=CAPTIONS, device="cpu", do_classifier_free_guidance=False)
-    time_ids = torch.tensor([64.0, 64.0, 0.0, 0.0, 64.0, 64.0])
-    return [
-        {"latents": latents[i].clone(), "prompt_embeds": embeds[i].clone(), "pooled_prompt_embeds": pooled[i].clone(),
-         "add_time_ids": time_ids.clone()}
-        for i in range(len(CAPTIONS))
-    ]
 
 
 def _cfg(tmp_path, *extra):
@@ -463,18 +434,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_batches, c
 
 
 # ------------------------------------------------------------------------------------- W&B
-
-
-@pytest.fixture(scope="module")
-def story(tiny_model_dir):
-    """The configured story's scenes and their embeddings, as the cache stage stores them."""
-    from kolors_story.models.loading import load_pipeline
-    from kolors_story.models.prompts import encode_scenes
-    from kolors_story.story import story_scenes
-
-    job = settings("train", ["model=tiny"])
-    scenes = story_scenes(job.story, job.sampler)
-    return scenes, encode_scenes(load_pipeline(tiny_model_dir), scenes)
 
 
 def test_wandb_offline_run_holds_loss_panels_and_score_table(tmp_path, tiny_batches, story):

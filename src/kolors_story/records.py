@@ -92,13 +92,14 @@ class CheckpointScores(StoryScores):
 # --------------------------------------------------------------------------- metrics.jsonl
 
 
-class TrainRecord(TypedDict):
+class TrainRecord(TypedDict, total=False):
     type: str  # "train"
     step: int
     epoch: int
     loss: float
     lr: float
     time: float
+    reward: float  # reward=aesthetic: mean aesthetic score of this step's reward renders
 
 
 class CheckpointRecord(TypedDict, total=False):
@@ -126,6 +127,7 @@ class CheckpointRecord(TypedDict, total=False):
     validation_error: str  # the story render failed; the LoRA is saved without scores
     val_loss: float  # the held-out validation loss (trainer.validation_split > 0; train.held_out)
     ema: dict  # trainer.ema: the EMA weights' files, val_loss and story scores/panel (same keys as above)
+    reward_held_out: float  # reward=aesthetic: mean score of the held-out scenes' renders (fixed seeds)
 
 
 class StatusRecord(TypedDict):

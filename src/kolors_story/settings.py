@@ -40,6 +40,7 @@ class ModelSettings:
 @dataclass
 class TinyScorerSpec:
     seed: int = 0  # seed of the tiny random predictor's weights
+    taste: Optional[str] = None  # null: random scores near 0; brightness: its head fitted to score 1 + 8 x mean brightness (a known taste)
 
 
 @dataclass
@@ -352,6 +353,24 @@ class LeaderboardSettings:
 
 
 @dataclass
+class RewardSettings:
+    name: str = "none"  # none (plain LoRA training) or aesthetic (refine the LoRA on the competition's aesthetic score)
+    method: str = "refl"  # refl (one denoising step with gradient at a late step) or draft (gradient through the last draft_k steps)
+    weight: float = 1.0  # w: the reward loss is -w x score; 0 -> exactly the plain LoRA run
+    target: Optional[float] = 7.0  # stop pushing a render's score past this (the gradient is cut above it); null -> no cap
+    diffusion_weight: float = 1.0  # lambda: the ordinary diffusion loss on the style data beside the reward, so the style survives
+    steps: int = 20  # denoising steps of the reward renders (the model's own Euler scheduler)
+    refl_steps: List[int] = field(default_factory=lambda: [14, 19])  # refl: the step index (inclusive range) where the gradient step is taken, drawn per step
+    draft_k: int = 1  # draft: the last K denoising steps carry the gradient
+    guidance: float = 5.0  # CFG scale of the reward renders
+    resolution: int = 512  # reward render size in pixels (the scorer sees 224 x 224: 512 saves memory on small GPUs)
+    batch_size: int = 1  # prompts per reward step
+    held_out: int = 2  # story scenes kept out of the reward, rendered and scored at every checkpoint (early stopping)
+    patience: int = 0  # stop after this many checkpoints without a better held-out score; 0 -> never
+    init_from: Optional[str] = None  # refine an existing LoRA: a run folder (its last checkpoint) or a LoRA file; null -> a fresh LoRA
+
+
+@dataclass
 class TrainConfig:
     """`python train.py`: conf/train.yaml."""
 
@@ -367,6 +386,7 @@ class TrainConfig:
     logger: LoggerSettings = MISSING
     memory: MemorySettings = MISSING
     coherence: CoherenceSettings = MISSING
+    reward: RewardSettings = MISSING  # reward refinement on the aesthetic score (reward=aesthetic; none: off)
     stage: str = "all"  # all (data + train), data (prepare + cache only) or train (reuse prepared data)
     resume: Optional[str] = None  # a previous run folder (or one of its checkpoints/step-* folders): continue from its last checkpoint
     validate: bool = True  # render + score the story (sampler group) at every checkpoint
@@ -419,7 +439,7 @@ class EvaluateConfig:
 GROUP_SCHEMAS = {
     "model": ModelSettings, "scorer": ScorerSettings, "filter": FilterSettings, "lora": LoraSettings,
     "optim": OptimSettings, "trainer": TrainerSettings, "logger": LoggerSettings, "story": StorySettings,
-    "sampler": SamplerSettings, "memory": MemorySettings, "coherence": CoherenceSettings,
+    "sampler": SamplerSettings, "memory": MemorySettings, "coherence": CoherenceSettings, "reward": RewardSettings,
 }
 JOB_SCHEMAS = {"train": TrainConfig, "generate": GenerateConfig, "evaluate": EvaluateConfig}
 

@@ -1,8 +1,9 @@
 """Section ``plan``: the memory plan at real Kolors size (1024², fp16) for the default configs on
 the GPUs users have: predicted peak per stage and what ``memory=auto`` picks, for training,
 generation, the hires refine and scoring; and what each adapter type (``lora.type``, LoCon) costs
-to train on a 24 GB card (trainable parameters, train-step peak). Counted on the meta device, no
-weights needed."""
+to train on a 24 GB card (trainable parameters, train-step peak), and what a reward=aesthetic step
+costs next to a plain LoRA step (peak memory from the plan, FLOPs counted). Counted on the meta
+device, no weights needed."""
 
 from __future__ import annotations
 
@@ -57,4 +58,64 @@ def section_plan(ctx: BenchContext) -> dict:
     names = QUICK_ADAPTERS if ctx.quick else tuple(ADAPTERS)
     ctx.log(f"plan: adapter types {', '.join(names)} on a 24 GB card ...")
     out["adapters"] = {name: adapter_cost(ADAPTERS[name]) for name in names}
+    rewards = QUICK_REWARDS if ctx.quick else tuple(REWARDS)
+    ctx.log(f"plan: reward refinement {', '.join(rewards)} on a 24 GB card ...")
+    out["rewards"] = {name: reward_cost(REWARDS[name]) for name in rewards}
     return out
+
+
+# reward=aesthetic next to a plain LoRA step on a 24 GB card (rank 16 style LoRA, 20 Euler steps, CFG 5)
+REWARDS = {"refl 512": ["reward=aesthetic"], "draft K=4 512": ["reward=aesthetic", "reward.method=draft",
+                                                                "reward.draft_k=4"],
+           "refl 1024": ["reward=aesthetic", "reward.resolution=1024"]}
+QUICK_REWARDS = ("refl 512",)
+
+
+def _flops_fwd_bwd(model_fn, make_input) -> tuple[int, int]:
+    from kolors_story.accounting import FlopCount
+
+    x = make_input().requires_grad_(True)
+    with FlopCount() as flops:
+        out = model_fn(x)
+        forward = flops.total
+        out.float().sum().backward()
+    return forward, flops.total
+
+
+def reward_flops(resolution: int, steps: int, grad_steps: int) -> dict:
+    """FLOPs of one reward step at real size (batch 1, CFG doubling the UNet batch) and of a plain
+    1024² LoRA step: (steps - grad_steps) UNet calls without gradient, grad_steps with, the VAE
+    decode and the float32 scorer forward + backward."""
+    import json
+
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from kolors_story.bench.flops import count_unet_step
+    from kolors_story.models import configs
+    from kolors_story.plan.count import build_on, meta_model
+
+    unet = build_on("meta", lambda: UNet2DConditionModel(**configs.KOLORS_UNET_CONFIG), torch.float16)
+    at_res = count_unet_step(unet, resolution, 256, gradient_checkpointing=True)
+    plain = count_unet_step(unet, 1024, 256, gradient_checkpointing=True)
+    vae = build_on("meta", lambda: AutoencoderKL(**configs.SDXL_VAE_CONFIG), torch.float16)
+    side = resolution // 8
+    _, vae_fb = _flops_fwd_bwd(lambda z: vae.decode(z).sample, lambda: torch.empty(1, 4, side, side, device="meta",
+                                                                                       dtype=torch.float16))
+    scorer = meta_model("scorer", json.dumps(configs.REAL_PREDICTOR_CONFIG), "float32")
+    _, score_fb = _flops_fwd_bwd(lambda x: scorer.vision_model(pixel_values=F.interpolate(x, size=(224, 224))).pooler_output,
+                                 lambda: torch.empty(1, 3, resolution, resolution, device="meta"))
+    reward = 2 * ((steps - grad_steps) * at_res["forward"] + grad_steps * at_res["forward_backward"]) + vae_fb + score_fb
+    return {"reward_tflop": reward / 1e12, "plain_tflop": plain["forward_backward"] / 1e12,
+            "ratio": reward / plain["forward_backward"]}
+
+
+def reward_cost(overrides: list[str], budget_gb: float = 24) -> dict:
+    job = compose_settings("train", ["model=kolors", *overrides])
+    r = job.reward
+    pick = plan_one("train", overrides, budget_gb)
+    grad_steps = int(r.draft_k) if r.method == "draft" else 1
+    return {"peak_gb": pick["peak_gb"], "reward_step_gb": pick["stages"].get("reward step"),
+            "train_step_gb": pick["stages"].get("train step"), "fits": pick["fits"],
+            **reward_flops(int(r.resolution), int(r.steps), grad_steps)}

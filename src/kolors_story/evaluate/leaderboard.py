@@ -50,6 +50,7 @@ class Row:
     copy_paste: float | None = None
     story_objective: float | None = None  # recomputed with the leaderboard's Objective
     val_loss: float | None = None  # held-out validation loss (trainer.validation_split)
+    reward_held_out: float | None = None  # reward=aesthetic: the held-out scenes' mean score
     passed: bool | None = None
     story_gate: bool | None = None  # the Objective's gate (threshold and min_floor)
     panel: str | None = None
@@ -102,7 +103,7 @@ def rows_for_run(run: Path, story: Objective | None = None) -> list[Row]:
                 checkpoint=r.get("dir"), mean=r.get("mean"), min=r.get("min"),
                 coherence=r.get("coherence"), clip_t=r.get("clip_t"), copy_paste=r.get("copy_paste"),
                 passed=r.get("passed"), panel=r.get("panel"), scores=list(r.get("scores") or []),
-                val_loss=r.get("val_loss"),
+                val_loss=r.get("val_loss"), reward_held_out=r.get("reward_held_out"),
             )
         )
     story = story or Objective()
@@ -152,7 +153,7 @@ def _fmt(x, nd=3) -> str:
 
 
 COLUMNS = ("rank", "run", "overrides", "checkpoint", "step", "mean", "min", "coherence", "clip_t", "copy_paste",
-           "story_objective", "val_loss", "passed", "status", "error")
+           "story_objective", "val_loss", "reward_held_out", "passed", "status", "error")
 
 
 def _table(rows: list[Row], sweep_dir: Path) -> list[list[str]]:
@@ -161,7 +162,7 @@ def _table(rows: list[Row], sweep_dir: Path) -> list[list[str]]:
         out.append([
             str(i), str(r.run.relative_to(sweep_dir)), " ".join(r.overrides), r.checkpoint or "", _fmt(r.step),
             _fmt(r.mean), _fmt(r.min), _fmt(r.coherence), _fmt(r.clip_t), _fmt(r.copy_paste), _fmt(r.story_objective),
-            _fmt(r.val_loss, 5), _fmt(r.passed), r.status, (r.error or "").splitlines()[0] if r.error else "",
+            _fmt(r.val_loss, 5), _fmt(r.reward_held_out, 4), _fmt(r.passed), r.status, (r.error or "").splitlines()[0] if r.error else "",
         ])
     return out
 
@@ -205,6 +206,7 @@ def best_record(rows: list[Row], ranking: dict | None = None) -> dict | None:
         "copy_paste": top.copy_paste,
         "story_objective": top.story_objective,
         "val_loss": top.val_loss,
+        "reward_held_out": top.reward_held_out,
         "passed": top.passed,
         "ranked_by": ranking,
         "overrides": top.overrides,
@@ -241,7 +243,7 @@ def print_leaderboard(rows: list[Row], sweep_dir: Path, top: int = 10) -> None:
     for col in ("rank", "run", "checkpoint", *numbers, "passed", "status"):
         table.add_column(col, justify="right" if col in ("rank", *numbers) else "left")
     for cells in _table(rows[:top], sweep_dir):
-        rank, run, _, ckpt, _, mean, mn, coh, clip_t, copy, value, _val_loss, passed, status, error = cells
+        rank, run, _, ckpt, _, mean, mn, coh, clip_t, copy, value, _val_loss, _reward, passed, status, error = cells
         table.add_row(rank, run, ckpt, mean, mn, coh, clip_t, copy, value, passed,
                       status if not error else f"{status}: {error[:60]}")
     console = Console()

@@ -118,7 +118,7 @@ class AestheticScorer:
             raise ScorerError(f"scorer.path is not set; point it at the predictor folder or run `{DOWNLOAD_COMMAND}`")
         path = Path(str(scorer.path)).expanduser()
         if scorer.tiny is not None:
-            ensure_tiny_scorer(path, seed=int(scorer.tiny.seed))
+            ensure_tiny_scorer(path, seed=int(scorer.tiny.seed), taste=scorer.tiny.taste)
         return cls.from_pretrained(path, device=str(scorer.device), batch_size=int(scorer.batch_size))
 
     # ------------------------------------------------------------------ scoring

@@ -232,20 +232,73 @@ def build_tiny_predictor(seed: int = 0):
     return build_predictor(tiny_predictor_config(), seed)
 
 
-def ensure_tiny_scorer(folder: str | Path, seed: int = 0) -> Path:
+TASTES = ("brightness",)
+
+
+def _taste_images(n: int, seed: int) -> tuple[list, torch.Tensor]:
+    """Coarse random colour blocks from dark to bright, and each one's mean brightness in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images, values = [], []
+    for i in range(n):
+        level = (i + 0.5) / n
+        blocks = np.clip(rng.normal(level * 255, 60, size=(4, 4, 3)), 0, 255).astype(np.uint8)
+        image = Image.fromarray(blocks).resize((64, 64), Image.BILINEAR)
+        images.append(image)
+        values.append(np.asarray(image, dtype=np.float64).mean() / 255)
+    return images, torch.tensor(values, dtype=torch.float64)
+
+
+def give_taste(predictor, processor, taste: str, seed: int = 0) -> float:
+    """Refit the predictor's head so that its score follows a simple image statistic ("brightness":
+    1 + 8 x mean brightness) through its own CLIP features: a tiny scorer with a known taste, so that
+    best-of-N, selection and reward refinement change the tiny model's scores for a reason one can
+    state. The head (a stack of linear layers) becomes one linear map of the normalised embedding,
+    least-squares fitted on drawn images. Returns the fit's R^2."""
+    if taste not in TASTES:
+        raise ValueError(f"unknown scorer taste {taste!r}; choose from {TASTES}")
+    images, brightness = _taste_images(96, seed)
+    with torch.no_grad():
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        embeds = predictor.visual_projection(predictor.vision_model(pixel_values=pixels).pooler_output)
+        features = torch.cat([embeds / embeds.norm(dim=-1, keepdim=True), torch.ones(len(images), 1)], 1).double()
+        target = 1.0 + 8.0 * brightness
+        solution = torch.linalg.lstsq(features, target[:, None]).solution[:, 0]
+        layers = [m for m in predictor.layers if isinstance(m, torch.nn.Linear)]
+        for layer in layers:  # coordinate 0 carries the score through every layer
+            layer.weight.zero_()
+            layer.bias.zero_()
+        layers[0].weight[0] = solution[:-1].float()
+        for layer in layers[1:]:
+            layer.weight[0, 0] = 1.0
+        layers[-1].bias[0] = float(solution[-1])
+        fitted = features @ solution
+    return float(1 - ((fitted - target) ** 2).sum() / ((target - target.mean()) ** 2).sum())
+
+
+def ensure_tiny_scorer(folder: str | Path, seed: int = 0, taste: str | None = None) -> Path:
     """Build the tiny predictor into ``folder`` (the real weights' folder layout: config.json,
-    model.safetensors, preprocessor_config.json, tokenizer files) unless it is already there."""
+    model.safetensors, preprocessor_config.json, tokenizer files) unless it is already there.
+    ``taste`` (e.g. "brightness") fits its head to prefer that statistic (:func:`give_taste`)."""
 
     def write(tmp: Path) -> None:
-        build_tiny_predictor(seed).save_pretrained(tmp)
-        build_clip_processor().save_pretrained(tmp)
+        model, processor = build_tiny_predictor(seed), build_clip_processor()
+        note = "its scores are meaningless (near 0): it only exercises the code paths."
+        if taste:
+            r2 = give_taste(model, processor, taste, seed)
+            note = (f"its head is fitted to score {taste} (1 + 8 x mean brightness, R^2 {r2:.3f} on the fitting "
+                    "images): a known taste, not an aesthetic one.")
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
         (tmp / "TINY_SCORER.txt").write_text(
             f"Tiny randomly initialised aesthetic predictor (kolors-story tiny scorer v{TINY_SCORER_VERSION}). "
-            "Same classes and folder layout as aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE, "
-            "but its scores are meaningless (near 0): it only exercises the code paths.\n"
+            f"Same classes and folder layout as aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE, but {note}\n"
         )
 
-    return build_stamped_folder(folder, {"version": TINY_SCORER_VERSION, "seed": int(seed)}, TINY_SCORER_STAMP, write)
+    stamp = {"version": TINY_SCORER_VERSION, "seed": int(seed), **({"taste": taste} if taste else {})}
+    return build_stamped_folder(folder, stamp, TINY_SCORER_STAMP, write)
 
 
 def build_clip(config: dict, seed: int = 0):

@@ -285,3 +285,38 @@ def captioner_weights(name: str, dtype: str) -> int:
     from kolors_story.models.captioner import meta_captioner
 
     return sum(p.numel() for p in meta_captioner(name).parameters()) * DTYPE_BYTES[dtype]
+
+
+@lru_cache(maxsize=16)
+def reward_step(unet_json: str, vae_json: str, scorer_json: str, batch: int, size: int, dtype: str, checkpointing: bool,
+                rank: int, targets: tuple[str, ...], grad_steps: int = 1, guided: bool = True,
+                adapter: tuple = ("lora", None), tokens: int = 256) -> int:
+    """Peak bytes of a reward step (train.reward) with gradient: ``grad_steps`` UNet calls (CFG doubles
+    the batch; refl: 1, draft: K) on the LoRA UNet, the VAE decode and the float32 scorer, then the
+    backward through all of them. The steps without gradient cost one ``unet_call`` each (less)."""
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from kolors_story.lora.adapter import add_lora
+
+    unet = build_on("meta", lambda: UNet2DConditionModel(**json.loads(unet_json)), _dtype(dtype))
+    unet.requires_grad_(False)
+    add_lora(unet, rank=rank, alpha=rank, target_modules=list(targets), type=adapter[0], conv_rank=adapter[1])
+    vae = build_on("meta", lambda: AutoencoderKL(**json.loads(vae_json)), _dtype(dtype)).requires_grad_(False)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+    scorer = meta_model("scorer", scorer_json, "float32")
+    n = batch * (2 if guided else 1)
+    x, t, enc, added = unet_inputs(unet, n, size, size, tokens, _dtype(dtype))
+    with counting() as mem:
+        latents = x[:batch]
+        for _ in range(int(grad_steps)):
+            eps = unet(torch.cat([latents] * (n // batch)), t, encoder_hidden_states=enc, added_cond_kwargs=added,
+                       return_dict=False)[0]
+            latents = latents - eps[:batch]
+        images = vae.decode(latents).sample.float()
+        pixels = F.interpolate(images, size=(224, 224), mode="bilinear")
+        out = scorer.visual_projection(scorer.vision_model(pixel_values=pixels).pooler_output)
+        scorer.layers(out / out.norm(dim=-1, keepdim=True)).sum().backward()
+    return mem.peak

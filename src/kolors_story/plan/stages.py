@@ -227,6 +227,15 @@ def train_stages(sizes: Sizes, job: TrainConfig) -> list[Stage]:
               count.train_step(sizes.unet, t.batch_size, h, w, sizes.dtype, t.gradient_checkpointing, job.lora.rank,
                                targets, adapter=adapter), {"batch_size": t.batch_size, "gradient_checkpointing": t.gradient_checkpointing}),
     ]
+    r = job.reward
+    if r.name != "none":  # the reward step: UNet (+LoRA) with gradient, VAE decode and the scorer's backward
+        grad_steps = int(r.draft_k) if r.method == "draft" else 1
+        stages.append(Stage(
+            "reward step", unet_w + (16 + 4 * t.ema.enabled) * lora + sizes.weights("vae") + sizes.weights("scorer")
+            + beside, count.reward_step(sizes.unet, sizes.vae, sizes.scorer, int(r.batch_size), int(r.resolution),
+                                        sizes.dtype, t.gradient_checkpointing, job.lora.rank, targets, grad_steps,
+                                        float(r.guidance) > 1, adapter),
+            {"reward_batch_size": int(r.batch_size), "reward_resolution": int(r.resolution)}))
     if job.validate:
         b = min(s.batch_size, n_scenes)
         unet_config = json.loads(sizes.unet)

@@ -46,6 +46,7 @@ class RunContext:
     ema: object = None  # train.ema.EmaCallback when trainer.ema.enabled
     validation_timesteps: tuple[int, ...] = ()
     seed: int = 0
+    reward_patience: int = 0  # reward.patience: checkpoints without a better held-out reward before stopping
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -103,6 +104,7 @@ class CheckpointCallback(L.Callback):
         self.interrupted = False
         self.exception: BaseException | None = None
         self.saved: list[Path] = []
+        self.best_reward, self.stale = float("-inf"), 0  # reward.patience: the held-out reward so far
 
     @property
     def ckpt_root(self) -> Path:
@@ -131,10 +133,14 @@ class CheckpointCallback(L.Callback):
         losses = pl_module.step_losses
         loss = torch.stack(losses).float().mean() if losses else torch.tensor(float("nan"))
         pl_module.step_losses = []
+        rewards, pl_module.step_rewards = pl_module.step_rewards, []
+        reward = torch.stack(rewards).float().mean() if rewards else None
         if trainer.world_size > 1:
             loss = trainer.strategy.reduce(loss.to(pl_module.device), reduce_op="mean")
+            reward = trainer.strategy.reduce(reward.to(pl_module.device), reduce_op="mean") if rewards else None
         if trainer.is_global_zero and (step % max(1, self.ctx.log_every_n_steps) == 0 or self._stopping(trainer)):
-            self.ctx.logger.train(step, trainer.current_epoch, float(loss), float(pl_module.current_lr or 0.0))
+            self.ctx.logger.train(step, trainer.current_epoch, float(loss), float(pl_module.current_lr or 0.0),
+                                  None if reward is None else float(reward))
         if step % max(1, self.ctx.every_n_steps) == 0 or self._stopping(trainer):
             self.save(trainer, pl_module)
 
@@ -161,6 +167,24 @@ class CheckpointCallback(L.Callback):
             if self.ctx.validator is not None and not interrupted:
                 out["story"], out["validation_error"] = self._validate(folder / "ema", step)
         return out
+
+    def _held_out_reward(self, pl_module) -> float | None:
+        if getattr(pl_module, "reward", None) is None:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            return pl_module.reward.held_out_score(pl_module.unet)
+
+    def _early_stop(self, trainer, score: float) -> None:
+        """reward.patience checkpoints without a better held-out score end the run."""
+        if score > self.best_reward:
+            self.best_reward, self.stale = score, 0
+            return
+        self.stale += 1
+        patience = int(getattr(self.ctx, "reward_patience", 0) or 0)
+        if patience and self.stale >= patience:
+            print(f"early stop: the held-out reward has not improved for {self.stale} checkpoints "
+                  f"(best {self.best_reward:.4f}; reward.patience={patience})")
+            trainer.should_stop = True
 
     def _val_loss(self, pl_module) -> float:
         with torch.random.fork_rng(devices=[]):  # the training run's random streams stay untouched
@@ -196,6 +220,7 @@ class CheckpointCallback(L.Callback):
             if rank0:
                 files = save_lora(pl_module.unet, tmp, {**self.ctx.metadata, "step": step, "epoch": epoch})
                 val_loss = self._val_loss(pl_module) if self.ctx.held_out and not interrupted else None
+                held_reward = self._held_out_reward(pl_module) if not interrupted else None
                 if self.ctx.validator is not None and not interrupted:
                     story, validation_error = self._validate(tmp, step)
                 ema = self._save_ema(pl_module, tmp, step, epoch, interrupted) if self.ctx.ema is not None else None
@@ -209,6 +234,11 @@ class CheckpointCallback(L.Callback):
             if val_loss is not None:
                 record["val_loss"] = val_loss
                 print(f"checkpoint {rel}: validation loss {val_loss:.5f} ({len(self.ctx.held_out)} held-out items)")
+            if held_reward is not None:
+                record["reward_held_out"] = held_reward
+                print(f"checkpoint {rel}: held-out reward {held_reward:.4f} (aesthetic mean of "
+                      f"{len(pl_module.reward.held_out_scenes)} scenes never rewarded)")
+                self._early_stop(trainer, held_reward)
             if ema is not None:
                 record["ema"] = ema_record(rel, ema)
             self.ctx.logger.checkpoint(record, self.ctx.scenes)
@@ -221,6 +251,8 @@ class CheckpointCallback(L.Callback):
         self.last_saved = step
         if not interrupted and trainer.world_size > 1:
             trainer.strategy.barrier("kolors_story.checkpoint")
+            if self.ctx.reward_patience:  # every rank stops together (rank 0 decided)
+                trainer.should_stop = bool(trainer.strategy.broadcast(bool(trainer.should_stop), src=0))
 
 
 class VaeToDevice(L.Callback):

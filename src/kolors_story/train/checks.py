@@ -27,6 +27,7 @@ from kolors_story.settings import OptimSettings, TrainConfig, TrainerSettings
 from kolors_story.story import story_scenes
 from kolors_story.train.module import check_loss, timestep_range
 from kolors_story.train.optimizers import check_optimizer
+from kolors_story.train.reward import check_reward
 
 STAGES = ("all", "data", "train")
 
@@ -89,6 +90,7 @@ def check_train(job: TrainConfig) -> None:
                             "timesteps in [0, 1100) (Kolors' schedule), at least one")
     targets = check_lora(job.lora.rank, job.lora.alpha, job.lora.target_modules, job.lora.init, job.lora.dropout)
     check_type(job.lora.type)
+    check_reward(job.reward)
     conv_patterns(job.lora.conv_rank, job.lora.conv_alpha, job.lora.alpha)
     if job.lora.type in ("loha", "lokr") and float(job.lora.dropout):
         raise SettingsError(f"lora.dropout={job.lora.dropout} applies to lora/dora only; set it to 0 for "

@@ -24,14 +24,17 @@ class RunLogger:
         self.wandb = wandb_mirror
         self.checkpoints: list[dict] = []
 
-    def train(self, step: int, epoch: int, loss: float, lr: float) -> None:
+    def train(self, step: int, epoch: int, loss: float, lr: float, reward: float | None = None) -> None:
         if self.writer is None:
             return
         rec = TrainRecord(type="train", step=int(step), epoch=int(epoch), loss=float(loss), lr=float(lr),
                           time=time.time())
+        if reward is not None:
+            rec["reward"] = float(reward)
         self.writer.write(rec)
         if self.wandb:
-            self.wandb.log({"train/loss": rec["loss"], "train/lr": rec["lr"], "train/epoch": rec["epoch"]}, step=step)
+            self.wandb.log({"train/loss": rec["loss"], "train/lr": rec["lr"], "train/epoch": rec["epoch"],
+                            **({"train/reward": rec["reward"]} if reward is not None else {})}, step=step)
 
     def checkpoint(self, record: CheckpointRecord, scenes: list | None = None) -> None:
         if self.writer is None:

@@ -121,6 +121,8 @@ class KolorsLoraModule(L.LightningModule):
         self.current_lr: float | None = None
         self.total_steps: int | None = None  # optimizer steps of the whole run (cosine schedule length)
         self.describe_sample: Callable[[int], str] | None = None  # names a dataset item in errors
+        self.reward = None  # train.reward.RewardObjective with reward=aesthetic (not a submodule: never saved)
+        self.step_rewards: list[torch.Tensor] = []  # reward-step scores since the last optimizer step
 
     # ------------------------------------------------------------------------------ parameters
     def trainable_names(self) -> list[str]:
@@ -204,6 +206,10 @@ class KolorsLoraModule(L.LightningModule):
         opt = self.optimizers(use_pl_optimizer=False)
         self.current_lr = float(opt.param_groups[0]["lr"])
         loss = self.compute_loss(batch)
+        if self.reward is not None and float(self.reward.settings.weight):  # weight 0: the plain run, draw for draw
+            reward_loss, scores = self.reward.loss(self.unet, int(batch["noise_seed"][0]))
+            self.step_rewards.append(scores.mean())
+            loss = float(self.reward.settings.diffusion_weight) * loss + reward_loss
         bad = not bool(torch.isfinite(loss))
         if self.trainer.world_size > 1:  # every rank stops together (or DDP would hang)
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
@@ -241,6 +247,11 @@ class KolorsLoraModule(L.LightningModule):
         total = int(total) if math.isfinite(total) else 1
         sched = build_schedule(opt, self.optim, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_fit_start(self) -> None:
+        if self.reward is not None:  # the reward's VAE decoder and scorer run on every rank's device
+            self.reward.vae.to(self.device)
+            self.reward.score.to(self.device)
 
     # ---------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -28,6 +28,8 @@ from kolors_story.data.cache import build_cache
 from kolors_story.data.cache_files import load_empty_prompt, load_story_embeddings
 from kolors_story.data.captions import caption_variants
 from kolors_story.errors import TrainingError
+from kolors_story.evaluate.differentiable import DifferentiableAestheticScore
+from kolors_story.evaluate.scorer import AestheticScorer
 from kolors_story.files import atomic_write_text
 from kolors_story.lora import add_lora_from_settings
 from kolors_story.models.loading import ensure_model, load_pipeline, model_hash
@@ -49,6 +51,7 @@ from kolors_story.train.logger import RunLogger
 from kolors_story.train.module import KolorsLoraModule, NonFiniteLossError
 from kolors_story.train.report import print_data_summary, print_summary
 from kolors_story.train.resume import warn_if_dataset_changed
+from kolors_story.train.reward import RewardObjective, check_reward, init_adapter_from
 from kolors_story.train.validation import StoryValidator
 from kolors_story.train.wandb_mirror import WandbMirror
 
@@ -150,6 +153,22 @@ def _validator(job: TrainConfig, pipe, scenes, story_embeds) -> StoryValidator |
     return validator
 
 
+def reward_objective(job: TrainConfig, pipe, story_embeds: dict | None, validator) -> RewardObjective | None:
+    """The reward phase's objective (reward=aesthetic), with the LoRA started from reward.init_from."""
+    if job.reward.name == "none":
+        return None
+    if story_embeds is None:
+        raise TrainingError("reward=aesthetic renders the story's scenes: their embeddings are missing from the cache")
+    check_reward(job.reward, int(story_embeds["prompt_embeds"].shape[0]))
+    scorer = validator.scorer if validator is not None else AestheticScorer.from_settings(job.scorer)
+    if job.trainer.gradient_checkpointing:
+        pipe.vae.enable_gradient_checkpointing()  # the decoder's backward (draft, refl)
+    if job.reward.init_from:
+        print(f"reward: refining the LoRA of {init_adapter_from(pipe.unet, job.reward.init_from)}")
+    return RewardObjective(job.reward, pipe.vae, DifferentiableAestheticScore.from_scorer(scorer),
+                           dict(pipe.scheduler.config), story_embeds)
+
+
 def _lightning_trainer(job: TrainConfig, run_dir: Path, loader, module: KolorsLoraModule, precision: str,
                        callbacks: list) -> L.Trainer:
     """A Lightning Trainer for the run; sets the module's schedule length (total optimizer steps)."""
@@ -202,18 +221,23 @@ def _fit(trainer: L.Trainer, module, loader, callback: CheckpointCallback, resum
 
 
 def run_training(job: TrainConfig, run_dir: str | Path, items: Sequence, *, scenes: list[Scene] | None = None,
-                 story_embeds: dict | None = None, dataset_hash: str = "", resume_from: str | Path | None = None,
+                 story_embeds: dict | str | Path | None = None, dataset_hash: str = "",
+                 resume_from: str | Path | None = None,
                  extra_callbacks: Sequence[L.Callback] = (), is_child: bool = False,
                  empty_caption: str | Path | dict | None = None) -> TrainResult:
     """Train the LoRA on ``items`` (cache files or dicts with the cache's keys; per image a list of
     them for caption variants) into ``run_dir``. ``empty_caption``: the empty caption's embeddings
-    (a cache file or dict), needed with ``dataset.caption_dropout``.
+    (a cache file or dict), needed with ``dataset.caption_dropout``. ``story_embeds``: the story's
+    scene embeddings (the cache's story file or its dict), for the renders and ``reward=aesthetic``.
 
     Returns a :class:`TrainResult` (status finished/failed/interrupted) instead of raising for a
     non-finite loss or Ctrl-C, after writing the status line; other errors propagate.
     """
     run_dir = Path(run_dir)
     t = job.trainer
+    story_file = story_embeds if isinstance(story_embeds, (str, Path)) else None
+    if story_file is not None:
+        story_embeds = load_story_embeddings(story_file)
     # 1. Seeds, precision, the UNet with its LoRA, the LightningModule and the data loader.
     L.seed_everything(t.seed, workers=True, verbose=False)
     precision = resolve_precision(t.precision, t.accelerator)
@@ -233,11 +257,13 @@ def run_training(job: TrainConfig, run_dir: str | Path, items: Sequence, *, scen
         run_dir.mkdir(parents=True, exist_ok=True)
         mirror = _wandb_mirror(job, run_dir, config, resuming=resume_from is not None)
         validator = _validator(job, pipe, scenes, story_embeds)
+    module.reward = reward_objective(job, pipe, story_embeds, validator)
     logger = RunLogger(None if is_child else run_dir, mirror)
     callback = CheckpointCallback(RunContext(
         run_dir=run_dir, logger=logger, metadata=metadata, every_n_steps=int(t.checkpoint_every_n_steps or 10**12),
         log_every_n_steps=int(t.log_every_n_steps or 1), validator=validator, scenes=scenes, held_out=held_out,
-        validation_timesteps=tuple(int(v) for v in t.validation_timesteps), seed=int(t.seed)))
+        validation_timesteps=tuple(int(v) for v in t.validation_timesteps), seed=int(t.seed),
+        reward_patience=int(job.reward.patience) if module.reward is not None else 0))
     # 3. The Lightning Trainer; fit (DDP children get what they train on through the environment).
     ema = [EmaCallback(t.ema)] if t.ema.enabled else []  # before the checkpoints: they export its weights
     callback.ctx.ema = ema[0] if ema else None
@@ -253,6 +279,7 @@ def run_training(job: TrainConfig, run_dir: str | Path, items: Sequence, *, scen
         handoff = {"config": config, "run_dir": str(run_dir), "empty_caption": str(empty_caption) if empty_caption else None,
                    "items": [[str(v) for v in i] if isinstance(i, (list, tuple)) else str(i) for i in items],
                    "scenes": [s.as_dict() for s in scenes] if scenes else None, "dataset_hash": dataset_hash,
+                   "story": str(story_file) if story_file else None,
                    "resume_from": str(resume_from) if resume_from else None}
     try:
         status, error, exit_code = _fit(trainer, module, loader, callback, resume_from, handoff)
@@ -289,7 +316,7 @@ def run_handoff() -> None:
     h = json.loads(os.environ[HANDOFF_ENV])
     scenes = [Scene(**s) for s in h["scenes"]] if h.get("scenes") else None
     run_training(typed(h["config"], TrainConfig), Path(h["run_dir"]), h["items"], scenes=scenes,
-                 dataset_hash=h["dataset_hash"], resume_from=h["resume_from"], is_child=True,
+                 story_embeds=h.get("story"), dataset_hash=h["dataset_hash"], resume_from=h["resume_from"], is_child=True,
                  empty_caption=h.get("empty_caption"))
 
 
@@ -347,9 +374,9 @@ def train(job: TrainConfig, *, resume_from: Path | None = None) -> float | None:
     if resume_from is not None:
         warn_if_dataset_changed(resume_from.parent, prepared.dataset_hash)
     # 3. Training on the cache (a second node's rank 0 trains too, but writes nothing).
-    story = load_story_embeddings(cache.story) if cache.story is not None else None
     secondary = secondary_process()
-    result = run_training(job, run_dir, cache.training_items, scenes=scenes, story_embeds=story, empty_caption=cache.empty,
+    result = run_training(job, run_dir, cache.training_items, scenes=scenes, story_embeds=cache.story,
+                          empty_caption=cache.empty,
                           dataset_hash=prepared.dataset_hash, resume_from=resume_from, is_child=secondary)
     if secondary:
         return None

@@ -87,6 +87,8 @@ class WandbMirror:
         validation loss (when there is a held-out split)."""
         if self.run is not None and record.get("val_loss") is not None:
             self.log({"val/loss": float(record["val_loss"])}, step=int(record["step"]))
+        if self.run is not None and record.get("reward_held_out") is not None:
+            self.log({"val/reward_held_out": float(record["reward_held_out"])}, step=int(record["step"]))
         ema = record.get("ema") or {}
         numbers = {f"val_ema/{'loss' if k == 'val_loss' else k}": float(ema[k]) for k in
                    ("mean", "min", "coherence", "clip_t", "story_objective", "val_loss") if ema.get(k) is not None}
