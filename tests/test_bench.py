@@ -47,6 +47,10 @@ def test_quick_bench_cli_writes_every_section(tmp_path, tiny_model_dir):
     assert t["cache_vs_encoding_max_diff"] <= 1e-4 and t["loss"] == "KolorsLoraModule.compute_loss"
     assert t["peak_step_mb"]["cached"] > 0 and t["resident_mb"]["encode_every_step"] > t["resident_mb"]["cached"]
 
+    plan = sections["plan"]  # real-size counts: DoRA costs more than LoRA to train; the reward step more still
+    assert plan["adapters"]["dora"]["train_step_gb"] > plan["runs"]["train"]["A10 / 4090 24 GB"]["stages"]["train step"]
+    assert plan["rewards"]["refl 512"]["fits"] and plan["rewards"]["refl 512"]["reward_step_gb"] > 0
+
     g = sections["generate"]
     assert g["scenes"] == 8 and g["max_pixel_diff"] <= timing.PIXEL_TOLERANCE
     s = sections["score"]

@@ -24,7 +24,7 @@ from kolors_story.models.ip_adapter import (
 )
 from tests.helpers import settings
 from tests.test_generate import make_lora, max_diff, pixels, run_generate
-from tests.test_train import RUN, story, tiny_batches  # noqa: F401 (fixtures shared with the training tests)
+from tests.test_train import RUN
 
 
 def _png_bytes(folder: Path) -> list[bytes]:

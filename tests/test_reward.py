@@ -35,19 +35,20 @@ def test_differentiable_scorer_matches_the_package_at_real_size():
     from kolors_story.models.random_init import build_clip_processor, build_predictor
 
     scorer = AestheticScorer(build_predictor(REAL_PREDICTOR_CONFIG, seed=0).eval(), build_clip_processor())
-    images = _images(5)
-    raw = np.array(scorer.score(images))
+    images = _images(4)
+    raw = np.array(scorer.score(images), dtype=np.float64)
+    k = 1.0 / float(raw.std())
     with torch.no_grad():  # the head's last layer is linear: score' = k * score + c, mean 6, std 1
-        head, k = scorer.predictor.layers[-1], 1.0 / float(raw.std())
+        head = scorer.predictor.layers[-1]
         head.weight.mul_(k)
         head.bias.mul_(k).add_(6.0 - k * float(raw.mean()))
-    package = np.array(scorer.score(images))
+    package = k * raw + (6.0 - k * raw.mean())  # what the package now returns (one ViT-L pass saved)
     score = DifferentiableAestheticScore.from_scorer(scorer)
     pixels = [torch.from_numpy(np.array(im)).permute(2, 0, 1).float()[None] / 255 for im in images]
     ours = np.array([float(score(x)) for x in pixels])
     assert np.abs(ours - package).max() < 0.02, (ours, package)
     away = np.abs(package - 6.0) > 0.05
-    assert away.sum() >= 3 and ((ours >= 6.0) == (package >= 6.0))[away].all()  # the same pass/fail at the gate
+    assert away.sum() >= 2 and ((ours >= 6.0) == (package >= 6.0))[away].all()  # the same pass/fail at the gate
     assert list(np.argsort(ours)) == list(np.argsort(package))  # the same ranking
     x = pixels[0].clone().requires_grad_(True)
     score(x).sum().backward()
@@ -97,7 +98,11 @@ def test_reward_raises_the_held_out_score_and_exports_like_any_lora(tmp_path, ti
     assert len(rewards) == n and np.mean(rewards[-5:]) > np.mean(rewards[:5])  # the reward curve rises
     record = [r for r in read_metrics(tmp_path / "r") if r["type"] == "checkpoint"][-1]
     assert set(record["files"]) == {"diffusers", "kohya"}  # LoCon: DiffSynth's loader cannot hold it (skipped)
+    _files_agree(tmp_path / "r", record, tiny_batches, tiny_model_dir)
 
+
+def _files_agree(run_dir, record, tiny_batches, tiny_model_dir) -> None:
+    """Every file of the checkpoint loads (project reader) into the same UNet output."""
     from types import SimpleNamespace
 
     from kolors_story.lora import load_lora_into_pipeline
@@ -107,7 +112,7 @@ def test_reward_raises_the_held_out_score_and_exports_like_any_lora(tmp_path, ti
     outputs = []
     for rel in record["files"].values():
         unet = load_pipeline(tiny_model_dir, text_encoder=False).unet
-        load_lora_into_pipeline(SimpleNamespace(unet=unet), tmp_path / "r" / rel)
+        load_lora_into_pipeline(SimpleNamespace(unet=unet), run_dir / rel)
         with torch.no_grad():
             outputs.append(unet(batch["latents"], torch.tensor([500]), encoder_hidden_states=batch["prompt_embeds"],
                                 added_cond_kwargs={"text_embeds": batch["pooled_prompt_embeds"],
@@ -115,7 +120,7 @@ def test_reward_raises_the_held_out_score_and_exports_like_any_lora(tmp_path, ti
     assert all(float((o - outputs[0]).abs().max()) < 1e-5 for o in outputs)
 
 
-def test_weight_zero_is_the_plain_run_and_resume_is_exact(tmp_path, tiny_batches, story):
+def test_weight_zero_is_the_plain_run_and_resume_is_exact(tmp_path, tiny_batches, story, tiny_model_dir):
     scenes, embeds = story
     steps = ["trainer.max_steps=6", "trainer.checkpoint_every_n_steps=100"]
     plain = run_training(_cfg(tmp_path / "plain", *RUN, "lora.dropout=0", *steps), tmp_path / "plain", tiny_batches,
@@ -135,6 +140,9 @@ def test_weight_zero_is_the_plain_run_and_resume_is_exact(tmp_path, tiny_batches
     assert straight.status == resumed.status == "finished"
     assert _max_diff(_lora_state(tmp_path / "b"), _lora_state(tmp_path / "a")) <= 1e-6
     assert _max_diff(_lora_state(tmp_path / "a"), _lora_state(tmp_path / "plain")) > 1e-5  # the reward did act
+    record = [r for r in read_metrics(tmp_path / "a") if r["type"] == "checkpoint"][-1]
+    assert set(record["files"]) == {"diffusers", "kohya", "diffsynth"}  # an attention LoRA: all three formats
+    _files_agree(tmp_path / "a", record, tiny_batches, tiny_model_dir)
     draft = run_training(_cfg(tmp_path / "d", *RUN, *REWARD, "reward.method=draft", "reward.draft_k=3", *steps),
                          tmp_path / "d", tiny_batches, scenes=scenes, story_embeds=embeds)
     assert draft.status == "finished"  # gradient through the last 3 steps (checkpointed UNet and decoder)

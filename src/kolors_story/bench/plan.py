@@ -32,7 +32,7 @@ def plan_one(kind: str, overrides: list[str], budget_gb: float) -> dict:
 # lora.type / LoCon at the style preset's rank 16 (LoCon: convolutions at rank 8)
 ADAPTERS = {"lora": [], "dora": ["lora.type=dora"], "loha": ["lora.type=loha", "lora.dropout=0"],
             "lokr": ["lora.type=lokr", "lora.dropout=0"], "locon": ["lora=locon"]}
-QUICK_ADAPTERS = ("lora", "dora")
+QUICK_ADAPTERS = ("dora",)
 
 
 def adapter_cost(overrides: list[str], budget_gb: float = 24) -> dict:
@@ -60,7 +60,7 @@ def section_plan(ctx: BenchContext) -> dict:
     out["adapters"] = {name: adapter_cost(ADAPTERS[name]) for name in names}
     rewards = QUICK_REWARDS if ctx.quick else tuple(REWARDS)
     ctx.log(f"plan: reward refinement {', '.join(rewards)} on a 24 GB card ...")
-    out["rewards"] = {name: reward_cost(REWARDS[name]) for name in rewards}
+    out["rewards"] = {name: reward_cost(REWARDS[name], flops=not ctx.quick) for name in rewards}
     return out
 
 
@@ -111,11 +111,12 @@ def reward_flops(resolution: int, steps: int, grad_steps: int) -> dict:
             "ratio": reward / plain["forward_backward"]}
 
 
-def reward_cost(overrides: list[str], budget_gb: float = 24) -> dict:
+def reward_cost(overrides: list[str], budget_gb: float = 24, flops: bool = True) -> dict:
+    """The plan's peaks of a reward run and (unless ``flops`` is off) the step's FLOPs against a plain step."""
     job = compose_settings("train", ["model=kolors", *overrides])
     r = job.reward
     pick = plan_one("train", overrides, budget_gb)
     grad_steps = int(r.draft_k) if r.method == "draft" else 1
     return {"peak_gb": pick["peak_gb"], "reward_step_gb": pick["stages"].get("reward step"),
             "train_step_gb": pick["stages"].get("train step"), "fits": pick["fits"],
-            **reward_flops(int(r.resolution), int(r.steps), grad_steps)}
+            **(reward_flops(int(r.resolution), int(r.steps), grad_steps) if flops else {})}

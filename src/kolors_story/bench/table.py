@@ -66,9 +66,10 @@ def _plan_rows(table, plan: dict) -> None:
                       f"{cost['params'] / 1e6:.1f} M ({cost['fp32_mb']:.0f} MB fp32)",
                       f"{cost['train_step_gb']:.2f} GB", f"whole run {cost['peak_gb']:.1f} GB")
     for name, cost in (plan.get("rewards") or {}).items():
+        flops = (f"{cost['reward_tflop']:.1f} / {cost['plain_tflop']:.1f} TFLOP", f"{cost['ratio']:.1f}x the FLOPs") \
+            if "ratio" in cost else ("", "(FLOPs: full bench)")
         table.add_row("plan", f"reward={name} on 24 GB: step peak / FLOPs vs a plain 1024² LoRA step",
-                      f"{cost['reward_step_gb']:.2f} GB", f"{cost['reward_tflop']:.1f} / {cost['plain_tflop']:.1f} TFLOP",
-                      f"{cost['ratio']:.1f}x the FLOPs")
+                      f"{cost['reward_step_gb']:.2f} GB", *flops)
 
 
 def _select_rows(table, sec: dict) -> None:

@@ -17,7 +17,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from kolors_story.data.preflight import StagedImage
+from kolors_story.data.preflight import StagedImage, rgb_batches
 from kolors_story.data.records import DataError, Dropped
 from kolors_story.data.sources import normalise_caption
 from kolors_story.files import atomic_write_text, file_sha256
@@ -117,8 +117,6 @@ def clean(text: str) -> str:
 def generate_captions(images: list[StagedImage], dataset: DatasetSettings, progress: bool) -> dict[str, str]:
     """The captioner's sentence for each image (batched, greedy: the same image gives the same text)."""
     import torch
-    from PIL import Image
-    from tqdm.auto import tqdm
 
     from kolors_story.models.captioner import (
         captioner_path,
@@ -135,22 +133,14 @@ def generate_captions(images: list[StagedImage], dataset: DatasetSettings, progr
                                                                  "text": PROMPTS[dataset.caption_language]}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     out: dict[str, str] = {}
-    batch = int(dataset.captioner_batch_size)
     try:
-        with tqdm(total=len(images), desc=f"captions ({name})", unit="img", disable=not progress, leave=False) as bar:
-            for start in range(0, len(images), batch):
-                chunk = images[start : start + batch]
-                pictures = []
-                for s in chunk:
-                    with Image.open(s.staged) as im:
-                        pictures.append(im.convert("RGB"))
-                inputs = processor(text=[prompt] * len(chunk), images=pictures, return_tensors="pt", padding=True)
-                inputs = inputs.to(model.device)
-                with torch.no_grad():
-                    ids = model.generate(**inputs, max_new_tokens=int(dataset.captioner_max_tokens), do_sample=False)
-                texts = processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-                out.update({s.name: clean(t) for s, t in zip(chunk, texts)})
-                bar.update(len(chunk))
+        for chunk, pictures in rgb_batches(images, int(dataset.captioner_batch_size), f"captions ({name})", progress):
+            inputs = processor(text=[prompt] * len(chunk), images=pictures, return_tensors="pt", padding=True)
+            inputs = inputs.to(model.device)
+            with torch.no_grad():
+                ids = model.generate(**inputs, max_new_tokens=int(dataset.captioner_max_tokens), do_sample=False)
+            texts = processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            out.update({s.name: clean(t) for s, t in zip(chunk, texts)})
     finally:
         del model
         gc.collect()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kolors_story.data.preflight import StagedImage
+from kolors_story.data.preflight import StagedImage, rgb_batches
 from kolors_story.data.records import DataError, Dropped
 from kolors_story.settings import FilterSettings, ScorerSettings
 
@@ -72,23 +72,13 @@ def score_images(kept: list[StagedImage], scorer: ScorerSettings, progress: bool
     """The competition's aesthetic score of each staged image, batched; the model is released after."""
     import gc
 
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     from kolors_story.evaluate.scorer import AestheticScorer
 
     model = AestheticScorer.from_settings(scorer)
     scores: dict[str, float] = {}
     try:
-        with tqdm(total=len(kept), desc="aesthetic curation", unit="img", disable=not progress, leave=False) as bar:
-            for start in range(0, len(kept), SCORE_CHUNK):
-                chunk = kept[start : start + SCORE_CHUNK]
-                images = []
-                for s in chunk:
-                    with Image.open(s.staged) as im:
-                        images.append(im.convert("RGB"))
-                scores.update(zip((s.name for s in chunk), model.score(images)))
-                bar.update(len(chunk))
+        for chunk, images in rgb_batches(kept, SCORE_CHUNK, "aesthetic curation", progress):
+            scores.update(zip((s.name for s in chunk), model.score(images)))
     finally:
         del model
         gc.collect()

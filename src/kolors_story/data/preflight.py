@@ -51,6 +51,22 @@ class StagedImage:
     converted: str | None = None  # e.g. "CMYK -> RGB", None when the file was copied as is
 
 
+def rgb_batches(images: list[StagedImage], size: int, desc: str, progress: bool):
+    """``(chunk, RGB pictures)`` of ``size`` staged images at a time, with a progress bar: what the
+    curation and captioning models read (only one chunk of pictures is in memory at once)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, len(images), size):
+            chunk = images[start : start + size]
+            pictures = []
+            for s in chunk:
+                with Image.open(s.staged) as im:
+                    pictures.append(im.convert("RGB"))
+            yield chunk, pictures
+            bar.update(len(chunk))
+
+
 @dataclass
 class PreflightResult:
     kept: list[StagedImage]

@@ -32,7 +32,9 @@ def _checkpoint_table(result):
     from rich.table import Table
 
     c = Table(title=f"Checkpoints in {result.run_dir} (story panel + aesthetic scores)")
-    for col in ("step", "mean", "min", "pass", "CLIP-I", "CLIP-T", "copy", "objective", "val loss", "panel"):
+    reward = any(r.get("reward_held_out") is not None for r in result.checkpoints)
+    for col in ("step", "mean", "min", "pass", "CLIP-I", "CLIP-T", "copy", "objective", "val loss",
+                *(["held-out reward"] if reward else []), "panel"):
         c.add_column(col)
     rows = [v for r in result.checkpoints for v in [r] + ([{**r["ema"], "step": f"{r['step']} ema"}]
                                                           if r.get("ema") else [])]
@@ -42,6 +44,7 @@ def _checkpoint_table(result):
                   {True: "yes", False: "no", None: "-"}[r.get("passed")], fmt(r.get("coherence")),
                   fmt(r.get("clip_t")), fmt(r.get("copy_paste")), fmt(r.get("story_objective")),
                   "-" if r.get("val_loss") is None else f"{r['val_loss']:.5f}",
+                  *([fmt(r.get("reward_held_out"))] if reward else []),
                   str(r["panel"]) if r.get("panel") else "-")
     return c
 
