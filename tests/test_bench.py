@@ -63,6 +63,7 @@ def test_quick_bench_cli_writes_every_section(tmp_path, tiny_model_dir):
     assert co["reading_over_plain"] > 1.0 and co["ip_adapter_gb"] > 0 and co["shared_tokens_gb_per_reference"] > 0
     d = sections["data"]
     assert d["preflight"]["images"] == 24 and d["cache_reuse"]["files_reused"] == d["cache_build"]["images"]
+    assert d["preflight_parallel"]["same_result"] and d["preflight_parallel"]["speedup"] > 0
 
     # --only re-runs one section and keeps the others already in the file.
     before = sections["flops"]

@@ -295,3 +295,26 @@ def test_a_run_killed_mid_swap_leaves_a_usable_dataset(tmp_path, zoo):
     again = prepare(_cfg(tmp_path, root), progress=False)
     assert again.reused and again.dataset_hash == first.dataset_hash
     assert sorted(p.name for p in data.iterdir() if p.name.startswith(".train")) == []
+
+
+def test_parallel_preflight_equals_the_serial_one(tmp_path, zoo):
+    """dataset.workers=2 (spawned processes) keeps the same files, with the same bytes, drops the same
+    files for the same reasons, in the same order."""
+    from kolors_story.data.preflight import preflight
+    from kolors_story.data.sources import list_folder
+
+    root, good, bad = zoo
+    listing = list_folder(root)
+    serial = preflight(listing.candidates, tmp_path / "serial", progress=False)
+    parallel = preflight(list_folder(root).candidates, tmp_path / "parallel", progress=False, workers=2)
+    assert [d.as_dict() for d in parallel.dropped] == [d.as_dict() for d in serial.dropped]
+    assert len(serial.dropped) == len(bad) and len(serial.kept) == len(good)
+    assert parallel.converted == serial.converted
+    for a, b in zip(serial.kept, parallel.kept, strict=True):
+        assert (a.id, a.name, a.caption, a.width, a.height, a.converted) == (b.id, b.name, b.caption, b.width,
+                                                                              b.height, b.converted)
+        assert a.staged.read_bytes() == b.staged.read_bytes()
+    with pytest.raises(DataError, match="dataset.workers=0"):
+        preflight(listing.candidates, tmp_path / "none", progress=False, workers=0)
+    prepared = prepare(_cfg(tmp_path, root, "dataset.workers=2"), progress=False)  # through the data stage
+    assert prepared.names == sorted(good)

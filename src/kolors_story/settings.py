@@ -80,6 +80,7 @@ class DatasetSettings:
     default_caption: Optional[str] = None  # caption for images without one (null: a missing caption is reported as a bad file)
     on_bad_file: str = "skip"  # skip: drop bad files and list them in report.json; fail: stop with the list
     max_pixels: Optional[int] = 100_000_000  # decompression-bomb guard: images declaring more pixels are rejected unread
+    workers: int = 1  # preflight processes (decode + stage in parallel; same files, reasons and order as 1)
     allow_outside: bool = False  # false: files resolving outside `path` (../x, /abs, links out) are rejected unread
     rebuild: bool = False  # true: redo preflight + filtering even when sources, captions and recipe are unchanged
     resolution: Any = II("model.resolution")  # training size: an int (square) or [height, width]; resized to cover it, then cropped

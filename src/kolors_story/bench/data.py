@@ -1,4 +1,5 @@
-"""Section ``data``: data stage throughput (preflight, the data-juicer recipe, cache build, cache reuse)."""
+"""Section ``data``: data stage throughput (preflight, in one process and in ``dataset.workers=2``
+processes, the data-juicer recipe, cache build, cache reuse)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,18 @@ def section_data(ctx: BenchContext) -> dict:
     pre = preflight(listing.candidates, ctx.workdir / "preflight-bench", progress=False)
     dt = time.perf_counter() - t0
     out["preflight"] = {"images": n, "kept": len(pre.kept), "seconds": dt, "images_per_s": n / dt}
+    # dataset.workers: spawned processes (start-up included), on the demo set repeated to a size where
+    # it matters (the files are decoded again each time; quick: the 24 images once)
+    workers, many = 2, listing.candidates * (1 if ctx.quick else 10)
+    timings = {}
+    for w in (1, workers):
+        t0 = time.perf_counter()
+        result = preflight(many, ctx.workdir / f"preflight-bench-{w}", progress=False, workers=w)
+        timings[w] = (time.perf_counter() - t0, [s.staged.read_bytes() for s in result.kept])
+    out["preflight_parallel"] = {"workers": workers, "images": len(many), "images_per_s": len(many) / timings[workers][0],
+                                 "serial_images_per_s": len(many) / timings[1][0],
+                                 "speedup": timings[1][0] / timings[workers][0],
+                                 "same_result": timings[1][1] == timings[workers][1]}
 
     ctx.log(f"data: prepare_dataset (preflight + filter={filter_name} + train/ folder) ...")
     t0 = time.perf_counter()

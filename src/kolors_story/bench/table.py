@@ -43,6 +43,11 @@ def _train_rows(table, sec: dict) -> None:
 def _data_rows(table, d: dict) -> None:
     table.add_row("data", f"preflight / prepare_dataset (preflight + filter={d['filter']})",
                   f"{d['preflight']['images_per_s']:.1f} img/s", f"{d['prepare']['images_per_s']:.1f} img/s", "")
+    par = d.get("preflight_parallel")
+    if par:
+        table.add_row("data", f"preflight of {par['images']} images in 1 / {par['workers']} processes "
+                      f"(dataset.workers; same result: {par['same_result']})", f"{par['serial_images_per_s']:.1f} img/s",
+                      f"{par['images_per_s']:.1f} img/s", f"{par['speedup']:.2f}x")
     if d["prepare"].get("filter_images_per_s"):
         table.add_row("data", "data-juicer recipe alone (dj-process subprocess)", "",
                       f"{d['prepare']['filter_images_per_s']:.1f} img/s", "")

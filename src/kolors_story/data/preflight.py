@@ -194,10 +194,52 @@ def load_rgb(path: str | Path, max_pixels: int | None = None) -> tuple[Image.Ima
     return rgb, {"format": fmt, "mode": mode, "size": rgb.size, "unchanged": unchanged, "note": ", ".join(notes) or None}
 
 
+def _check(index: int, cand: Candidate, stage_dir: Path, max_pixels: int | None,
+           allow_uncaptioned: bool) -> tuple[str | None, dict | None]:
+    """(why the candidate is bad, or None; what was staged as ``<stage_dir>/<index>.jpg``)."""
+    reason = cand.problem
+    if reason is None and cand.path is None:
+        reason = "missing file"
+    if reason is None and not (cand.caption or "").strip() and not allow_uncaptioned:
+        reason = "empty caption"
+    if reason is not None:
+        return reason, None
+    try:
+        rgb, info = load_rgb(cand.path, max_pixels)
+    except BadImage as exc:
+        return str(exc), None
+    staged = stage_dir / f"{index:06d}.jpg"
+    if info["unchanged"]:
+        shutil.copyfile(cand.path, staged)
+    else:
+        rgb.save(staged, format="JPEG", quality=JPEG_QUALITY)
+    return None, {"size": rgb.size, "unchanged": info["unchanged"], "note": info["note"]}
+
+
+def _check_star(args):
+    return _check(*args)
+
+
+def _results(candidates: list[Candidate], stage_dir: Path, max_pixels, allow_uncaptioned, workers: int):
+    """Each candidate's check in input order: in this process, or ``workers`` processes (spawned:
+    no forked torch threads), each staging its own files."""
+    jobs = [(i, c, stage_dir, max_pixels, allow_uncaptioned) for i, c in enumerate(candidates)]
+    if workers <= 1 or len(jobs) < 2:
+        yield from map(_check_star, jobs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(_check_star, jobs, chunksize=max(1, min(32, len(jobs) // (4 * workers))))
+
+
 def preflight(candidates: list[Candidate], stage_dir: str | Path, *, policy: str = "skip",
-              max_pixels: int | None = None, progress: bool = True, allow_uncaptioned: bool = False) -> PreflightResult:
+              max_pixels: int | None = None, progress: bool = True, allow_uncaptioned: bool = False,
+              workers: int = 1) -> PreflightResult:
     """Check every candidate; stage the good ones as ``<stage_dir>/<id>.jpg`` (``allow_uncaptioned``:
-    an empty caption is fine, the captioner writes one).
+    an empty caption is fine, the captioner writes one). ``workers`` > 1 checks in that many
+    processes (``dataset.workers``): the same files, reasons and order as one.
 
     ``policy='fail'`` raises a DataError listing every bad file (after checking all of them, so the
     list is complete); ``'skip'`` drops them and returns them in ``dropped``.
@@ -206,36 +248,26 @@ def preflight(candidates: list[Candidate], stage_dir: str | Path, *, policy: str
 
     if policy not in POLICIES:
         raise DataError(f"dataset.on_bad_file={policy!r}: use skip or fail", step="preflight")
+    if int(workers) < 1:
+        raise DataError(f"dataset.workers={workers}: use 1 (this process) or more processes", step="preflight")
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     kept: list[StagedImage] = []
     dropped: list[Dropped] = []
     converted: list[dict] = []
-    bar = tqdm(candidates, desc="preflight", unit="img", dynamic_ncols=True, disable=not progress)
-    for index, cand in enumerate(bar):
-        reason = cand.problem
-        if reason is None and cand.path is None:
-            reason = "missing file"
-        if reason is None and not (cand.caption or "").strip() and not allow_uncaptioned:
-            reason = "empty caption"
-        if reason is None:
-            try:
-                rgb, info = load_rgb(cand.path, max_pixels)
-            except BadImage as exc:
-                reason = str(exc)
+    bar = tqdm(total=len(candidates), desc="preflight", unit="img", dynamic_ncols=True, disable=not progress)
+    results = _results(candidates, stage_dir, max_pixels, allow_uncaptioned, int(workers))
+    for index, (cand, (reason, staged)) in enumerate(zip(candidates, results)):
+        bar.update(1)
         if reason is not None:
             dropped.append(Dropped(cand.name, "preflight", reason))
             bar.set_postfix(bad=len(dropped), refresh=False)
             continue
-        staged = stage_dir / f"{index:06d}.jpg"
-        if info["unchanged"]:
-            shutil.copyfile(cand.path, staged)
-        else:
-            rgb.save(staged, format="JPEG", quality=JPEG_QUALITY)
-            converted.append({"file": cand.name, "conversion": info["note"]})
-        w, h = rgb.size
-        kept.append(StagedImage(index, cand.name, Path(cand.path), staged, cand.caption, w, h,
-                                None if info["unchanged"] else info["note"]))
+        if not staged["unchanged"]:
+            converted.append({"file": cand.name, "conversion": staged["note"]})
+        w, h = staged["size"]
+        kept.append(StagedImage(index, cand.name, Path(cand.path), stage_dir / f"{index:06d}.jpg", cand.caption,
+                                w, h, None if staged["unchanged"] else staged["note"]))
     bar.close()
     if dropped and policy == "fail":
         lines = "\n".join(f"  {d.file}: {d.reason}" for d in dropped[:50])

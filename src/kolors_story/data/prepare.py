@@ -119,7 +119,7 @@ class _Run:
         try:
             pre = preflight(listing.candidates, stage_dir, policy=self.dataset.on_bad_file,
                             max_pixels=self.max_pixels, progress=progress,
-                            allow_uncaptioned=captioning.enabled(self.dataset))
+                            allow_uncaptioned=captioning.enabled(self.dataset), workers=int(self.dataset.workers))
         except DataError as exc:
             raise self.fail(exc) from exc
         n = len(listing.candidates)
