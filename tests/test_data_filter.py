@@ -158,3 +158,29 @@ def test_demo_is_deterministic_and_captioned(demo_run):
     other, _ = draw_demo_image(0, *DEMO_SIZES[0][:2], seed=1)
     assert other.tobytes() != draw_demo_image(0, *DEMO_SIZES[0][:2], seed=0)[0].tobytes()
     assert make_demo_dataset(raw) == raw  # already there: not redrawn
+
+
+def test_ray_executor_keeps_the_same_images_with_the_same_report(demo_run, tmp_path):
+    """filter.executor=ray: the default recipe on the demo set through data-juicer's Ray executor (a
+    Ray instance of its own, started and stopped with the run), offline, under the same watchdog."""
+    prepared, _, _, root = demo_run
+    hook = root / "hook"
+    log = tmp_path / "watchdog.log"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", str(hook))
+        mp.setenv("KS_WATCHDOG_LOG", str(log))
+        cfg = compose("train", ["model=tiny", "dataset=demo", f"dataset.path={prepared.data_dir / 'raw'}",
+                                f"data_dir={tmp_path / 'data'}", "filter.executor=ray"])
+        ray_run = prepare(cfg, progress=False)
+    assert ray_run.names == prepared.names  # exactly the same images, in the same order
+    assert [c for _, c in ray_run.items] == [c for _, c in prepared.items]
+    assert ray_run.report["counts"]["filter"] == prepared.report["counts"]["filter"]  # same per-op counts
+    assert ray_run.report["filter"]["notes"] == []
+    assert {d["file"]: d["op"] for d in ray_run.report["dropped"]} == {d["file"]: d["op"] for d in
+                                                                        prepared.report["dropped"]}
+    recipe = yaml.safe_load((tmp_path / "data" / "work" / "data_juicer" / "recipe.yaml").read_text(encoding="utf-8"))
+    assert (recipe["executor_type"], recipe["ray_address"]) == ("ray", "local")
+    lines = log.read_text(encoding="utf-8").splitlines()
+    assert any(line.startswith("started") and "dj-process" in line for line in lines)
+    assert not [line for line in lines if line.startswith("connect")], [ln for ln in lines if "connect" in ln][:3]
+    assert not [line for line in lines if line.startswith("spawn") and ("pip" in line or "install" in line)]

@@ -126,6 +126,8 @@ class FilterSettings:
     name: str = MISSING  # recipe name, recorded in report.json
     process: List[Any] = field(default_factory=list)  # data-juicer ops, passed to dj-process as they are (batch_size 1 is added per op)
     np: int = 1  # dj-process worker processes (1 is fastest for a few hundred images)
+    executor: str = "default"  # default (data-juicer's own executor, np processes) or ray (its Ray executor, for large sets)
+    ray_address: Optional[str] = None  # executor=ray: null -> a Ray instance started for the run (and stopped with it); auto or <host:port> -> that cluster
     timeout: Optional[float] = None  # seconds before dj-process is stopped (null: no limit)
     min_aesthetic: Optional[float] = None  # drop images the competition's aesthetic predictor scores below this (e.g. 5.0); null -> off
     dedup: bool = False  # drop near-duplicates (perceptual hash), keeping the best-scored / largest of each group

@@ -90,9 +90,11 @@ def dj_command() -> list[str]:
     return [found]
 
 
-def hardened_env(work_dir: Path) -> dict[str, str]:
+def hardened_env(work_dir: Path, ray: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     home = work_dir / "home"
+    if ray:
+        env["HOME"] = str(home)  # where Ray looks for ray_bootstrap_config.yaml (see _write_recipe)
     env.update({
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -105,12 +107,18 @@ def hardened_env(work_dir: Path) -> dict[str, str]:
         "UV_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",  # so per-op progress arrives while it runs
         "TQDM_DISABLE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",  # filter.executor=ray: Ray reports usage to the internet otherwise
     })
     return env
 
 
-def _write_recipe(rows: list[dict], ops: list[tuple[str, dict]], work_dir: Path, name: str, np_workers: int) -> Path:
-    """input.jsonl + recipe.yaml (every cache inside ``work_dir``, tracer on, batch_size 1 per op)."""
+EXECUTORS = ("default", "ray")
+
+
+def _write_recipe(rows: list[dict], ops: list[tuple[str, dict]], work_dir: Path, name: str, np_workers: int,
+                  executor: str = "default", ray_address: str | None = None) -> Path:
+    """input.jsonl + recipe.yaml (every cache inside ``work_dir``, tracer on, batch_size 1 per op;
+    ``executor=ray``: data-juicer's Ray executor, on ``ray_address`` or a Ray instance of its own)."""
     input_path = work_dir / "input.jsonl"
     input_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     config = {
@@ -129,6 +137,13 @@ def _write_recipe(rows: list[dict], ops: list[tuple[str, dict]], work_dir: Path,
         "trace_num": max(1, len(rows)),
         "process": [{op: {**args, "batch_size": args.get("batch_size", 1)}} for op, args in ops],
     }
+    if executor == "ray":  # "local": ray.init starts a Ray instance for this dj-process and it ends with it
+        config.update(executor_type="ray", ray_address=str(ray_address or "local"))
+        # Ray's dashboard asks cloud metadata endpoints (169.254.169.254) which cloud it runs on unless
+        # ~/ray_bootstrap_config.yaml exists (even with usage stats off): give it one in a private HOME.
+        home = work_dir / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "ray_bootstrap_config.yaml").write_text("# kolors-story: no cluster config, no cloud probing\n{}\n")
     (work_dir / "tmp").mkdir()
     recipe_path = work_dir / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
@@ -170,7 +185,7 @@ def stop_stale_run(work_dir: Path) -> str | None:
 
 
 def _run_dj(recipe_path: Path, work_dir: Path, log_path: Path, name: str, n_ops: int, timeout: float | None,
-            progress: bool) -> tuple[int, list[tuple[str, int]], float, bool]:
+            progress: bool, ray: bool = False) -> tuple[int, list[tuple[str, int]], float, bool]:
     """dj-process (under the watchdog) with its output in ``log_path`` and a bar per finished op:
     (return code, (op, samples left) per op, seconds, killed by the timeout)."""
     from tqdm.auto import tqdm
@@ -182,7 +197,7 @@ def _run_dj(recipe_path: Path, work_dir: Path, log_path: Path, name: str, n_ops:
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG, *cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace", env=hardened_env(work_dir),
+                                stderr=subprocess.STDOUT, text=True, errors="replace", env=hardened_env(work_dir, ray),
                                 cwd=str(work_dir), start_new_session=True)
         (work_dir / PID_FILE).write_text(f"{proc.pid}\n")
         timer = threading.Timer(timeout, _kill, (proc,)) if timeout else None
@@ -254,13 +269,23 @@ def _op_counts(ops, done, dropped, n_in: int, notes: list[str]) -> list[OpCount]
     return counts
 
 
+def _read_export(export_path: Path) -> list[dict]:
+    """The exported rows: one JSON-lines file (default executor) or a folder of parts (Ray's)."""
+    parts = sorted(p for p in export_path.iterdir() if p.is_file()) if export_path.is_dir() else [export_path]
+    return [json.loads(line) for part in parts for line in part.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def run_recipe(rows: list[dict], process, work_dir: str | Path, *, name: str = "recipe", np_workers: int = 1,
-               timeout: float | None = None, progress: bool = True) -> FilterResult:
+               timeout: float | None = None, progress: bool = True, executor: str = "default",
+               ray_address: str | None = None) -> FilterResult:
     """Filter ``rows`` ({"id": int, "text": str, "image": [absolute path]}) with the recipe's ops.
 
     Everything goes under ``work_dir`` (input.jsonl, recipe.yaml, output/result.jsonl, dj_work/ with
     traces and logs, dj-process.log). Raises DataError when dj-process fails or does not finish.
+    ``executor``: default (data-juicer's own, ``np_workers`` processes) or ray (its Ray executor).
     """
+    if executor not in EXECUTORS:
+        raise DataError(f"filter.executor={executor!r}: use one of {list(EXECUTORS)}", step="filter")
     ops = recipe_ops(process)
     work_dir = Path(work_dir).resolve()
     stale = stop_stale_run(work_dir)
@@ -268,15 +293,16 @@ def run_recipe(rows: list[dict], process, work_dir: str | Path, *, name: str = "
         shutil.rmtree(work_dir)  # stale exports/traces would be mistaken for this run's
     work_dir.mkdir(parents=True)
     export_path, log_path = work_dir / "output" / "result.jsonl", work_dir / "dj-process.log"
-    recipe_path = _write_recipe(rows, ops, work_dir, name, np_workers)
-    rc, done, seconds, timed_out = _run_dj(recipe_path, work_dir, log_path, name, len(ops), timeout, progress)
-    if rc != 0 or not export_path.is_file():
+    recipe_path = _write_recipe(rows, ops, work_dir, name, np_workers, executor, ray_address)
+    rc, done, seconds, timed_out = _run_dj(recipe_path, work_dir, log_path, name, len(ops), timeout, progress,
+                                           executor == "ray")
+    if rc != 0 or not export_path.exists():
         tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(True)[-25:])
         why = (f"was killed after the {timeout:.0f} s timeout (filter.timeout)" if timed_out
                else f"exited with code {rc}" if rc != 0 else "wrote no export file")
         raise DataError(f"data-juicer recipe {name!r} failed: dj-process {why}. Full log: {log_path}\n--- last lines ---\n{tail}",
                         step="filter")
-    kept = [json.loads(line) for line in export_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = _read_export(export_path)
     kept.sort(key=lambda r: int(r["id"]))
     kept_ids = {int(r["id"]) for r in kept}
     dropped = _traced_drops(ops, work_dir, kept_ids)
@@ -287,7 +313,7 @@ def run_recipe(rows: list[dict], process, work_dir: str | Path, *, name: str = "
             dropped[rid] = ("data-juicer", f"dropped by data-juicer without a trace (an op error? see {log_path})")
             if not any("without a trace" in n for n in notes):
                 notes.append("some samples were dropped without a trace: check the dj-process log for op errors")
-    counts = _op_counts(ops, done, dropped, len(rows), notes)
+    counts = _op_counts(ops, done, dropped, len(rows), [] if executor == "ray" else notes)
     return FilterResult(kept, dropped, counts, export_path, log_path, seconds, notes)
 
 

@@ -180,6 +180,7 @@ class _Run:
         try:
             result = run_recipe(rows, list(self.recipe.process), self.data_dir / "work" / "data_juicer",
                                 name=self.recipe.name, np_workers=self.recipe.np, timeout=self.recipe.timeout,
+                                executor=str(self.recipe.executor), ray_address=self.recipe.ray_address,
                                 progress=progress)
         except DataError as exc:
             raise self.fail(exc) from exc
