@@ -24,7 +24,6 @@ import torch
 from kolors_story.errors import SettingsError
 from kolors_story.settings import RewardSettings
 
-METHODS = ("none", "refl", "draft")
 STEP_SALT = 0x2E3A  # the reward's generator per step: the batch's noise seed XOR this
 HELD_OUT_SEED = 20240  # held-out renders: this + scene index
 
