@@ -44,15 +44,47 @@ def test_stage_data_prepares_and_caches_without_training(demo_data):
     assert not run.exists()  # no run folder, no checkpoints, no metrics
 
 
+DDP = ["trainer=ddp", "trainer.precision=16-mixed", "trainer.steps_per_epoch=2", "trainer.checkpoint_every_n_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(demo_data, tmp_path_factory):
+    """`python train.py ... trainer=ddp trainer.devices=2`: Lightning's own launcher, 2 processes."""
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    out = _train(*TINY, f"data_dir={demo_data[0]}", *DDP, "trainer.devices=2", f"hydra.run.dir={run}")
+    return run, out
+
+
 @pytest.mark.slow
-def test_train_py_ddp_on_two_cpu_processes_then_resume_in_one(demo_data, tmp_path, capsys):
+def test_two_nodes_under_torchrun_train_the_same_lora_as_one_node(demo_data, ddp_run, tmp_path):
+    """trainer.num_nodes=2: two torchrun "nodes" of one process each on localhost (gloo) give the
+    LoRA that two processes on one node give (the README's multi-node command, as SLURM would run it)."""
+    from kolors_story.lora import read_lora
+
+    run = tmp_path / "two-nodes"
+    args = [*TINY, f"data_dir={demo_data[0]}", *DDP, "trainer.devices=1", "trainer.num_nodes=2", "validate=false",
+            "logger=none", f"hydra.run.dir={run}"]
+    port = str(29500 + os.getpid() % 1000)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+                               "train.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in (1, 0)]
+    logs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], logs[1][-3000:] + logs[0][-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[0] + logs[1]
+    two_nodes = read_lora(run / "checkpoints" / "step-000004" / "lora.safetensors").state_dict
+    one_node = read_lora(ddp_run[0] / "checkpoints" / "step-000004" / "lora.safetensors").state_dict
+    assert two_nodes.keys() == one_node.keys()
+    assert max(float((two_nodes[k] - one_node[k]).abs().max()) for k in two_nodes) <= 1e-6
+
+
+@pytest.mark.slow
+def test_train_py_ddp_on_two_cpu_processes_then_resume_in_one(ddp_run, capsys):
     """`python train.py model=tiny dataset=demo trainer=ddp`: 2 processes (gloo), one set of
     checkpoints with panels and scores, one W&B run, a summary saying where everything is; then
     `resume=<run>` continues the run in a single process."""
-    data = demo_data[0]
-    run = tmp_path / "run"
-    out = _train(*TINY, f"data_dir={data}", "trainer=ddp", "trainer.devices=2", "trainer.precision=16-mixed",
-                 "trainer.steps_per_epoch=2", "trainer.checkpoint_every_n_steps=2", f"hydra.run.dir={run}")
+    run, out = ddp_run
     log = out.stdout + out.stderr
     assert "Starting with 2 processes" in log and "distributed_backend=gloo" in log
     assert "precision 32" in log  # 16-mixed on a CPU-only machine falls back, saying so
