@@ -318,3 +318,17 @@ def test_parallel_preflight_equals_the_serial_one(tmp_path, zoo):
         preflight(listing.candidates, tmp_path / "none", progress=False, workers=0)
     prepared = prepare(_cfg(tmp_path, root, "dataset.workers=2"), progress=False)  # through the data stage
     assert prepared.names == sorted(good)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("filter.executor=foo", "filter.executor='foo'"), ("dataset.workers=0", "dataset.workers=0"),
+    ("dataset.caption_mode=bad", "dataset.caption_mode='bad'"), ("dataset.caption_language=fr", "caption_language='fr'"),
+    ("filter.dedup_distance=64", "filter.dedup_distance=64")])
+def test_data_keys_are_checked_before_any_work(tmp_path, override, message):
+    """train.py's checks (before any model or file is read) name a bad data-stage key, captioner off or on."""
+    from kolors_story.train.checks import check_data_settings
+    from tests.helpers import settings
+
+    job = settings("train", ["model=tiny", "dataset=demo", "filter=none", override])
+    with pytest.raises(DataError, match=message.replace("[", r"\[")):
+        check_data_settings(job.dataset, job.filter)

@@ -52,9 +52,8 @@ def enabled(dataset: DatasetSettings) -> bool:
 def check_captioning(dataset: DatasetSettings) -> None:
     from kolors_story.models.captioner import family
 
-    if not enabled(dataset):
-        return
-    family(str(dataset.captioner))
+    if enabled(dataset):
+        family(str(dataset.captioner))
     if dataset.caption_mode not in MODES:
         raise DataError(f"dataset.caption_mode={dataset.caption_mode!r}: use one of {list(MODES)}", step="captions")
     if dataset.caption_language not in PROMPTS:

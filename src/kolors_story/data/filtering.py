@@ -115,6 +115,11 @@ def hardened_env(work_dir: Path, ray: bool = False) -> dict[str, str]:
 EXECUTORS = ("default", "ray")
 
 
+def check_executor(executor: str) -> None:
+    if executor not in EXECUTORS:
+        raise DataError(f"filter.executor={executor!r}: use one of {list(EXECUTORS)}", step="filter")
+
+
 def _write_recipe(rows: list[dict], ops: list[tuple[str, dict]], work_dir: Path, name: str, np_workers: int,
                   executor: str = "default", ray_address: str | None = None) -> Path:
     """input.jsonl + recipe.yaml (every cache inside ``work_dir``, tracer on, batch_size 1 per op;
@@ -284,8 +289,7 @@ def run_recipe(rows: list[dict], process, work_dir: str | Path, *, name: str = "
     traces and logs, dj-process.log). Raises DataError when dj-process fails or does not finish.
     ``executor``: default (data-juicer's own, ``np_workers`` processes) or ray (its Ray executor).
     """
-    if executor not in EXECUTORS:
-        raise DataError(f"filter.executor={executor!r}: use one of {list(EXECUTORS)}", step="filter")
+    check_executor(executor)
     ops = recipe_ops(process)
     work_dir = Path(work_dir).resolve()
     stale = stop_stale_run(work_dir)

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from kolors_story.data import captioning, curation
-from kolors_story.data.filtering import recipe_ops, run_recipe
+from kolors_story.data.filtering import check_executor, recipe_ops, run_recipe
 from kolors_story.data.preflight import load_rgb, preflight
 from kolors_story.data.processed import (
     PreparedDataset,
@@ -227,6 +227,17 @@ class _Run:
                                names=[i["source"] for i in items])
 
 
+def check_data_settings(dataset: DatasetSettings, recipe: FilterSettings) -> None:
+    """Every data-stage key that can be checked without reading a file (train.py calls it before any
+    work; prepare_dataset again): the recipe, the curation, the captioner, the executor, the workers."""
+    recipe_ops(list(recipe.process))
+    curation.check_curation(recipe)
+    captioning.check_captioning(dataset)
+    check_executor(str(recipe.executor))
+    if int(dataset.workers) < 1:
+        raise DataError(f"dataset.workers={dataset.workers}: use 1 (this process) or more processes", step="preflight")
+
+
 def prepare_dataset(dataset: DatasetSettings, recipe: FilterSettings, data_dir: str | Path, *,
                     progress: bool = True, scorer: ScorerSettings | None = None) -> PreparedDataset:
     """Build (or reuse) the processed dataset of ``dataset`` filtered by ``recipe`` in ``data_dir``
@@ -234,9 +245,7 @@ def prepare_dataset(dataset: DatasetSettings, recipe: FilterSettings, data_dir: 
     Raises DataError with what to do when a step fails or removes every image; the report of a
     failed run goes to report.failed.json."""
     data_dir = Path(str(data_dir)).expanduser().resolve()
-    recipe_ops(list(recipe.process))  # a malformed recipe fails before any work
-    curation.check_curation(recipe)
-    captioning.check_captioning(dataset)
+    check_data_settings(dataset, recipe)  # a malformed recipe or key fails before any work
     run = _Run(dataset, recipe, data_dir)
     with _locked(data_dir):
         recover_dir(data_dir / "train")

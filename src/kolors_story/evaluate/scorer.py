@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kolors_story.errors import UserError
-from kolors_story.models.random_init import ensure_tiny_scorer, is_tiny_scorer
+from kolors_story.models.random_init import TASTES, ensure_tiny_scorer, is_tiny_scorer
 from kolors_story.settings import ScorerSettings
 
 if TYPE_CHECKING:  # torch/transformers are imported on use: a bad path is reported in a second
@@ -118,6 +118,8 @@ class AestheticScorer:
             raise ScorerError(f"scorer.path is not set; point it at the predictor folder or run `{DOWNLOAD_COMMAND}`")
         path = Path(str(scorer.path)).expanduser()
         if scorer.tiny is not None:
+            if scorer.tiny.taste not in (None, *TASTES):
+                raise ScorerError(f"scorer.tiny.taste={scorer.tiny.taste!r}: use null or one of {list(TASTES)}")
             ensure_tiny_scorer(path, seed=int(scorer.tiny.seed), taste=scorer.tiny.taste)
         return cls.from_pretrained(path, device=str(scorer.device), batch_size=int(scorer.batch_size))
 

@@ -8,8 +8,8 @@ import math
 
 from kolors_story.data.buckets import make_buckets
 from kolors_story.data.crop import CROP_POLICIES, target_size
-from kolors_story.data.filtering import recipe_ops
 from kolors_story.data.preflight import POLICIES
+from kolors_story.data.prepare import check_data_settings
 from kolors_story.errors import SettingsError, TrainingError
 from kolors_story.evaluate.alignment import check_clip_folder
 from kolors_story.evaluate.scorer import check_scorer_folder
@@ -100,7 +100,7 @@ def check_train(job: TrainConfig) -> None:
     if job.dataset.on_bad_file not in POLICIES:
         raise SettingsError(f"dataset.on_bad_file={job.dataset.on_bad_file!r}: use skip or fail")
     _positive("cache.batch_size", job.cache.batch_size)
-    recipe_ops(list(job.filter.process))
+    check_data_settings(job.dataset, job.filter)
     configs = model_configs(job.model)  # the model folder is complete (the tiny one is built)
     check_targets(targets, configs["unet"])
     factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
