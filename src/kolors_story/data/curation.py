@@ -169,7 +169,8 @@ def curate(kept: list[StagedImage], recipe: FilterSettings, scorer: ScorerSettin
         for g in out.groups:
             out.dropped += [Dropped(name, "curation", f"near-duplicate of {g['kept']} (perceptual hash distance "
                                     f"<= {g['distance']})", "dedup") for name in g["dropped"]]
-        out.kept = [s for i, s in enumerate(kept) if i not in set(gone)]
+        gone_set = set(gone)
+        out.kept = [s for i, s in enumerate(kept) if i not in gone_set]
         if out.groups:
             by_name = {s.name: s for s in kept}
             contact_sheet([[by_name[g["kept"]], *(by_name[n] for n in g["dropped"])] for g in out.groups],

@@ -22,6 +22,7 @@ from kolors_story.lora.variants import (
     PARAM_NAMES,
     check_type,
     conv_patterns,
+    layer_alphas,
     peft_config,
 )
 from kolors_story.settings import LoraSettings
@@ -121,8 +122,7 @@ def lora_scales(pipe_or_unet) -> dict[str, float]:
     scales = {}
     for name in active:
         for m in unet.modules():
-            alphas = (getattr(m, "lora_alpha", None) or getattr(m, "alpha", None) or {}) if isinstance(
-                m, BaseTunerLayer) else {}
+            alphas = layer_alphas(m) if isinstance(m, BaseTunerLayer) else {}
             if name in getattr(m, "scaling", {}) and alphas.get(name):
                 scales[name] = float(m.scaling[name] * m.r[name] / alphas[name])
                 break

@@ -48,9 +48,10 @@ from kolors_story.lora.keys import (
     short_target,
 )
 from kolors_story.lora.variants import (
+    adapter_type,
+    layer_alphas,
     skipped_exports,
     to_lycoris_values,
-    type_of_params,
 )
 
 log = logging.getLogger(__name__)
@@ -175,15 +176,10 @@ def adapter_state(unet, adapter_name: str = "default") -> AdapterState:
     ranks, alphas = {}, {}
     for name, module in unet.named_modules():
         if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "r", {}):
-            alpha = (getattr(module, "lora_alpha", None) or getattr(module, "alpha"))[adapter_name]
-            ranks[name], alphas[name] = int(module.r[adapter_name]), float(alpha)
-    kind = type_of_params(_params(out))
+            ranks[name], alphas[name] = int(module.r[adapter_name]), float(layer_alphas(module)[adapter_name])
+    kind = adapter_type(by_module(out))
     alpha = float(getattr(cfg, "lora_alpha", None) or getattr(cfg, "alpha"))
     return AdapterState(kind, int(cfg.r), alpha, out, ranks, alphas, cfg)
-
-
-def _params(sd: dict) -> set[str]:
-    return {param for params in by_module(sd).values() for param in params}
 
 
 def _diffusers_adapter_metadata(state: AdapterState, targets: list[str]) -> dict:

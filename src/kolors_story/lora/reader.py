@@ -39,11 +39,11 @@ from kolors_story.lora.keys import (
     strip_to_top,
 )
 from kolors_story.lora.variants import (
+    adapter_type,
     from_lycoris_values,
     full_lokr_rank,
     is_full_lokr,
     module_rank,
-    type_of_params,
 )
 
 log = logging.getLogger(__name__)
@@ -235,11 +235,8 @@ def read_lora(path, unet_config=None, default_alpha: float | None = None) -> Lor
     return LoraFile(state_dict=sd, rank=rank, alpha=alpha, target_modules=list(targets),
                     metadata=dict(info.get("metadata") or {}),
                     format={"diffsynth": "diffsynth" if info else "diffsynth_trainer"}.get(space, space),
-                    path=path, alpha_source=source, info=info, type=type_of_params(_params(modules)),
+                    path=path, alpha_source=source, info=info, type=adapter_type(modules),
                     rank_pattern={m: r for m, r in ranks.items() if r != rank},
                     alpha_pattern={m: a for m, a in alphas.items() if a != alpha},
                     decompose_both=any("lokr_w1_a" in p for p in modules.values()))
 
-
-def _params(modules: dict) -> set[str]:
-    return {param for params in modules.values() for param in params}

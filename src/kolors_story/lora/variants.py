@@ -68,6 +68,16 @@ def type_of_params(params) -> str:
     return "dora" if "lora_magnitude_vector" in names else "lora"
 
 
+def adapter_type(modules: dict[str, dict]) -> str:
+    """The adapter type of a ``{module: {parameter: tensor}}`` state (``keys.by_module``)."""
+    return type_of_params({param for params in modules.values() for param in params})
+
+
+def layer_alphas(layer) -> dict:
+    """adapter name -> alpha of a peft layer (LoRA/DoRA layers call it ``lora_alpha``, LoHa/LoKr ``alpha``)."""
+    return getattr(layer, "lora_alpha", None) or getattr(layer, "alpha", None) or {}
+
+
 def conv_patterns(conv_rank, conv_alpha, alpha: float) -> tuple[list[str], dict, dict]:
     """(extra targets, rank_pattern, alpha_pattern) for ``lora.conv_rank``; nothing when it is null/0."""
     if conv_rank in (None, 0):

@@ -166,19 +166,26 @@ def unet_call(config_json: str, batch: int, height: int, width: int, dtype: str,
     return mem.peak
 
 
+def meta_lora_unet(config_json: str, dtype: torch.dtype, rank: int, targets: tuple[str, ...],
+                   adapter: tuple = ("lora", None)):
+    """The UNet on the meta device, frozen, with the trainer's adapter (its weights float32, as peft makes them)."""
+    from diffusers import UNet2DConditionModel
+
+    from kolors_story.lora.adapter import add_lora
+
+    unet = build_on("meta", lambda: UNet2DConditionModel(**json.loads(config_json)), dtype)
+    unet.requires_grad_(False)
+    add_lora(unet, rank=rank, alpha=rank, target_modules=list(targets), type=adapter[0], conv_rank=adapter[1])
+    return unet
+
+
 @lru_cache(maxsize=64)
 def train_step(config_json: str, batch: int, height: int, width: int, dtype: str, checkpointing: bool,
                rank: int, targets: tuple[str, ...], tokens: int = 256, adapter: tuple = ("lora", None)) -> int:
     """Peak bytes of a LoRA training step (forward, MSE loss, backward) with the LoRA in float32,
     as the trainer builds it; without the optimizer state (that is resident, counted apart).
     ``adapter``: (lora.type, lora.conv_rank); DoRA's weight norms and LoHa/LoKr's rebuilt weights count."""
-    from diffusers import UNet2DConditionModel
-
-    from kolors_story.lora.adapter import add_lora
-
-    unet = build_on("meta", lambda: UNet2DConditionModel(**json.loads(config_json)), _dtype(dtype))
-    unet.requires_grad_(False)
-    add_lora(unet, rank=rank, alpha=rank, target_modules=list(targets), type=adapter[0], conv_rank=adapter[1])
+    unet = meta_lora_unet(config_json, _dtype(dtype), rank, targets, adapter)
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -191,13 +198,7 @@ def train_step(config_json: str, batch: int, height: int, width: int, dtype: str
 
 @lru_cache(maxsize=64)
 def lora_params(config_json: str, rank: int, targets: tuple[str, ...], adapter: tuple = ("lora", None)) -> int:
-    from diffusers import UNet2DConditionModel
-
-    from kolors_story.lora.adapter import add_lora
-
-    unet = build_on("meta", lambda: UNet2DConditionModel(**json.loads(config_json)), torch.float16)
-    unet.requires_grad_(False)
-    add_lora(unet, rank=rank, alpha=rank, target_modules=list(targets), type=adapter[0], conv_rank=adapter[1])
+    unet = meta_lora_unet(config_json, torch.float16, rank, targets, adapter)
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
@@ -295,13 +296,9 @@ def reward_step(unet_json: str, vae_json: str, scorer_json: str, batch: int, siz
     the batch; refl: 1, draft: K) on the LoRA UNet, the VAE decode and the float32 scorer, then the
     backward through all of them. The steps without gradient cost one ``unet_call`` each (less)."""
     import torch.nn.functional as F
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
-    from kolors_story.lora.adapter import add_lora
-
-    unet = build_on("meta", lambda: UNet2DConditionModel(**json.loads(unet_json)), _dtype(dtype))
-    unet.requires_grad_(False)
-    add_lora(unet, rank=rank, alpha=rank, target_modules=list(targets), type=adapter[0], conv_rank=adapter[1])
+    unet = meta_lora_unet(unet_json, _dtype(dtype), rank, targets, adapter)
     vae = build_on("meta", lambda: AutoencoderKL(**json.loads(vae_json)), _dtype(dtype)).requires_grad_(False)
     if checkpointing:
         unet.enable_gradient_checkpointing()

@@ -203,6 +203,7 @@ def train_stages(sizes: Sizes, job: TrainConfig) -> list[Stage]:
     targets = tuple(job.lora.target_modules)
     adapter = (job.lora.type, job.lora.conv_rank)
     lora = count.lora_params(sizes.unet, job.lora.rank, targets, adapter)
+    lora_state = (16 + 4 * t.ema.enabled) * lora  # LoRA fp32 weights + grads + AdamW's two moments (+ EMA copy)
     unet_w = sizes.weights("unet")
     beside = (sizes.weights("vae") + sizes.weights("scorer") + sizes.weights("clip")) if job.validate else 0  # stay loaded
     cache_b = job.cache.batch_size
@@ -223,7 +224,7 @@ def train_stages(sizes: Sizes, job: TrainConfig) -> list[Stage]:
               count.text_encode(sizes.text_encoder, max(cache_b, n_scenes), sizes.dtype), {"cache_batch_size": cache_b}),
         Stage("cache: VAE latents", sizes.weights("vae"), count.vae_encode(sizes.vae, cache_b, h, w, sizes.dtype),
               {"cache_batch_size": cache_b}),
-        Stage("train step", unet_w + (16 + 4 * t.ema.enabled) * lora + beside,  # LoRA fp32 weights + grads + AdamW's two moments (+ EMA copy)
+        Stage("train step", unet_w + lora_state + beside,
               count.train_step(sizes.unet, t.batch_size, h, w, sizes.dtype, t.gradient_checkpointing, job.lora.rank,
                                targets, adapter=adapter), {"batch_size": t.batch_size, "gradient_checkpointing": t.gradient_checkpointing}),
     ]
@@ -231,7 +232,7 @@ def train_stages(sizes: Sizes, job: TrainConfig) -> list[Stage]:
     if r.name != "none":  # the reward step: UNet (+LoRA) with gradient, VAE decode and the scorer's backward
         grad_steps = int(r.draft_k) if r.method == "draft" else 1
         stages.append(Stage(
-            "reward step", unet_w + (16 + 4 * t.ema.enabled) * lora + sizes.weights("vae") + sizes.weights("scorer")
+            "reward step", unet_w + lora_state + sizes.weights("vae") + sizes.weights("scorer")
             + beside, count.reward_step(sizes.unet, sizes.vae, sizes.scorer, int(r.batch_size), int(r.resolution),
                                         sizes.dtype, t.gradient_checkpointing, job.lora.rank, targets, grad_steps,
                                         float(r.guidance) > 1, adapter),

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from kolors_story.errors import SettingsError
+from kolors_story.lora.variants import PARAM_NAMES
 from kolors_story.settings import RewardSettings
 
 STEP_SALT = 0x2E3A  # the reward's generator per step: the batch's noise seed XOR this
@@ -160,9 +161,14 @@ def init_adapter_from(unet, source: str | Path, adapter_name: str = "default") -
         raise MissingFileError(f"reward.init_from={source}: no LoRA file there (give a LoRA file, a checkpoint "
                                "folder or a train.py run folder)")
     lf = read_lora(path, unet_config=unet.config)
-    result = set_peft_model_state_dict(unet, lf.state_dict, adapter_name=adapter_name)
-    missing = [k for k in getattr(result, "missing_keys", []) if f".{adapter_name}." in k and ".lora_" in k]
+    mismatch = SettingsError(f"reward.init_from={path}: its {lf.type} (rank {lf.rank}, targets {lf.target_modules}) "
+                             "does not match lora.*; train the refinement with the same lora settings")
+    try:
+        result = set_peft_model_state_dict(unet, lf.state_dict, adapter_name=adapter_name)
+    except RuntimeError as exc:  # shapes: another rank or type
+        raise mismatch from exc
+    missing = [k for k in getattr(result, "missing_keys", []) if adapter_name in k.split(".")
+               and any(part in PARAM_NAMES for part in k.split("."))]
     if missing or getattr(result, "unexpected_keys", None):
-        raise SettingsError(f"reward.init_from={path}: its LoRA does not match lora.* (rank {lf.rank}, targets "
-                            f"{lf.target_modules}); train the refinement with the same lora settings")
+        raise mismatch
     return path
