@@ -395,15 +395,15 @@ KILL_SCRIPT = textwrap.dedent(
     from kolors_story.data.cache import build_cache
     from tests.helpers import settings
 
-    real = cache_files.save_file
+    real = cache_files.save_safetensors
 
     def dying(tensors, filename, metadata=None):
-        real(tensors, filename, metadata=metadata)  # a complete file at the temp path ...
+        real(tensors, filename, metadata)  # a complete file at the temp path ...
         data = Path(filename).read_bytes()
         Path(filename).write_bytes(data[: len(data) // 2])  # ... then cut, as a kill mid-write leaves it
         os.kill(os.getpid(), signal.SIGKILL)
 
-    cache_files.save_file = dying
+    cache_files.save_safetensors = dying
     data_dir = Path(sys.argv[1])
     job = settings("train", ["model=tiny", f"data_dir={data_dir}"])
     build_cache(job.model, data_dir, data_dir=data_dir, resolution=job.dataset.resolution)
@@ -573,3 +573,52 @@ def test_bucket_batches_hold_one_size_and_resume_in_the_same_order():
     assert len(set(seeds)) == len(seeds)  # every sample its own noise seed
     ranks = [StreamBatchSampler(len(groups), 2, 6, seed=5, groups=groups).batches(0, r, 2) for r in (0, 1)]
     assert [b for pair in zip(*ranks) for b in pair] == batches  # two ranks share the same stream
+
+
+def _files(cache_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(cache_dir)): p.read_bytes() for p in sorted(cache_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_cache_built_by_two_processes_is_byte_identical_to_one(built, tmp_path):
+    """cache.devices=2: the batches go to two spawned processes; every file (items, story, manifest)
+    is the one-process build's, byte for byte, and no part file is left behind."""
+    data_dir = tmp_path / "data"
+    cfg = _cfg(data_dir, "cache.devices=2")
+    train = built.data_dir / "train"  # the same images, so the manifest's paths match too
+    prepared = SimpleNamespace(data_dir=data_dir, train_dir=train, dataset_hash="abc123",
+                               items=[(train / f"{i}.jpg", c) for i, c in enumerate(CAPTIONS)])
+    result = build_cache(cfg.model, prepared, data_dir=data_dir, resolution=cfg.dataset.resolution,
+                         crop=cfg.dataset.crop, crop_seed=cfg.trainer.seed, batch_size=cfg.cache.batch_size,
+                         scenes=built.scenes, devices=cfg.cache.devices)
+    one, two = _files(built.data_dir / "cache"), _files(data_dir / "cache")
+    assert sorted(two) == sorted(one) and not (data_dir / "cache" / "parts").exists()
+    assert [name for name in one if one[name] != two[name]] == []
+    assert result.stats["latents_computed"] == len(SIZES) and result.stats["story"] == "computed"
+
+    # a worker's error reaches the user with the image's name; finished batches stay on disk
+    broken = _copy(train, tmp_path / "broken" / "train")
+    (broken / "3.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(CacheError, match="3.jpg"):
+        build_cache(cfg.model, broken.parent, batch_size=1, devices=2)
+    assert list((broken.parent / "cache" / "parts").glob("image-*.safetensors"))
+
+
+def test_finished_parts_of_a_killed_sharded_build_are_reused_without_a_worker(tmp_path, monkeypatch):
+    """A part file a worker finished before the build was killed is read back, not recomputed."""
+    from kolors_story.data import cache_shards
+
+    plan = cache_shards.ShardPlan(None, torch.float32, ["cpu", "cpu"], tmp_path, 1)
+    batches = [[("k1", "a cat"), ("k2", "a dog")], [("k3", "a boat")]]
+    embeds = {k: (torch.full((4, 3), float(i)), torch.full((3,), float(i))) for i, k in enumerate(("k1", "k2", "k3"))}
+    for batch in batches:
+        path = cache_shards.part_path(plan, "text", [k for k, _ in batch])
+        cache_shards._write_part(path, {k: embeds[k] for k, _ in batch}, cache_shards.TEXT_NAMES)
+    monkeypatch.setattr(cache_shards, "_run", lambda plan, tasks: iter(()) if not tasks else pytest.fail("recomputed"))
+    got = {k: v for part in cache_shards.texts_in_shards(plan, batches, None) for k, v in part.items()}
+    assert set(got) == set(embeds) and all(torch.equal(got[k][0], embeds[k][0]) for k in embeds)
+    # a torn part is not trusted: its batch goes to a worker again
+    path = cache_shards.part_path(plan, "text", ["k3"])
+    path.write_bytes(path.read_bytes()[:40])
+    monkeypatch.setattr(cache_shards, "_run", lambda plan, tasks: iter([]) if len(tasks) == 1 else pytest.fail(str(tasks)))
+    assert len(list(cache_shards.texts_in_shards(plan, batches, None))) == 1

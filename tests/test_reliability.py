@@ -230,6 +230,8 @@ def _forbid_work(monkeypatch):
     ("trainer.batch_size=0", "trainer.batch_size=0"),
     ("trainer.max_steps=0", "trainer.max_steps=0"),
     ("dataset.resolution=60", "dataset.resolution=60"),
+    ("cache.devices=0", "cache.devices=0"),
+    ("model.device=mps cache.devices=2", "model.device=cuda or cpu"),
 ])
 def test_bad_training_values_are_refused_before_any_work(tmp_path, monkeypatch, tiny_model_dir, override, message):
     from kolors_story.cli import train_from_config
@@ -237,7 +239,7 @@ def test_bad_training_values_are_refused_before_any_work(tmp_path, monkeypatch, 
 
     _forbid_work(monkeypatch)
     cfg = compose("train", ["model=tiny", "dataset=demo", f"data_dir={tmp_path / 'data'}",
-                            f"output_dir={tmp_path / 'run'}", override])
+                            f"output_dir={tmp_path / 'run'}", *override.split()])
     with pytest.raises(SettingsError, match=message.replace("[", r"\[")):
         train_from_config(cfg)
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()  # nothing written

@@ -138,6 +138,22 @@ def remove_stale_tmp(*folders: Path, older_than: float = STALE_TMP_SECONDS) -> N
                 pass  # another process finished or removed it
 
 
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with reproducible bytes: safetensors writes the metadata in
+    hash-map order, which differs from process to process, so the same tensors would give files of
+    different sha256. Here the header's metadata is sorted (tensor data and offsets unchanged)."""
+    from safetensors.torch import save
+
+    blob = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
+    Path(path).write_bytes(len(text).to_bytes(8, "little") + text + blob[8 + size :])
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes, read in 1 MiB chunks (images, LoRA files, manifests)."""
     h = hashlib.sha256()

@@ -137,6 +137,7 @@ class FilterSettings:
 @dataclass
 class CacheSettings:
     batch_size: int = 4  # images / captions per VAE / text-encoder call when building the latent/embedding cache
+    devices: Optional[int] = None  # processes building the cache, one GPU each on CUDA (same files as 1); null -> trainer.devices on CUDA, 1 on CPU
 
 
 # ----------------------------------------------------------------------------------- train

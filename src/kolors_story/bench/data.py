@@ -65,4 +65,13 @@ def section_data(ctx: BenchContext) -> dict:
     dt = time.perf_counter() - t0
     out["cache_reuse"] = {"images": m, "seconds": dt, "images_per_s": m / dt,
                           "files_reused": again.stats.get("files_reused") if hasattr(again, "stats") else None}
+    if not ctx.quick:  # cache.devices=2: spawned processes (start-up included), same bytes as one
+        ctx.log("data: cache build in 2 processes ...")
+        t0 = time.perf_counter()
+        build_cache(model, prepared, data_dir=ctx.workdir / "data-sharded", resolution=ctx.resolution, devices=2)
+        dt = time.perf_counter() - t0
+        one, two = (sorted((p.name, p.read_bytes()) for p in (d / "cache" / "items").iterdir())
+                    for d in (data_dir, ctx.workdir / "data-sharded"))
+        out["cache_build_sharded"] = {"processes": 2, "images": m, "images_per_s": m / dt,
+                                      "speedup": out["cache_build"]["seconds"] / dt, "same_files": one == two}
     return out

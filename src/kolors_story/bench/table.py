@@ -53,6 +53,11 @@ def _data_rows(table, d: dict) -> None:
                       f"{d['prepare']['filter_images_per_s']:.1f} img/s", "")
     table.add_row("data", "cache build / cache reuse", f"{d['cache_build']['images_per_s']:.1f} img/s",
                   f"{d['cache_reuse']['images_per_s']:.1f} img/s", "")
+    shard = d.get("cache_build_sharded")
+    if shard:
+        table.add_row("data", f"cache build in 1 / {shard['processes']} processes (cache.devices; same files: "
+                      f"{shard['same_files']})", f"{d['cache_build']['images_per_s']:.1f} img/s",
+                      f"{shard['images_per_s']:.1f} img/s", f"{shard['speedup']:.2f}x")
 
 
 def _describe(pick: dict) -> str:

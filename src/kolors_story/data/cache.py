@@ -34,6 +34,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,18 +43,26 @@ import torch
 from tqdm.auto import tqdm
 
 from kolors_story.data.buckets import bucket_for, image_size, make_buckets
+from kolors_story.data.cache_batches import (
+    ImageJob,
+    encode_latents,
+    encode_text_batch,
+    image_batches,
+    text_batches,
+)
 from kolors_story.data.cache_files import (
     CacheDisk,
     CacheError,
     ExpectedShapes,
     write_cache_file,
 )
-from kolors_story.data.crop import (
-    CROP_POLICIES,
-    ImageDecodeError,
-    preprocess_image,
-    target_size,
+from kolors_story.data.cache_shards import (
+    ShardPlan,
+    latents_in_shards,
+    shard_devices,
+    texts_in_shards,
 )
+from kolors_story.data.crop import CROP_POLICIES, target_size
 from kolors_story.errors import SettingsError
 from kolors_story.files import atomic_write_json, file_sha256, remove_stale_tmp
 from kolors_story.models.loading import (
@@ -65,7 +75,6 @@ from kolors_story.models.loading import (
 )
 from kolors_story.models.prompts import (
     MAX_SEQUENCE_LENGTH,
-    encode_captions,
     encode_scenes,
     text_pipeline,
 )
@@ -173,7 +182,8 @@ def _bar(total: int, desc: str, unit: str):
 class _CacheBuild:
     """One ``build_cache`` call: which files exist, which parts can be reused, what to encode."""
 
-    def __init__(self, model: ModelSettings, resolution, crop: str, crop_seed: int, batch_size: int, buckets=None):
+    def __init__(self, model: ModelSettings, resolution, crop: str, crop_seed: int, batch_size: int, buckets=None,
+                 devices: int = 1):
         if crop not in CROP_POLICIES:
             raise SettingsError(f"dataset.crop={crop!r}: use one of {list(CROP_POLICIES)}")
         if batch_size < 1:
@@ -184,6 +194,8 @@ class _CacheBuild:
         self.dtype = to_dtype(model.dtype)
         self.dtype_name = str(self.dtype).removeprefix("torch.")
         self.device = str(model.device)
+        self.devices = shard_devices(self.device, devices)  # checked before any file is read
+        self.shards: ShardPlan | None = None  # cache.devices > 1: set by open()
         self.target_hw = target_size(resolution)
         self.buckets = make_buckets(buckets, self.target_hw)
         self.crop, self.seed, self.batch_size = crop, int(crop_seed), int(batch_size)
@@ -200,7 +212,10 @@ class _CacheBuild:
         self.items_dir, self.story_dir = cache_dir / "items", cache_dir / "story"
         self.items_dir.mkdir(parents=True, exist_ok=True)
         self.story_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(cache_dir, self.items_dir, self.story_dir)
+        self.parts_dir = cache_dir / "parts"  # cache.devices > 1: the workers' finished batches
+        remove_stale_tmp(cache_dir, self.items_dir, self.story_dir, self.parts_dir)
+        if len(self.devices) > 1:
+            self.shards = ShardPlan(self.layout, self.dtype, self.devices, self.parts_dir, torch.get_num_threads())
 
     def plan(self, pairs: list[tuple[Path, str]]) -> list[_Item]:
         """Each item's keys, each part keyed by the component that produces it (VAE -> latents,
@@ -284,89 +299,88 @@ class _CacheBuild:
             write_cache_file(path, {"latents": lat, "prompt_embeds": emb, "pooled_prompt_embeds": pooled,
                                     "add_time_ids": ids}, meta)
 
+    def _story_metadata(self, scenes: list[Scene]) -> dict:
+        return {"cache_version": str(CACHE_VERSION), "kind": "story", "model_hash": self.mhash,
+                "dtype": self.dtype_name, "prompts": json.dumps([s.prompt for s in scenes], ensure_ascii=False),
+                "negatives": json.dumps([s.negative for s in scenes], ensure_ascii=False)}
+
     @torch.no_grad()
     def encode_texts(self, scenes: list[Scene], story_path: Path | None) -> None:
         """4. The text encoder, only if some embedding (or the story) is missing; released after."""
         need = sorted({it.text_key: it.caption for it in self.todo.values() if it.text_key not in self.texts}.items())
-        if getattr(self, "empty_path", None) is not None:
+        empty_needed = getattr(self, "empty_path", None) is not None
+        if empty_needed and self.empty_key not in self.texts and self.empty_key not in dict(need):
             need.append((self.empty_key, ""))
         story_needed = story_path is not None and self.stats["story"] == "computed"
-        if not need and not story_needed:
+        story = (scenes, story_path, self._story_metadata(scenes)) if story_needed else None
+        batches = text_batches(need, self.batch_size)
+        if batches or story:
+            with _bar(len(need), self._desc("cache: prompt embeddings"), "caption") as bar:
+                for embeds in self._text_results(batches, story):
+                    self.texts.update(embeds)
+                    bar.update(len(embeds))
+            self.stats["embeds_computed"] = len(need)
+        if empty_needed:
+            emb, pooled = self.texts[self.empty_key]
+            write_cache_file(self.empty_path, {"prompt_embeds": emb, "pooled_prompt_embeds": pooled},
+                             {"cache_version": str(CACHE_VERSION), "kind": "empty", "model_hash": self.mhash,
+                              "dtype": self.dtype_name})
+        self.write_ready()
+
+    def _desc(self, what: str) -> str:
+        return f"{what} ({len(self.shards.devices)} processes)" if self.shards else what
+
+    def _text_results(self, batches: list, story) -> Iterator[dict]:
+        """Each caption batch's embeddings; the story's file is written on the way."""
+        if self.shards and len(batches) + bool(story) > 1:
+            yield from texts_in_shards(self.shards, batches, story)
             return
         pipe = text_pipeline(self.layout, self.dtype, self.device)
         try:
-            if need:
-                with _bar(len(need), "cache: prompt embeddings", "caption") as bar:
-                    try:
-                        encoded = encode_captions(pipe, [c for _, c in need], self.device, self.batch_size, bar.update)
-                    except ValueError as exc:
-                        raise CacheError(f"{exc} (model.dtype={self.dtype}); try model.dtype=float32 or bfloat16.") from exc
-                for tk, caption in need:
-                    self.texts[tk] = encoded[caption]
-                self.stats["embeds_computed"] = len(need)
-                if getattr(self, "empty_path", None) is not None:
-                    emb, pooled = self.texts[self.empty_key]
-                    write_cache_file(self.empty_path, {"prompt_embeds": emb, "pooled_prompt_embeds": pooled},
-                                     {"cache_version": str(CACHE_VERSION), "kind": "empty", "model_hash": self.mhash,
-                                      "dtype": self.dtype_name})
-            if story_needed:
-                with _bar(len(scenes), "cache: story prompts", "scene") as bar:
-                    # One call for all scenes, exactly as generation encodes them.
-                    story = {k: v.float().cpu().contiguous() for k, v in encode_scenes(pipe, scenes, self.device).items()}
-                    bar.update(len(scenes))
-                write_cache_file(story_path, story, {
-                    "cache_version": str(CACHE_VERSION), "kind": "story", "model_hash": self.mhash,
-                    "dtype": self.dtype_name, "prompts": json.dumps([s.prompt for s in scenes], ensure_ascii=False),
-                    "negatives": json.dumps([s.negative for s in scenes], ensure_ascii=False),
-                })
+            for batch in batches:
+                yield encode_text_batch(pipe, batch, self.device, self.dtype)
+            if story:
+                scenes, path, metadata = story
+                # One call for all scenes, exactly as generation encodes them.
+                encoded = encode_scenes(pipe, scenes, self.device)
+                write_cache_file(path, {k: v.float().cpu().contiguous() for k, v in encoded.items()}, metadata)
         finally:
             pipe.text_encoder = None
             del pipe
             _release()
-        self.write_ready()
 
     @torch.no_grad()
     def encode_images(self) -> None:
         """5. The VAE, only if some latent is missing; files are written batch by batch."""
-        todo = list({it.image_key: it for it in self.todo.values() if it.image_key not in self.latents}.values())
-        todo.sort(key=lambda it: it.target_hw)  # a VAE batch holds one size (one bucket)
-        if not todo:
+        todo = {it.image_key: it for it in self.todo.values() if it.image_key not in self.latents}.values()
+        jobs = [ImageJob(it.image, it.target_hw, it.sha, it.image_key) for it in todo]
+        if not jobs:
+            return
+        with _bar(len(jobs), self._desc("cache: VAE latents"), "img") as bar:
+            for latents in self._image_results(image_batches(jobs, self.batch_size)):
+                self.latents.update(latents)
+                bar.update(len(latents))
+                self.write_ready()
+        self.stats["latents_computed"] = len(jobs)
+
+    def _image_results(self, batches: list[list[ImageJob]]) -> Iterator[dict]:
+        if self.shards and len(batches) > 1:
+            yield from latents_in_shards(self.shards, batches, self.crop, self.seed)
             return
         vae = load_vae(self.layout, self.dtype).to(self.device).eval()
         scale = float(vae.config.scaling_factor)
         try:
-            with _bar(len(todo), "cache: VAE latents", "img") as bar:
-                for size in sorted({it.target_hw for it in todo}):
-                    same = [it for it in todo if it.target_hw == size]
-                    for start in range(0, len(same), self.batch_size):
-                        self._encode_image_batch(vae, scale, same[start : start + self.batch_size])
-                        bar.update(len(same[start : start + self.batch_size]))
+            for batch in batches:
+                yield encode_latents(vae, scale, batch, self.crop, self.seed, self.device)
         finally:
             del vae
             _release()
-        self.stats["latents_computed"] = len(todo)
-
-    def _encode_image_batch(self, vae, scale: float, part: list[_Item]) -> None:
-        try:
-            pixels, ids = zip(*(preprocess_image(it.image, it.target_hw, self.crop, self.seed, it.sha) for it in part))
-        except ImageDecodeError as exc:
-            raise CacheError(str(exc)) from exc
-        x = torch.stack(pixels).to(device=self.device, dtype=vae.dtype)
-        latents = (vae.encode(x).latent_dist.mean * scale).float().cpu()
-        for i, it in enumerate(part):
-            if not torch.isfinite(latents[i]).all():
-                raise CacheError(
-                    f"The VAE produced NaN/inf latents for {it.image} (model.dtype={self.dtype}). The stock SDXL "
-                    "VAE overflows in float16: use the sdxl-vae-fp16-fix (model.vae_path) or model.dtype=float32."
-                )
-            self.latents[it.image_key] = (latents[i].clone(), torch.tensor(ids[i], dtype=torch.float32))
-        self.write_ready()
 
 
 def build_cache(model: ModelSettings, prepared, *, data_dir: str | Path | None = None, resolution=None,
                 crop: str = "center", crop_seed: int = 0, batch_size: int = 4,
                 scenes: list[Scene] | None = None, variants=None, empty_caption: bool = False,
-                buckets=None) -> TrainingCache:
+                buckets=None, devices: int = 1) -> TrainingCache:
     """Make sure every training item (and the story, if ``scenes``) has a valid cache file.
 
     ``prepared`` is a ``PreparedDataset`` or a processed folder (``<dir>/train/metadata.csv``);
@@ -377,10 +391,12 @@ def build_cache(model: ModelSettings, prepared, *, data_dir: str | Path | None =
     gives the caption orders to cache per image (tag shuffling; the first is the caption as
     written); ``empty_caption`` caches the empty caption's embeddings (caption dropout);
     ``buckets`` (``dataset.buckets``: null, auto or [[h, w], ...]) gives each image its own size.
+    ``devices`` > 1 (``cache.devices``) spreads the batches over that many processes (one GPU
+    each, or CPU processes): the same files, byte for byte (``cache_shards``).
     """
     # 1. Settings and model checked before any file is read; 2. the dataset; 3. what is there.
     build = _CacheBuild(model, model.resolution if resolution is None else resolution, crop, crop_seed, batch_size,
-                        buckets)
+                        buckets, devices)
     pairs, dataset_hash = dataset_items(prepared)
     cache_dir = Path(data_dir) / "cache" if data_dir is not None else Path(pairs[0][0]).parent.parent / "cache"
     build.open(cache_dir)
@@ -396,6 +412,7 @@ def build_cache(model: ModelSettings, prepared, *, data_dir: str | Path | None =
     build.encode_images()
     if build.todo:  # cannot happen: every part was found or computed
         raise CacheError(f"internal error: {len(build.todo)} cache file(s) were not written, e.g. {next(iter(build.todo))}")
+    shutil.rmtree(build.parts_dir, ignore_errors=True)  # every part is in an item file now
     stats = build.stats
     atomic_write_json(cache_dir / "manifest.json", {
         "model_hash": build.mhash, "dataset_hash": dataset_hash, "resolution": list(build.target_hw), "crop": crop,

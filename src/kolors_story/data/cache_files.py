@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save_file
 
 from kolors_story.errors import SettingsError, UserError
-from kolors_story.files import atomic_path
+from kolors_story.files import atomic_path, save_safetensors
 from kolors_story.models.loading import KolorsLayout, read_json
 from kolors_story.models.prompts import MAX_SEQUENCE_LENGTH, STORY_KEYS
 
@@ -198,4 +197,4 @@ class CacheDisk:
 
 def write_cache_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_safetensors(tensors, tmp, metadata)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from kolors_story.files import atomic_path
+from kolors_story.files import atomic_path, save_safetensors
 from kolors_story.lora.keys import (
     DIFFUSERS_PREFIX,
     arch_index,
@@ -234,7 +234,6 @@ def save_lora(unet, folder, metadata: dict | None = None, adapter_name: str = "d
     Each write is atomic (temp file + rename). Every file carries type, rank, alpha, target modules,
     the UNet config and ``metadata`` (base_model_hash, dataset_hash, resolved config ...).
     """
-    from safetensors.torch import save_file
 
     folder = Path(folder)
     state = adapter_state(unet, adapter_name)
@@ -273,10 +272,10 @@ def save_lora(unet, folder, metadata: dict | None = None, adapter_name: str = "d
     if "diffusers" in files:
         adapter_meta = {DIFFUSERS_PREFIX + k: v for k, v in _diffusers_adapter_metadata(state, targets).items()}
         with atomic_path(files["diffusers"]) as tmp:
-            save_file(peft_to_diffusers(sd), str(tmp), metadata=header(
+            save_safetensors(peft_to_diffusers(sd), tmp, header(
                 "diffusers", {"lora_adapter_metadata": json.dumps(adapter_meta, indent=2, sort_keys=True)}))
     with atomic_path(files["kohya"]) as tmp:
-        save_file(kohya_sd, str(tmp), metadata=header("kohya", _kohya_header(state, conv)))
+        save_safetensors(kohya_sd, tmp, header("kohya", _kohya_header(state, conv)))
     if "diffsynth" in files:
         ckpt = dict(diffsynth_sd)
         blob = json.dumps({**info, "format": "diffsynth", "diffsynth_target_modules": ds_targets},

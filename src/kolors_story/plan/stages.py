@@ -207,6 +207,11 @@ def train_stages(sizes: Sizes, job: TrainConfig) -> list[Stage]:
     unet_w = sizes.weights("unet")
     beside = (sizes.weights("vae") + sizes.weights("scorer") + sizes.weights("clip")) if job.validate else 0  # stay loaded
     cache_b = job.cache.batch_size
+    # cache.devices: each process holds its own encoder on its own GPU, so the peak per device is
+    # the same; on the CPU the processes' copies add up in RAM
+    cache_knobs = {"cache_batch_size": cache_b,
+                   "cache_devices": job.cache.devices if job.cache.devices is not None else (
+                       "trainer.devices" if str(job.model.device).startswith("cuda") else 1)}
     stages = []
     if job.dataset.captioner != "none":  # data stage: the captioner alone, released before the cache
         from kolors_story.models.captioner import CAPTION_MAX_SIDE
@@ -221,9 +226,9 @@ def train_stages(sizes: Sizes, job: TrainConfig) -> list[Stage]:
                             count.score_batch(sizes.scorer, job.scorer.batch_size), {"batch_size": job.scorer.batch_size}))
     stages += [
         Stage("cache: prompt embeddings", sizes.weights("text_encoder"),
-              count.text_encode(sizes.text_encoder, max(cache_b, n_scenes), sizes.dtype), {"cache_batch_size": cache_b}),
+              count.text_encode(sizes.text_encoder, max(cache_b, n_scenes), sizes.dtype), cache_knobs),
         Stage("cache: VAE latents", sizes.weights("vae"), count.vae_encode(sizes.vae, cache_b, h, w, sizes.dtype),
-              {"cache_batch_size": cache_b}),
+              cache_knobs),
         Stage("train step", unet_w + lora_state + beside,
               count.train_step(sizes.unet, t.batch_size, h, w, sizes.dtype, t.gradient_checkpointing, job.lora.rank,
                                targets, adapter=adapter), {"batch_size": t.batch_size, "gradient_checkpointing": t.gradient_checkpointing}),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from kolors_story.data.buckets import make_buckets
+from kolors_story.data.cache_shards import shard_devices
 from kolors_story.data.crop import CROP_POLICIES, target_size
 from kolors_story.data.preflight import POLICIES
 from kolors_story.data.prepare import check_data_settings
@@ -25,6 +26,7 @@ from kolors_story.models.configs import KOLORS_SCHEDULER_CONFIG
 from kolors_story.models.loading import model_configs
 from kolors_story.settings import OptimSettings, TrainConfig, TrainerSettings
 from kolors_story.story import story_scenes
+from kolors_story.train.devices import cache_processes
 from kolors_story.train.module import check_loss, timestep_range
 from kolors_story.train.optimizers import check_optimizer
 from kolors_story.train.reward import check_reward
@@ -100,6 +102,7 @@ def check_train(job: TrainConfig) -> None:
     if job.dataset.on_bad_file not in POLICIES:
         raise SettingsError(f"dataset.on_bad_file={job.dataset.on_bad_file!r}: use skip or fail")
     _positive("cache.batch_size", job.cache.batch_size)
+    shard_devices(job.model.device, cache_processes(job.cache.devices, job.model.device, job.trainer))
     check_data_settings(job.dataset, job.filter)
     configs = model_configs(job.model)  # the model folder is complete (the tiny one is built)
     check_targets(targets, configs["unet"])

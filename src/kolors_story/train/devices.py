@@ -54,6 +54,13 @@ def world_size(trainer: TrainerSettings) -> int:
     return max(1, n) * int(trainer.num_nodes or 1)
 
 
+def cache_processes(devices: int | None, model_device: str, trainer: TrainerSettings) -> int:
+    """``cache.devices``: as given, or (null) this node's training GPUs for a CUDA model, else 1."""
+    if devices is not None:
+        return int(devices)
+    return world_size(trainer) // int(trainer.num_nodes or 1) if str(model_device).startswith("cuda") else 1
+
+
 def secondary_process() -> bool:
     """Not the global rank 0 of a distributed job (Lightning, torchrun and SLURM set these)."""
     for var in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "SLURM_PROCID"):

@@ -39,6 +39,7 @@ from kolors_story.story import Scene, story_scenes
 from kolors_story.train.checkpoints import CheckpointCallback, RunContext, VaeToDevice
 from kolors_story.train.checks import STAGES
 from kolors_story.train.devices import (
+    cache_processes,
     resolve_precision,
     resolve_strategy,
     secondary_process,
@@ -340,7 +341,8 @@ def data_stage(job: TrainConfig, scenes: list[Scene] | None) -> tuple:
                         count=int(d.shuffle_variants), seed=int(job.trainer.seed)) if d.shuffle_tags else None)
     cache = build_cache(job.model, prepared, data_dir=job.data_dir, resolution=d.resolution,
                         crop=d.crop, crop_seed=job.trainer.seed, batch_size=job.cache.batch_size,
-                        scenes=scenes, variants=variants, empty_caption=float(d.caption_dropout) > 0, buckets=d.buckets)
+                        scenes=scenes, variants=variants, empty_caption=float(d.caption_dropout) > 0, buckets=d.buckets,
+                        devices=cache_processes(job.cache.devices, job.model.device, job.trainer))
     return prepared, cache
 
 
