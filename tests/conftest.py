@@ -35,6 +35,10 @@ def offline_env(tmp_path_factory):
         "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "KOLORS_STORY_CACHE": os.environ.get("KOLORS_STORY_TEST_CACHE", str(root / "cache")),
+        # model=tiny's defaults are the pre-trained model and the paper-taste scorer (the demo); the
+        # code-path tests run on the random ones (tests/test_learning.py uses the pre-trained model)
+        "KOLORS_STORY_TINY_WEIGHTS": "random",
+        "KOLORS_STORY_TINY_TASTE": "none",
     }
     for key in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
@@ -55,7 +59,7 @@ def tiny_model_dir(offline_env) -> Path:
     """The tiny Kolors in the Kwai-Kolors/Kolors layout, where `model=tiny` looks for it."""
     from kolors_story.models.random_init import ensure_tiny_model
 
-    return ensure_tiny_model(Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-kolors-seed0", seed=0, layout="kolors")
+    return ensure_tiny_model(Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-kolors-random-seed0", seed=0, layout="kolors")
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +75,7 @@ def tiny_scorer_dir(offline_env) -> Path:
     """The tiny aesthetic predictor where `model=tiny` looks for it (real weights' folder layout)."""
     from kolors_story.models.random_init import ensure_tiny_scorer
 
-    return ensure_tiny_scorer(Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-aesthetics-seed0", seed=0)
+    return ensure_tiny_scorer(Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-aesthetics-none-seed0", seed=0)
 
 
 @pytest.fixture()

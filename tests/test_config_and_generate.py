@@ -66,7 +66,7 @@ def test_defaults_live_in_the_schemas_and_reach_the_library():
     tiny = settings("train", ["model=tiny"])
     assert (tiny.trainer.accelerator, tiny.trainer.precision, tiny.trainer.max_epochs) == ("cpu", "32", 2)
     assert tiny.trainer == settings("train", ["trainer=cpu"]).trainer  # one source of the CPU values
-    assert tiny.scorer.tiny is not None and tiny.scorer.path.endswith("tiny-aesthetics-seed0")
+    assert tiny.scorer.tiny is not None and tiny.scorer.path.endswith("tiny-aesthetics-none-seed0")
     assert settings("train", []).scorer.tiny is None  # model=kolors: the competition's predictor
 
 
@@ -128,7 +128,7 @@ def test_cli_help_cfg_and_unknown_key():
     assert out.returncode == 0 and "model: kolors, tiny" in out.stdout
     out = _run(["train.py", "--cfg", "job", "--resolve", "model=tiny", "lora.rank=8"])
     assert out.returncode == 0, out.stderr
-    assert "tiny-kolors-seed0" in out.stdout and "rank: 8" in out.stdout
+    assert "tiny-kolors-random-seed0" in out.stdout and "rank: 8" in out.stdout
     out = _run(["train.py", "lora.rnak=8"])
     assert out.returncode != 0 and "rnak" in out.stderr
 

@@ -130,7 +130,7 @@ def test_tiny_predictor_is_deterministic_per_seed():
 
 def test_scorer_from_config_builds_the_tiny_predictor(offline_env):
     cfg = settings("evaluate", ["model=tiny", "scorer.batch_size=2"])
-    assert Path(cfg.scorer.path) == Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-aesthetics-seed0"
+    assert Path(cfg.scorer.path) == Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-aesthetics-none-seed0"
     s = AestheticScorer.from_settings(cfg.scorer)
     assert s.tiny and s.batch_size == 2 and s.path == Path(cfg.scorer.path)
     assert cfg.scorer.threshold == 6.0

@@ -59,7 +59,7 @@ def test_model_card_describes_style_trigger_base_model_training_and_scores(made)
     card = (made["bundle"] / "README.md").read_text(encoding="utf-8")
     scores = json.loads((made["bundle"] / "scores.json").read_text())
     assert card.startswith("# Test_Team-KolorsTraining-IdolGirlDiary")
-    assert "tiny random model: not a real result" in card  # the tiny model says so up front
+    assert "tiny model: not a real result" in card  # the tiny model says so up front
     assert "Style: test watercolour" in card  # from the LoRA's metadata
     assert "Trigger words: `test_style，`" in card
     assert "Kwai-Kolors/Kolors" in card and made["result"]["manifest"]["model"]["hash"] in card

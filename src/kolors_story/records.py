@@ -33,7 +33,7 @@ PANEL_FILE = "panel.png"
 CANDIDATES_FILE = "candidates.png"  # best-of: every candidate, the kept ones framed
 EMA_SUFFIX = ":ema"  # a checkpoint's EMA weights (lora_ema.safetensors): checkpoint=step-XXXXXX:ema
 WANDB_ID_FILE = "wandb_run.json"  # the run's W&B id, so a resumed run continues the same W&B run
-TINY_NOTE = "tiny random model: not a real result"
+TINY_NOTE = "tiny model: not a real result"
 
 
 def checkpoint_name(step: int) -> str:

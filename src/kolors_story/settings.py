@@ -22,7 +22,8 @@ from omegaconf import II, MISSING, SI
 
 @dataclass
 class TinyModelSpec:
-    seed: int = 0  # seed of the random weights: same seed -> same model, bit for bit
+    weights: str = "pretrained"  # pretrained: UNet + VAE trained on drawn scenes (shipped, sha256-checked); random: plumbing only
+    seed: int = 0  # seed of the random weights: same seed -> same model, bit for bit (pretrained: 0 only)
     layout: str = "kolors"  # release layout it is saved in: kolors (Kwai-Kolors/Kolors) or diffusers (Kolors-diffusers)
 
 
@@ -40,7 +41,7 @@ class ModelSettings:
 @dataclass
 class TinyScorerSpec:
     seed: int = 0  # seed of the tiny random predictor's weights
-    taste: Optional[str] = None  # null: random scores near 0; brightness: its head fitted to score 1 + 8 x mean brightness (a known taste)
+    taste: Optional[str] = None  # null/none: random scores near 0; brightness: 1 + 8 x mean brightness; paper: 1 + 8 x paper-likeness (light, unsaturated)
 
 
 @dataclass
@@ -394,6 +395,7 @@ class TrainConfig:
     stage: str = "all"  # all (data + train), data (prepare + cache only) or train (reuse prepared data)
     resume: Optional[str] = None  # a previous run folder (or one of its checkpoints/step-* folders): continue from its last checkpoint
     validate: bool = True  # render + score the story (sampler group) at every checkpoint
+    before_after: bool = True  # when a validated run finishes: the story at LoRA scale 0 and 1 -> before_after.png/.json (2 renders)
     data_dir: str = "data/${dataset.name}"  # processed dataset + report.json + cache for this dataset (shared by runs)
     output_dir: Optional[str] = II("hydra:runtime.output_dir")  # run folder: checkpoints/, metrics.jsonl, panels, W&B files
     cache: CacheSettings = field(default_factory=CacheSettings)  # the latent/embedding cache

@@ -118,9 +118,10 @@ class AestheticScorer:
             raise ScorerError(f"scorer.path is not set; point it at the predictor folder or run `{DOWNLOAD_COMMAND}`")
         path = Path(str(scorer.path)).expanduser()
         if scorer.tiny is not None:
-            if scorer.tiny.taste not in (None, *TASTES):
-                raise ScorerError(f"scorer.tiny.taste={scorer.tiny.taste!r}: use null or one of {list(TASTES)}")
-            ensure_tiny_scorer(path, seed=int(scorer.tiny.seed), taste=scorer.tiny.taste)
+            taste = None if scorer.tiny.taste in (None, "none", "null") else scorer.tiny.taste
+            if taste not in (None, *TASTES):
+                raise ScorerError(f"scorer.tiny.taste={scorer.tiny.taste!r}: use none or one of {list(TASTES)}")
+            ensure_tiny_scorer(path, seed=int(scorer.tiny.seed), taste=taste)
         return cls.from_pretrained(path, device=str(scorer.device), batch_size=int(scorer.batch_size))
 
     # ------------------------------------------------------------------ scoring

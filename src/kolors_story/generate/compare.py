@@ -15,12 +15,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from kolors_story.evaluate.duplicates import pixel_distances, thumbnails
 from kolors_story.evaluate.summary import coherence as clip_i
 from kolors_story.files import atomic_save_image
-from kolors_story.generate.panel import panel_font
+from kolors_story.generate.panel import labelled_rows
 from kolors_story.records import TINY_NOTE
 
 VARIANTS = (("no coherence", "none"), ("attention sharing", "sharing"), ("reference image", "reference"),
@@ -53,21 +53,9 @@ def render_variants(overrides: list[str]) -> list[dict]:
 
 
 def comparison_sheet(rows: list[dict], tile: int = 128) -> Image.Image:
-    font, _ = panel_font(max(12, tile // 9))
-    label_h = max(18, tile // 6)
-    title_h = label_h if rows and rows[0]["tiny"] else 0
-    width = tile * max(len(r["images"]) for r in rows)
-    sheet = Image.new("RGB", (width, title_h + len(rows) * (tile + label_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    if title_h:
-        draw.text((4, 2), f"{TINY_NOTE}: the rows only show the code paths", fill="black", font=font)
-    for r, row in enumerate(rows):
-        y = title_h + r * (tile + label_h)
-        draw.text((4, y + 2), f"{row['label']}: CLIP-I {row['clip_i']:.5f}, pixel similarity {row['pixels']:.4f}",
-                  fill="black", font=font)
-        for c, im in enumerate(row["images"]):
-            sheet.paste(im.convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS), (c * tile, y + label_h))
-    return sheet
+    title = f"{TINY_NOTE}: the rows only show the code paths" if rows and rows[0]["tiny"] else None
+    return labelled_rows([(f"{row['label']}: CLIP-I {row['clip_i']:.5f}, pixel similarity {row['pixels']:.4f}",
+                           row["images"]) for row in rows], tile, title)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,9 +18,9 @@ def _header(name: str, manifest: Manifest, details: list[dict], style: str | Non
                           None)
     lines = [f"# {name}", ""]
     if manifest.get("tiny_model"):
-        lines += ["> **Made with the tiny random model: not a real result.** This bundle exercises the",
-                  "> pipeline end to end on a randomly initialised Kolors-architecture model; its images are",
-                  "> noise-like and its LoRA is not a usable style.", ""]
+        lines += ["> **Made with the tiny model: not a real result.** This bundle exercises the pipeline",
+                  "> end to end on a tiny Kolors-architecture model (random, or pre-trained on simple drawn",
+                  "> scenes); its 64x64 images and its LoRA are not a usable style.", ""]
     return lines + [
         f"A Kolors style LoRA and the 8-image story **{story.get('title')}** rendered with it "
         "(Kolors-LoRA Style Story Challenge).",

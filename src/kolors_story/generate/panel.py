@@ -59,6 +59,24 @@ def make_panel(images: list[Image.Image], captions: list[str] | None = None, col
     return panel
 
 
+def labelled_rows(rows: list[tuple[str, list[Image.Image]]], tile: int = 128, title: str | None = None) -> Image.Image:
+    """One row of ``tile``-sized images per ``(label, images)``, each under its label line."""
+    font, _ = panel_font(max(12, tile // 9))
+    label_h = max(18, tile // 6)
+    title_h = label_h if title else 0
+    width = tile * max(len(images) for _, images in rows)
+    sheet = Image.new("RGB", (width, title_h + len(rows) * (tile + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((4, 2), title, fill="black", font=font)
+    for r, (label, images) in enumerate(rows):
+        y = title_h + r * (tile + label_h)
+        draw.text((4, y + 2), label, fill="black", font=font)
+        for c, im in enumerate(images):
+            sheet.paste(im.convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS), (c * tile, y + label_h))
+    return sheet
+
+
 def save_panel(images, path: str | Path, captions=None, **kw) -> Path:
     path = Path(path)
     atomic_save_image(make_panel(images, captions, **kw), path)

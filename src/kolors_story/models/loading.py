@@ -263,12 +263,13 @@ def ensure_model(model: ModelSettings) -> Path:
     if model.tiny is not None:
         from kolors_story.models.random_init import ensure_tiny_model
 
-        ensure_tiny_model(path, seed=int(model.tiny.seed), layout=str(model.tiny.layout))
+        ensure_tiny_model(path, seed=int(model.tiny.seed), layout=str(model.tiny.layout),
+                          weights=str(getattr(model.tiny, "weights", "random")))
     return path
 
 
 def is_tiny(model: ModelSettings, path: str | Path | None = None) -> bool:
-    """A tiny random model (``model=tiny``, or a folder the tiny builder wrote)."""
+    """A tiny model, random or pre-trained (``model=tiny``, or a folder the tiny builder wrote)."""
     return model.tiny is not None or (path is not None and (Path(path) / "TINY_MODEL.txt").exists())
 
 

@@ -25,6 +25,8 @@ from kolors_story.models.configs import (
     bench_text_encoder_config,
     bench_unet_config,
     bench_vae_config,
+    pretrained_unet_config,
+    pretrained_vae_config,
     tiny_clip_config,
     tiny_predictor_config,
     tiny_text_encoder_config,
@@ -185,10 +187,38 @@ def build_model_folder(folder: str | Path, stamp: dict, stamp_name: str, build: 
     return build_stamped_folder(folder, stamp, stamp_name, write)
 
 
-def ensure_tiny_model(folder: str | Path, seed: int = 0, layout: str = "kolors") -> Path:
-    """Build the tiny model into ``folder`` unless a complete one of this spec is already there."""
-    return build_model_folder(folder, {"version": TINY_VERSION, "seed": seed, "layout": layout},
-                              "TINY_MODEL.json", lambda: build_tiny_components(seed), layout)
+TINY_WEIGHTS = ("pretrained", "random")
+
+
+def ensure_tiny_model(folder: str | Path, seed: int = 0, layout: str = "kolors", weights: str = "random") -> Path:
+    """Build the tiny model into ``folder`` unless a complete one of this spec is already there.
+    ``weights="pretrained"``: the random model of seed 0 with the shipped pre-trained UNet and VAE
+    (``models.pretrained_tiny``, sha256-checked)."""
+    if weights not in TINY_WEIGHTS:
+        raise SettingsError(f"model.tiny.weights={weights!r}: use pretrained or random")
+    if weights == "random":
+        return build_model_folder(folder, {"version": TINY_VERSION, "seed": seed, "layout": layout},
+                                  "TINY_MODEL.json", lambda: build_tiny_components(seed), layout)
+    from kolors_story.models.pretrained_tiny import (
+        load_pretrained_into,
+        pretrained_record,
+    )
+
+    if int(seed) != 0:
+        raise SettingsError(f"model.tiny.seed={seed}: the pre-trained tiny model was trained on the text encoder "
+                            "of seed 0; use model.tiny.seed=0 or model.tiny.weights=random")
+    record = pretrained_record()  # its hashes are in the stamp: new shipped weights -> a rebuilt folder
+
+    def build() -> dict:
+        parts = build_tiny_components(0, unet_config=pretrained_unet_config(), vae_config=pretrained_vae_config())
+        load_pretrained_into(parts)
+        return parts
+
+    note = (f"Pre-trained tiny Kolors (kolors-story, weights v{record.get('version')}): a tiny model, not Kolors. "
+            "Its UNet and VAE learned simple drawn scenes (`python -m kolors_story.train.pretrain_tiny`); "
+            "its text encoder is the random one of seed 0.\n")
+    stamp = {"version": TINY_VERSION, "weights": "pretrained", "layout": layout, "sha256": record.get("sha256")}
+    return build_model_folder(folder, stamp, "TINY_MODEL.json", build, layout, note=note)
 
 
 def build_bench_components(seed: int = 0) -> dict:
@@ -232,39 +262,56 @@ def build_tiny_predictor(seed: int = 0):
     return build_predictor(tiny_predictor_config(), seed)
 
 
-TASTES = ("brightness",)
+# What each taste scores, as 1 + 8 x a statistic in [0, 1] of the image's RGB values in [0, 1]:
+TASTES = {
+    "brightness": "mean brightness",
+    # the darkest channel of each pixel is its share of white: high for light, unsaturated (paper-
+    # like) pixels, low for saturated or dark ones (it equals HSV value x (1 - saturation))
+    "paper": "mean whiteness (the darkest of R, G, B per pixel: light and unsaturated score high)",
+}
 
 
-def _taste_images(n: int, seed: int) -> tuple[list, torch.Tensor]:
-    """Coarse random colour blocks from dark to bright, and each one's mean brightness in [0, 1]."""
+def taste_statistic(image, taste: str) -> float:
+    """The statistic a tiny scorer with ``taste`` scores (see ``TASTES``), of one PIL image."""
+    import numpy as np
+
+    a = np.asarray(image.convert("RGB"), dtype=np.float64) / 255
+    return float(a.mean()) if taste == "brightness" else float(a.min(axis=-1).mean())
+
+
+def _taste_images(n: int, seed: int, taste: str) -> list:
+    """Coarse random colour blocks from dark to bright (paper: and from saturated to grey)."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    images, values = [], []
+    images = []
     for i in range(n):
         level = (i + 0.5) / n
-        blocks = np.clip(rng.normal(level * 255, 60, size=(4, 4, 3)), 0, 255).astype(np.uint8)
-        image = Image.fromarray(blocks).resize((64, 64), Image.BILINEAR)
-        images.append(image)
-        values.append(np.asarray(image, dtype=np.float64).mean() / 255)
-    return images, torch.tensor(values, dtype=torch.float64)
+        blocks = np.clip(rng.normal(level * 255, 60, size=(4, 4, 3)), 0, 255)
+        if taste == "paper":  # also vary the saturation: mix each image with its own grey
+            grey = rng.uniform(0, 1)
+            colour = rng.uniform(0, 255, size=(4, 4, 3))
+            blocks = grey * blocks.mean(-1, keepdims=True) + (1 - grey) * (0.5 * blocks + 0.5 * colour)
+        images.append(Image.fromarray(blocks.astype(np.uint8)).resize((64, 64), Image.BILINEAR))
+    return images
 
 
 def give_taste(predictor, processor, taste: str, seed: int = 0) -> float:
-    """Refit the predictor's head so that its score follows a simple image statistic ("brightness":
-    1 + 8 x mean brightness) through its own CLIP features: a tiny scorer with a known taste, so that
+    """Refit the predictor's head so that its score follows a simple image statistic (``TASTES``:
+    1 + 8 x the statistic) through its own CLIP features: a tiny scorer with a known taste, so that
     best-of-N, selection and reward refinement change the tiny model's scores for a reason one can
     state. The head (a stack of linear layers) becomes one linear map of the normalised embedding,
     least-squares fitted on drawn images. Returns the fit's R^2."""
     if taste not in TASTES:
-        raise ValueError(f"unknown scorer taste {taste!r}; choose from {TASTES}")
-    images, brightness = _taste_images(96, seed)
+        raise ValueError(f"unknown scorer taste {taste!r}; choose from {list(TASTES)}")
+    images = _taste_images(96 if taste == "brightness" else 256, seed, taste)
+    statistic = torch.tensor([taste_statistic(im, taste) for im in images], dtype=torch.float64)
     with torch.no_grad():
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
         embeds = predictor.visual_projection(predictor.vision_model(pixel_values=pixels).pooler_output)
         features = torch.cat([embeds / embeds.norm(dim=-1, keepdim=True), torch.ones(len(images), 1)], 1).double()
-        target = 1.0 + 8.0 * brightness
+        target = 1.0 + 8.0 * statistic
         solution = torch.linalg.lstsq(features, target[:, None]).solution[:, 0]
         layers = [m for m in predictor.layers if isinstance(m, torch.nn.Linear)]
         for layer in layers:  # coordinate 0 carries the score through every layer
@@ -288,7 +335,7 @@ def ensure_tiny_scorer(folder: str | Path, seed: int = 0, taste: str | None = No
         note = "its scores are meaningless (near 0): it only exercises the code paths."
         if taste:
             r2 = give_taste(model, processor, taste, seed)
-            note = (f"its head is fitted to score {taste} (1 + 8 x mean brightness, R^2 {r2:.3f} on the fitting "
+            note = (f"its head is fitted to score {taste} (1 + 8 x {TASTES[taste]}, R^2 {r2:.3f} on the fitting "
                     "images): a known taste, not an aesthetic one.")
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -49,6 +49,24 @@ def _checkpoint_table(result):
     return c
 
 
+def _before_after_table(shift: dict):
+    from rich.table import Table
+
+    t = Table(title=f"Before / after: the story at LoRA scale 0 and 1 vs the {shift['style_images']} training "
+                    f"images ({shift['image']})")
+    for col in ("", "saturation", "brightness", "contrast", "distance to the style set"):
+        t.add_column(col)
+    for label, key, distance in (("LoRA scale 0 (base model)", "before", f"{shift['distance_before']:.3f}"),
+                                 ("LoRA scale 1 (trained)", "after", f"{shift['distance_after']:.3f}"),
+                                 ("style set (training images)", "style", "")):
+        s = shift[key]
+        t.add_row(label, f"{s['saturation']:.3f}", f"{s['brightness']:.3f}", f"{s['contrast']:.3f}", distance)
+    verdict = "closer to" if shift["moved"] > 0 else "not closer to"
+    t.caption = (f"With the LoRA the story is {verdict} the style set's colours (distance {shift['distance_before']:.3f} "
+                 f"-> {shift['distance_after']:.3f}).")
+    return t
+
+
 def print_summary(job: TrainConfig, result, cache=None) -> None:
     """The run table (folders, W&B, error, next commands) and the checkpoints' scores."""
     from rich.table import Table
@@ -76,6 +94,9 @@ def print_summary(job: TrainConfig, result, cache=None) -> None:
     console.print(t)
     if result.checkpoints:
         console.print(_checkpoint_table(result))
+    if getattr(result, "before_after", None):
+        console.print(_before_after_table(result.before_after))
     if job.model.tiny is not None:
-        console.print("[bold yellow]model=tiny: a tiny random model - images and scores only exercise the "
-                      "code paths, they are not a real result.[/]")
+        console.print("[bold yellow]model=tiny: a tiny model (pre-trained on drawn scenes, or random), not Kolors - "
+                      "images and scores exercise the code paths and show the LoRA's effect; they are not a real "
+                      "result.[/]")

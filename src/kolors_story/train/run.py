@@ -36,6 +36,7 @@ from kolors_story.models.loading import ensure_model, load_pipeline, model_hash
 from kolors_story.records import WANDB_ID_FILE, CheckpointRecord, last_checkpoint
 from kolors_story.settings import TrainConfig
 from kolors_story.story import Scene, story_scenes
+from kolors_story.train.before_after import render_before_after
 from kolors_story.train.checkpoints import CheckpointCallback, RunContext, VaeToDevice
 from kolors_story.train.checks import STAGES
 from kolors_story.train.devices import (
@@ -69,6 +70,7 @@ class TrainResult:
     wandb_dir: Path | None = None
     wandb_error: str | None = None
     precision: str = "32"
+    before_after: dict | None = None  # the style measure of the story at LoRA scale 0 vs 1 (train.before_after)
 
     @property
     def last_checkpoint(self) -> Path | None:
@@ -141,7 +143,7 @@ def _validator(job: TrainConfig, pipe, scenes, story_embeds) -> StoryValidator |
         return None
     title = f"{job.story.title} | model={job.model.name}"
     if job.model.tiny is not None:
-        title += " (tiny random model: not a real result)"
+        title += " (tiny model: not a real result)"
     if job.memory.vae_slicing:  # the story decode at each checkpoint, one image at a time
         pipe.vae.enable_slicing()
     if job.memory.vae_tiling:
@@ -225,11 +227,12 @@ def run_training(job: TrainConfig, run_dir: str | Path, items: Sequence, *, scen
                  story_embeds: dict | str | Path | None = None, dataset_hash: str = "",
                  resume_from: str | Path | None = None,
                  extra_callbacks: Sequence[L.Callback] = (), is_child: bool = False,
-                 empty_caption: str | Path | dict | None = None) -> TrainResult:
+                 empty_caption: str | Path | dict | None = None, style_images: Sequence[Path] = ()) -> TrainResult:
     """Train the LoRA on ``items`` (cache files or dicts with the cache's keys; per image a list of
     them for caption variants) into ``run_dir``. ``empty_caption``: the empty caption's embeddings
     (a cache file or dict), needed with ``dataset.caption_dropout``. ``story_embeds``: the story's
     scene embeddings (the cache's story file or its dict), for the renders and ``reward=aesthetic``.
+    ``style_images``: the training images, the style set ``before_after`` measures against.
 
     Returns a :class:`TrainResult` (status finished/failed/interrupted) instead of raising for a
     non-finite loss or Ctrl-C, after writing the status line; other errors propagate.
@@ -295,9 +298,13 @@ def run_training(job: TrainConfig, run_dir: str | Path, items: Sequence, *, scen
         last = last_checkpoint(run_dir)
         keep = f"The last good checkpoint is kept: {last}" if last else "No checkpoint was written before it."
         print(f"ERROR: {error}\n{keep}")
+    shift = None
+    if status == "finished" and validator is not None and job.before_after and style_images:
+        shift = render_before_after(validator, list(style_images), run_dir, tiny=job.model.tiny is not None)
     return TrainResult(
         run_dir=run_dir, status=status, step=trainer.global_step, error=error, checkpoints=logger.checkpoints,
         wandb_dir=_wandb_dir(mirror, run_dir), wandb_error=mirror.error if mirror else None, precision=precision,
+        before_after=shift,
     )
 
 
@@ -378,7 +385,7 @@ def train(job: TrainConfig, *, resume_from: Path | None = None) -> float | None:
     # 3. Training on the cache (a second node's rank 0 trains too, but writes nothing).
     secondary = secondary_process()
     result = run_training(job, run_dir, cache.training_items, scenes=scenes, story_embeds=cache.story,
-                          empty_caption=cache.empty,
+                          empty_caption=cache.empty, style_images=[Path(p) for p, _ in prepared.items],
                           dataset_hash=prepared.dataset_hash, resume_from=resume_from, is_child=secondary)
     if secondary:
         return None

@@ -1,0 +1,43 @@
+"""The end of a training run: the story at LoRA scale 0 (the base model) and 1 (as trained), side
+by side in ``before_after.png``, and how far each is from the style set by colour statistics
+(``evaluate.style``) in ``before_after.json``: did the LoRA move the story toward the style?
+
+Both rows use the validation renderer (same scenes, seeds, sampler and coherence settings as the
+checkpoint panels). Scale 0 switches the adapters off (peft's ``disable_adapters``), so the top row
+is exactly the base model, for every adapter type (a DoRA at weight 0 is not). Cost: two story
+renders at the validation settings, once per run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kolors_story.evaluate.style import style_shift
+from kolors_story.files import atomic_save_image, atomic_write_json
+from kolors_story.generate.panel import labelled_rows
+from kolors_story.records import TINY_NOTE
+
+BEFORE_AFTER_IMAGE = "before_after.png"
+BEFORE_AFTER_FILE = "before_after.json"
+
+
+def render_before_after(validator, style_images: list[Path], run_dir: str | Path, tiny: bool) -> dict:
+    """Render both rows, write the image and the measure into ``run_dir``; returns the measure."""
+    unet = validator.pipe.unet
+    unet.disable_adapters()
+    try:
+        before = validator.render()
+    finally:
+        unet.enable_adapters()
+    after = validator.render()
+    shift = style_shift(before, after, list(style_images))
+    run_dir = Path(run_dir)
+    b, a = shift["before"], shift["after"]
+    rows = [(f"LoRA scale 0 (base): saturation {b['saturation']:.2f}, distance to the style set "
+             f"{shift['distance_before']:.3f}", before),
+            (f"LoRA scale 1 (trained): saturation {a['saturation']:.2f}, distance to the style set "
+             f"{shift['distance_after']:.3f}", after)]
+    title = f"{TINY_NOTE} (64x64)" if tiny else None
+    atomic_save_image(labelled_rows(rows, tile=128, title=title), run_dir / BEFORE_AFTER_IMAGE)
+    atomic_write_json(run_dir / BEFORE_AFTER_FILE, shift)
+    return {**shift, "image": str(run_dir / BEFORE_AFTER_IMAGE)}
