@@ -596,13 +596,6 @@ def test_cache_built_by_two_processes_is_byte_identical_to_one(built, tmp_path):
     assert [name for name in one if one[name] != two[name]] == []
     assert result.stats["latents_computed"] == len(SIZES) and result.stats["story"] == "computed"
 
-    # a worker's error reaches the user with the image's name; finished batches stay on disk
-    broken = _copy(train, tmp_path / "broken" / "train")
-    (broken / "3.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(CacheError, match="3.jpg"):
-        build_cache(cfg.model, broken.parent, batch_size=1, devices=2)
-    assert list((broken.parent / "cache" / "parts").glob("image-*.safetensors"))
-
 
 def test_finished_parts_of_a_killed_sharded_build_are_reused_without_a_worker(tmp_path, monkeypatch):
     """A part file a worker finished before the build was killed is read back, not recomputed."""
@@ -622,3 +615,13 @@ def test_finished_parts_of_a_killed_sharded_build_are_reused_without_a_worker(tm
     path.write_bytes(path.read_bytes()[:40])
     monkeypatch.setattr(cache_shards, "_run", lambda plan, tasks: iter([]) if len(tasks) == 1 else pytest.fail(str(tasks)))
     assert len(list(cache_shards.texts_in_shards(plan, batches, None))) == 1
+
+
+def test_a_workers_error_reaches_the_parent_as_itself(tmp_path):
+    """A CacheError in a spawned worker (here: a missing file) is raised in the parent unchanged."""
+    from kolors_story.data import cache_shards
+    from kolors_story.data.cache_files import load_cached_item
+
+    plan = cache_shards.ShardPlan(None, torch.float32, ["cpu", "cpu"], tmp_path, 1)
+    with pytest.raises(CacheError, match="gone.safetensors"):
+        list(cache_shards._run(plan, [(load_cached_item, (tmp_path / "gone.safetensors",))]))

@@ -3,9 +3,12 @@
 (a) the base model draws what its captions say (its renders' sky and ground colours are closer to
     their own caption's than to another caption's);
 (b) a LoRA trained on the ink-wash demo set moves the story toward the style set, by far more than
-    the seed-to-seed noise of the measure;
-(c) the same check fails when the objective is broken (the training noise is added at the wrong
-    timestep, so the loss no longer matches the sampler), so the check has teeth.
+    the seed-to-seed noise of the measure.
+
+Not here: a broken objective does not fail (b). The measure compares colour statistics, and
+LoRAs trained with a broken objective move the palette too (measured on the demo, distance moved:
+correct 0.21-0.23; noise added at timestep 1099 - t 0.25-0.30; v-prediction target 0.13; SD's
+linear schedule 0.17). A check with teeth needs a measure of content, not palette.
 """
 
 from __future__ import annotations
@@ -23,9 +26,16 @@ PRETRAINED = ["model=tiny", "model.tiny.weights=pretrained"]
 
 
 def test_the_shipped_weights_match_their_record_and_a_changed_file_is_refused(tmp_path):
-    from kolors_story.models.pretrained_tiny import PRETRAINED_DIR, PretrainedTinyError, load_pretrained_into
+    from kolors_story.models.configs import (
+        pretrained_unet_config,
+        pretrained_vae_config,
+    )
+    from kolors_story.models.pretrained_tiny import (
+        PRETRAINED_DIR,
+        PretrainedTinyError,
+        load_pretrained_into,
+    )
     from kolors_story.models.random_init import build_tiny_components
-    from kolors_story.models.configs import pretrained_unet_config, pretrained_vae_config
 
     parts = build_tiny_components(0, unet_config=pretrained_unet_config(), vae_config=pretrained_vae_config())
     record = load_pretrained_into(parts)  # the sha256 of both shipped files is checked here
@@ -82,20 +92,10 @@ def _train_demo(run_dir, data_dir) -> dict:
 
     cfg = compose("train", [*PRETRAINED, "dataset=demo", "filter=none", f"data_dir={data_dir}",
                             f"output_dir={run_dir}", "logger=none", "trainer.max_epochs=1",
-                            "trainer.steps_per_epoch=400", "trainer.checkpoint_every_n_steps=400",
+                            "trainer.steps_per_epoch=200", "trainer.checkpoint_every_n_steps=200",
                             "scorer.alignment=false"])
     train_from_config(cfg)
     return json.loads((run_dir / "before_after.json").read_text())
-
-
-def _broken_objective(monkeypatch) -> None:
-    """Noise added at timestep 1099 - t while the UNet is told t: what a wrong timestep convention
-    (or a reversed schedule) does. The sampler is not touched."""
-    from diffusers import DDPMScheduler
-
-    real = DDPMScheduler.add_noise
-    monkeypatch.setattr(DDPMScheduler, "add_noise",
-                        lambda self, x, noise, t: real(self, x, noise, self.config.num_train_timesteps - 1 - t))
 
 
 def _story_at_other_seeds(out_dir) -> list:
@@ -108,7 +108,7 @@ def _story_at_other_seeds(out_dir) -> list:
 
 
 @pytest.mark.slow
-def test_a_lora_moves_the_story_to_the_style_and_a_broken_objective_does_not(tmp_path, monkeypatch):
+def test_a_lora_moves_the_story_toward_the_style_set(tmp_path):
     from kolors_story.evaluate.style import mean_statistics, style_distance
 
     good = _train_demo(tmp_path / "good", tmp_path / "data")
@@ -118,8 +118,4 @@ def test_a_lora_moves_the_story_to_the_style_and_a_broken_objective_does_not(tmp
     margin = max(5 * noise, 0.05)
     assert good["moved"] > margin, (good, noise)
     assert good["after"]["saturation"] < good["before"]["saturation"]  # from the colourful look toward ink wash
-
-    _broken_objective(monkeypatch)
-    broken = _train_demo(tmp_path / "broken", tmp_path / "data")  # the same data and cache
-    assert broken["distance_before"] == good["distance_before"]  # same base renders: only the LoRA differs
-    assert not broken["moved"] > margin, (broken, noise)
+    assert (tmp_path / "good" / "before_after.png").is_file()

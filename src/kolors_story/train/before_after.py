@@ -21,6 +21,13 @@ BEFORE_AFTER_IMAGE = "before_after.png"
 BEFORE_AFTER_FILE = "before_after.json"
 
 
+def before_after(job, status: str, validator, style_images, run_dir) -> dict | None:
+    """``job.before_after`` of a finished run that rendered its story (rank 0), else None."""
+    if status != "finished" or validator is None or not job.before_after or not style_images:
+        return None
+    return render_before_after(validator, list(style_images), run_dir, tiny=job.model.tiny is not None)
+
+
 def render_before_after(validator, style_images: list[Path], run_dir: str | Path, tiny: bool) -> dict:
     """Render both rows, write the image and the measure into ``run_dir``; returns the measure."""
     unet = validator.pipe.unet

@@ -36,7 +36,7 @@ from kolors_story.models.loading import ensure_model, load_pipeline, model_hash
 from kolors_story.records import WANDB_ID_FILE, CheckpointRecord, last_checkpoint
 from kolors_story.settings import TrainConfig
 from kolors_story.story import Scene, story_scenes
-from kolors_story.train.before_after import render_before_after
+from kolors_story.train.before_after import before_after
 from kolors_story.train.checkpoints import CheckpointCallback, RunContext, VaeToDevice
 from kolors_story.train.checks import STAGES
 from kolors_story.train.devices import (
@@ -298,13 +298,10 @@ def run_training(job: TrainConfig, run_dir: str | Path, items: Sequence, *, scen
         last = last_checkpoint(run_dir)
         keep = f"The last good checkpoint is kept: {last}" if last else "No checkpoint was written before it."
         print(f"ERROR: {error}\n{keep}")
-    shift = None
-    if status == "finished" and validator is not None and job.before_after and style_images:
-        shift = render_before_after(validator, list(style_images), run_dir, tiny=job.model.tiny is not None)
     return TrainResult(
         run_dir=run_dir, status=status, step=trainer.global_step, error=error, checkpoints=logger.checkpoints,
         wandb_dir=_wandb_dir(mirror, run_dir), wandb_error=mirror.error if mirror else None, precision=precision,
-        before_after=shift,
+        before_after=before_after(job, status, validator, style_images, run_dir),
     )
 
 
