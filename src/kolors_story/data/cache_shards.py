@@ -31,8 +31,6 @@ from kolors_story.errors import SettingsError, UserError
 from kolors_story.models.loading import KolorsLayout, load_vae
 from kolors_story.models.prompts import encode_scenes, text_pipeline
 
-log = logging.getLogger(__name__)
-
 TEXT_NAMES = ("prompt_embeds", "pooled_prompt_embeds")
 IMAGE_NAMES = ("latents", "add_time_ids")
 

@@ -4,8 +4,9 @@ by side in ``before_after.png``, and how far each is from the style set by colou
 
 Both rows use the validation renderer (same scenes, seeds, sampler and coherence settings as the
 checkpoint panels). Scale 0 switches the adapters off (peft's ``disable_adapters``), so the top row
-is exactly the base model, for every adapter type (a DoRA at weight 0 is not). Cost: two story
-renders at the validation settings, once per run.
+is exactly the base model, for every adapter type (a DoRA at weight 0 is not). Cost: one story
+render at the validation settings when the run ends on a checkpoint (its story is the bottom
+row), two otherwise.
 """
 
 from __future__ import annotations
@@ -21,22 +22,40 @@ BEFORE_AFTER_IMAGE = "before_after.png"
 BEFORE_AFTER_FILE = "before_after.json"
 
 
-def before_after(job, status: str, validator, style_images, run_dir) -> dict | None:
+def before_after(job, status: str, validator, style_images, run_dir, step: int, checkpoints: list) -> dict | None:
     """``job.before_after`` of a finished run that rendered its story (rank 0), else None."""
     if status != "finished" or validator is None or not job.before_after or not style_images:
         return None
-    return render_before_after(validator, list(style_images), run_dir, tiny=job.model.tiny is not None)
+    return render_before_after(validator, list(style_images), run_dir, tiny=job.model.tiny is not None,
+                               after=_final_story(checkpoints, step, Path(run_dir)))
 
 
-def render_before_after(validator, style_images: list[Path], run_dir: str | Path, tiny: bool) -> dict:
-    """Render both rows, write the image and the measure into ``run_dir``; returns the measure."""
+def _final_story(checkpoints: list, step: int, run_dir: Path) -> list | None:
+    """The story the last checkpoint rendered, when it is the final step's (the same weights,
+    renderer and seeds: the images ``validator.render()`` would give again; PNG is lossless)."""
+    from PIL import Image
+
+    last = checkpoints[-1] if checkpoints else None
+    if not last or last.get("step") != step or not last.get("images"):
+        return None
+    images = []
+    for rel in last["images"]:
+        with Image.open(run_dir / rel) as im:
+            images.append(im.convert("RGB"))
+    return images
+
+
+def render_before_after(validator, style_images: list[Path], run_dir: str | Path, tiny: bool,
+                        after: list | None = None) -> dict:
+    """Render both rows (``after``: the scale-1 story already rendered), write the image and the
+    measure into ``run_dir``; returns the measure."""
     unet = validator.pipe.unet
     unet.disable_adapters()
     try:
         before = validator.render()
     finally:
         unet.enable_adapters()
-    after = validator.render()
+    after = after if after is not None else validator.render()
     shift = style_shift(before, after, list(style_images))
     run_dir = Path(run_dir)
     b, a = shift["before"], shift["after"]

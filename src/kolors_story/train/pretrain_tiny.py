@@ -81,14 +81,6 @@ def train_vae(vae, steps: int, batch: int, seed: int, lr: float = 3e-3) -> list[
     return losses
 
 
-@torch.no_grad()
-def encode_latents(vae, images, batch: int = 64) -> torch.Tensor:
-    """Latents (posterior mean x scaling factor), exactly as the cache makes them."""
-    scale = float(vae.config.scaling_factor)
-    return torch.cat([vae.encode(_pixels(images[i : i + batch])).latent_dist.mean * scale
-                      for i in range(0, len(images), batch)])
-
-
 def text_layers(text_encoder) -> dict[str, torch.nn.Parameter]:
     """The ChatGLM3 transformer layers the pre-training trains (the token embeddings stay the
     random ones of seed 0): a random encoder carries almost no caption information to the last
@@ -168,9 +160,9 @@ def pretrain(out: Path, *, scenes: int, vae_steps: int, unet_steps: int, seed: i
     with torch.no_grad():  # scale the latents to unit variance, as the real VAEs' scaling_factor does
         mean = torch.cat([vae.encode(_pixels(images[i : i + 64])).latent_dist.mean for i in range(0, len(images), 64)])
         vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+        latents = mean * float(vae.config.scaling_factor)  # posterior mean x scaling factor, as the cache stores them
     pipe = KolorsPipeline(vae=None, text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=None,
                           scheduler=None, force_zeros_for_empty_prompt=False)
-    latents = encode_latents(vae, images)
     ema_unet, ema_text, unet_losses = train_unet(unet, pipe, latents, base, unet_steps, batch, seed)
     out.mkdir(parents=True, exist_ok=True)
     files = {name: out / f"{name}.safetensors" for name in ("unet", "vae", "text_encoder")}

@@ -301,7 +301,7 @@ def run_training(job: TrainConfig, run_dir: str | Path, items: Sequence, *, scen
     return TrainResult(
         run_dir=run_dir, status=status, step=trainer.global_step, error=error, checkpoints=logger.checkpoints,
         wandb_dir=_wandb_dir(mirror, run_dir), wandb_error=mirror.error if mirror else None, precision=precision,
-        before_after=before_after(job, status, validator, style_images, run_dir),
+        before_after=before_after(job, status, validator, style_images, run_dir, trainer.global_step, logger.checkpoints),
     )
 
 
