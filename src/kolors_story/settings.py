@@ -313,6 +313,7 @@ class SharingSettings:
 @dataclass
 class TinyIPAdapterSpec:
     seed: int = 0  # seed of the tiny random IP-Adapter's weights
+    weights: str = "random"  # random, or pretrained: trained on the pre-trained tiny Kolors (shipped; seed 0)
 
 
 @dataclass
@@ -323,7 +324,7 @@ class ReferenceSettings:
     scales: Optional[List[float]] = None  # per scene instead (0 where the character is absent); null -> `scale` everywhere
     path: str = "models/Kolors-IP-Adapter-Plus"  # ip_adapter_plus_general.safetensors + image_encoder/ (python -m kolors_story.download ip_adapter)
     weight_name: str = "ip_adapter_plus_general.safetensors"  # the adapter file inside `path`
-    tiny: Optional[TinyIPAdapterSpec] = None  # non-null -> build a tiny random IP-Adapter-Plus into `path` first (plumbing tests only)
+    tiny: Optional[TinyIPAdapterSpec] = None  # non-null -> build a tiny IP-Adapter-Plus (model=tiny) into `path` first
 
     def used(self) -> bool:
         """A reference is configured and some scene uses it (all strengths 0 render exactly as unset)."""

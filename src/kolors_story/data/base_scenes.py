@@ -43,20 +43,22 @@ def random_scene(rng: np.random.Generator) -> Scene:
     return Scene(f"{sky}，{ground}，{place}一个{colour}的{shape}", sky, ground, colour, shape, place)
 
 
-def draw_scene(scene: Scene, rng: np.random.Generator, size: int = 64) -> Image.Image:
+def draw_scene(scene: Scene, rng: np.random.Generator, size: int = 64, horizon: float = HORIZON) -> Image.Image:
     """The scene at ``size`` x ``size`` (drawn at 4x and reduced: soft edges), with small jitter in
-    colours, horizon, object size and position so that no two drawings are alike."""
+    colours, horizon, object size and position so that no two drawings are alike. ``horizon``:
+    where the ground starts (a fraction of the height; the base model learned ``HORIZON``)."""
     big = size * 4
     jitter = lambda rgb, amount=12: tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)  # noqa: E731
     image = Image.new("RGB", (big, big), jitter(SKIES[scene.sky]))
     draw = ImageDraw.Draw(image)
-    horizon = int(big * (HORIZON + rng.uniform(-0.04, 0.04)))
+    sky_share = horizon / HORIZON  # 1.0 for the base layout: the sun sits as high, relative to the horizon
+    horizon = int(big * (horizon + rng.uniform(-0.04, 0.04)))
     draw.rectangle([0, horizon, big, big], fill=jitter(GROUNDS[scene.ground]))
     cx = big * (PLACES[scene.place] + rng.uniform(-0.05, 0.05))
     r = big * rng.uniform(0.11, 0.15)
     colour = jitter(COLOURS[scene.colour], 8)
     if scene.shape == "圆形":  # a disc in the sky
-        cy = big * rng.uniform(0.22, 0.3)
+        cy = big * rng.uniform(0.22, 0.3) * sky_share
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
     elif scene.shape == "方块":  # standing on the ground
         draw.rectangle([cx - r, horizon + r * 0.2 - 2 * r, cx + r, horizon + r * 0.2], fill=colour)
@@ -87,3 +89,14 @@ def caption_distance(image: Image.Image, scene: Scene) -> float:
     got = region_colours(image)
     want = scene.colours
     return float(np.mean([np.linalg.norm(got[k] - np.asarray(want[k], dtype=np.float64)) for k in ("sky", "ground")]))
+
+
+def horizon_height(image: Image.Image) -> float:
+    """Where a render's ground starts, as a fraction of its height: the row that best splits the
+    image into a flat top band and a flat bottom band (least squared deviation of each row's median
+    colour from its band's mean; objects barely move a row's median)."""
+    rows = np.median(np.asarray(image.convert("RGB"), dtype=np.float64), axis=1)  # [H, 3]
+    h = len(rows)
+    splits = range(max(1, int(h * 0.15)), int(h * 0.85))
+    cost = [((rows[:k] - rows[:k].mean(0)) ** 2).sum() + ((rows[k:] - rows[k:].mean(0)) ** 2).sum() for k in splits]
+    return splits[int(np.argmin(cost))] / h

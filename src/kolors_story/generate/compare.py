@@ -3,8 +3,8 @@ rendered four ways (no coherence / attention sharing / reference image / both) o
 row each, with each row's similarity between panels: CLIP-I from the aesthetic scorer's embeddings
 and a pixel measure (1 - mean absolute difference of 64x64 thumbnails, over all panel pairs).
 
-The overrides are generate.py's (default ``model=tiny``); the sheet says when the model is the tiny
-random one.
+The overrides are generate.py's (default ``model=tiny``: the pre-trained tiny Kolors and its
+pre-trained tiny IP-Adapter); the sheet says when the model is a tiny one.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def render_variants(overrides: list[str]) -> list[dict]:
 
 
 def comparison_sheet(rows: list[dict], tile: int = 128) -> Image.Image:
-    title = f"{TINY_NOTE}: the rows only show the code paths" if rows and rows[0]["tiny"] else None
+    title = f"{TINY_NOTE} (64x64)" if rows and rows[0]["tiny"] else None
     return labelled_rows([(f"{row['label']}: CLIP-I {row['clip_i']:.5f}, pixel similarity {row['pixels']:.4f}",
                            row["images"]) for row in rows], tile, title)
 

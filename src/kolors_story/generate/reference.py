@@ -80,7 +80,7 @@ def load_adapter(pipe, ref: ReferenceSettings, dtype: torch.dtype, device) -> di
         raise SettingsError("memory.attention=sliced cannot be combined with coherence.reference (the IP-Adapter "
                             "brings its own attention processors): use memory.attention=sdpa")
     if ref.tiny is not None:
-        ensure_tiny_ip_adapter(ref.path, seed=int(ref.tiny.seed))
+        ensure_tiny_ip_adapter(ref.path, seed=int(ref.tiny.seed), weights=str(ref.tiny.weights))
     folder, weight = adapter_files(ref)
     encoder = CLIPVisionModelWithProjection.from_pretrained(str(folder / ENCODER_FOLDER), torch_dtype=dtype).to(device)
     size = int(encoder.config.image_size)  # 336: the processor must crop to what the encoder was trained on

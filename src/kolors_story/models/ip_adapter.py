@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from kolors_story.errors import SettingsError, UserError
+from kolors_story.files import file_sha256
 from kolors_story.models.configs import (
     TINY_IP_RESAMPLER,
     tiny_ip_encoder_config,
@@ -28,6 +31,36 @@ WEIGHT_NAME = "ip_adapter_plus_general.safetensors"
 ENCODER_FOLDER = "image_encoder"
 TINY_IP_VERSION = 1
 TINY_IP_STAMP = "TINY_IP_ADAPTER.json"
+PRETRAINED_IP_DIR = Path(__file__).parent / "tiny_pretrained" / "ip_adapter"  # made by train/pretrain_tiny_ip.py
+PRETRAINED_IP_RECORD = "PRETRAINED_IP.json"
+REBUILD_IP = "rebuild it with `python -m kolors_story.train.pretrain_tiny_ip` (about 10 minutes on 2 CPU cores)"
+
+
+class PretrainedIPAdapterError(UserError, RuntimeError):
+    """The shipped pre-trained tiny IP-Adapter is missing or does not match its record."""
+
+
+def pretrained_ip_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of the adapter file and of the image encoder's weights in ``folder``."""
+    files = {"adapter": Path(folder) / WEIGHT_NAME, "image_encoder": Path(folder) / ENCODER_FOLDER / "model.safetensors"}
+    return {name: file_sha256(path) if path.is_file() else "missing" for name, path in files.items()}
+
+
+def check_pretrained_ip(folder: Path | None = None) -> dict:
+    """The shipped adapter's record (or ``folder``'s), after checking both weight files against it."""
+    folder = Path(folder) if folder is not None else PRETRAINED_IP_DIR
+    path = folder / PRETRAINED_IP_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PretrainedIPAdapterError(f"{path} cannot be read ({exc}): the pre-trained tiny IP-Adapter is missing; "
+                                       f"{REBUILD_IP}, or use coherence.reference.tiny.weights=random") from exc
+    got = pretrained_ip_hashes(folder)
+    for name, digest in got.items():
+        if digest != record.get("sha256", {}).get(name):
+            raise PretrainedIPAdapterError(f"{folder}: the {name} weights' sha256 {digest[:16]} does not match the "
+                                           f"recorded one in {PRETRAINED_IP_RECORD}; {REBUILD_IP}")
+    return record
 
 
 @lru_cache(maxsize=8)
@@ -97,12 +130,28 @@ def _random_tensor(key: str, shape: tuple[int, ...], g: torch.Generator) -> torc
     return torch.randn(shape, generator=g) * 0.05
 
 
-def ensure_tiny_ip_adapter(folder: str | Path, seed: int = 0) -> Path:
-    """A tiny random Kolors-IP-Adapter-Plus for the tiny Kolors, in the release layout."""
+def ensure_tiny_ip_adapter(folder: str | Path, seed: int = 0, weights: str = "random") -> Path:
+    """A tiny Kolors-IP-Adapter-Plus for the tiny Kolors, in the release layout: ``random`` (of
+    ``seed``) or ``pretrained`` (the shipped one, trained on the pre-trained tiny Kolors; seed 0)."""
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from kolors_story.models.random_init import build_stamped_folder
+
+    if weights not in ("random", "pretrained"):
+        raise SettingsError(f"coherence.reference.tiny.weights={weights!r}: use pretrained or random")
+    if weights == "pretrained":
+        if int(seed) != 0:
+            raise SettingsError(f"coherence.reference.tiny.seed={seed}: the pre-trained tiny IP-Adapter exists for "
+                                "seed 0 only; use seed 0 or coherence.reference.tiny.weights=random")
+        record = check_pretrained_ip()
+
+        def copy(tmp: Path) -> None:
+            shutil.copytree(PRETRAINED_IP_DIR / ENCODER_FOLDER, tmp / ENCODER_FOLDER)
+            shutil.copy2(PRETRAINED_IP_DIR / WEIGHT_NAME, tmp / WEIGHT_NAME)
+
+        stamp = {"version": TINY_IP_VERSION, "weights": "pretrained", "sha256": record["sha256"]}
+        return build_stamped_folder(folder, stamp, TINY_IP_STAMP, copy)
 
     def write(tmp: Path) -> None:
         g = torch.Generator().manual_seed(int(seed))
@@ -118,4 +167,3 @@ def ensure_tiny_ip_adapter(folder: str | Path, seed: int = 0) -> Path:
                                                  "plumbing only.\n")
 
     return build_stamped_folder(folder, {"version": TINY_IP_VERSION, "seed": int(seed)}, TINY_IP_STAMP, write)
-

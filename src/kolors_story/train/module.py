@@ -182,15 +182,15 @@ class KolorsLoraModule(L.LightningModule):
         latents = batch["latents"].float()
         noisy = self.noise_scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
         dtype = self.unet.dtype
+        added = {"text_embeds": batch["pooled_prompt_embeds"].to(dtype), "time_ids": batch["add_time_ids"].to(dtype)}
+        if "image_embeds" in batch:  # an IP-Adapter's input (pre-training the tiny one): [batch, 1, tokens, dims]
+            added["image_embeds"] = [batch["image_embeds"].to(dtype)]
         # Called exactly as KolorsPipeline calls it during sampling.
         pred = self.unet(
             noisy.to(dtype),
             timesteps,
             encoder_hidden_states=batch["prompt_embeds"].to(dtype),
-            added_cond_kwargs={
-                "text_embeds": batch["pooled_prompt_embeds"].to(dtype),
-                "time_ids": batch["add_time_ids"].to(dtype),
-            },
+            added_cond_kwargs=added,
             return_dict=False,
         )[0].float()
         if self.prediction_type == "v_prediction":
