@@ -157,7 +157,8 @@ def test_bad_coherence_settings_name_the_key(tmp_path):
                             ("coherence.sharing.reference_scenes=[9]", r"reference_scenes=\[9\]"),
                             ("coherence.reference.scene=0", "coherence.reference.scene=0"),
                             (f"coherence.reference.image={tmp_path / 'nope.png'}", "nope.png: no such file"),
-                            ("coherence.reference.scales=[1,2]", "2 values for 8 scenes")):
+                            ("coherence.reference.scales=[1,2]", "2 values for 8 scenes"),
+                            ("coherence.reference.tiny.weights=fancy", "coherence.reference.tiny.weights='fancy'")):
         with pytest.raises(UserError, match=match):  # one line at the command line, before any model loads
             run_generate(tmp_path, "coherence=both", override)
         assert not (tmp_path / "out" / "1.png").exists()

@@ -15,7 +15,11 @@ from PIL import Image
 
 from kolors_story.errors import SettingsError, UserError
 from kolors_story.files import file_sha256
-from kolors_story.models.ip_adapter import ENCODER_FOLDER, ensure_tiny_ip_adapter
+from kolors_story.models.ip_adapter import (
+    ENCODER_FOLDER,
+    check_tiny_ip_settings,
+    ensure_tiny_ip_adapter,
+)
 from kolors_story.settings import ReferenceSettings
 
 IP_DOWNLOAD = "python -m kolors_story.download ip_adapter"
@@ -47,6 +51,8 @@ def check_reference(ref: ReferenceSettings, scene_count: int) -> None:
         reference_image(ref.image)
     if ref.tiny is None:
         adapter_files(ref)
+    else:
+        check_tiny_ip_settings(int(ref.tiny.seed), str(ref.tiny.weights))
 
 
 def reference_image(path: str) -> Image.Image:

@@ -33,7 +33,7 @@ TINY_IP_VERSION = 1
 TINY_IP_STAMP = "TINY_IP_ADAPTER.json"
 PRETRAINED_IP_DIR = Path(__file__).parent / "tiny_pretrained" / "ip_adapter"  # made by train/pretrain_tiny_ip.py
 PRETRAINED_IP_RECORD = "PRETRAINED_IP.json"
-REBUILD_IP = "rebuild it with `python -m kolors_story.train.pretrain_tiny_ip` (about 10 minutes on 2 CPU cores)"
+REBUILD_IP = "rebuild it with `python -m kolors_story.train.pretrain_tiny_ip` (about 6 minutes on 2 CPU cores)"
 
 
 class PretrainedIPAdapterError(UserError, RuntimeError):
@@ -130,6 +130,14 @@ def _random_tensor(key: str, shape: tuple[int, ...], g: torch.Generator) -> torc
     return torch.randn(shape, generator=g) * 0.05
 
 
+def check_tiny_ip_settings(seed: int, weights: str) -> None:
+    if weights not in ("random", "pretrained"):
+        raise SettingsError(f"coherence.reference.tiny.weights={weights!r}: use pretrained or random")
+    if weights == "pretrained" and int(seed) != 0:
+        raise SettingsError(f"coherence.reference.tiny.seed={seed}: the pre-trained tiny IP-Adapter exists for "
+                            "seed 0 only; use seed 0 or coherence.reference.tiny.weights=random")
+
+
 def ensure_tiny_ip_adapter(folder: str | Path, seed: int = 0, weights: str = "random") -> Path:
     """A tiny Kolors-IP-Adapter-Plus for the tiny Kolors, in the release layout: ``random`` (of
     ``seed``) or ``pretrained`` (the shipped one, trained on the pre-trained tiny Kolors; seed 0)."""
@@ -138,12 +146,8 @@ def ensure_tiny_ip_adapter(folder: str | Path, seed: int = 0, weights: str = "ra
 
     from kolors_story.models.random_init import build_stamped_folder
 
-    if weights not in ("random", "pretrained"):
-        raise SettingsError(f"coherence.reference.tiny.weights={weights!r}: use pretrained or random")
+    check_tiny_ip_settings(seed, weights)
     if weights == "pretrained":
-        if int(seed) != 0:
-            raise SettingsError(f"coherence.reference.tiny.seed={seed}: the pre-trained tiny IP-Adapter exists for "
-                                "seed 0 only; use seed 0 or coherence.reference.tiny.weights=random")
         record = check_pretrained_ip()
 
         def copy(tmp: Path) -> None:
