@@ -115,3 +115,11 @@ def test_a_reference_scene_makes_each_story_more_alike(tmp_path, story):
     ref = _story_similarity(tmp_path, story, "reference")
     assert ref["pixels"] > off["pixels"] + 0.005, (off, ref)
     assert ref["clip_i"] > off["clip_i"] + 0.02, (off, ref)
+
+
+def test_the_tiny_adapter_follows_model_tiny_weights_and_a_model_folder_of_ones_own_composes():
+    assert settings("generate", PRETRAINED).coherence.reference.tiny.weights == "pretrained"
+    assert settings("generate", ["model=tiny", "model.tiny.weights=random"]).coherence.reference.tiny.weights == "random"
+    # model=tiny pointed at a folder of one's own (model.tiny=null): the tiny adapter's keys still resolve
+    own = settings("generate", ["model=tiny", "model.tiny=null", "model.path=/some/folder"]).coherence.reference
+    assert own.tiny.weights == "random" and own.path.endswith("tiny-ip-adapter-random-seed0")
