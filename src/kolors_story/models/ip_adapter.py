@@ -46,15 +46,20 @@ def pretrained_ip_hashes(folder: Path) -> dict[str, str]:
     return {name: file_sha256(path) if path.is_file() else "missing" for name, path in files.items()}
 
 
-def check_pretrained_ip(folder: Path | None = None) -> dict:
-    """The shipped adapter's record (or ``folder``'s), after checking both weight files against it."""
-    folder = Path(folder) if folder is not None else PRETRAINED_IP_DIR
-    path = folder / PRETRAINED_IP_RECORD
+def pretrained_ip_record(folder: Path | None = None) -> dict:
+    """The shipped adapter's record (or ``folder``'s): the command, the settings, the sha256 values."""
+    path = (Path(folder) if folder is not None else PRETRAINED_IP_DIR) / PRETRAINED_IP_RECORD
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise PretrainedIPAdapterError(f"{path} cannot be read ({exc}): the pre-trained tiny IP-Adapter is missing; "
                                        f"{REBUILD_IP}, or use coherence.reference.tiny.weights=random") from exc
+
+
+def check_pretrained_ip(folder: Path | None = None) -> dict:
+    """The shipped adapter's record (or ``folder``'s), after checking both weight files against it."""
+    folder = Path(folder) if folder is not None else PRETRAINED_IP_DIR
+    record = pretrained_ip_record(folder)
     got = pretrained_ip_hashes(folder)
     for name, digest in got.items():
         if digest != record.get("sha256", {}).get(name):
@@ -148,9 +153,10 @@ def ensure_tiny_ip_adapter(folder: str | Path, seed: int = 0, weights: str = "ra
 
     check_tiny_ip_settings(seed, weights)
     if weights == "pretrained":
-        record = check_pretrained_ip()
+        record = pretrained_ip_record()  # its hashes are in the stamp: new shipped weights -> a rebuilt folder
 
-        def copy(tmp: Path) -> None:
+        def copy(tmp: Path) -> None:  # the files are hashed once, when a folder is built (as the model's are)
+            check_pretrained_ip()
             shutil.copytree(PRETRAINED_IP_DIR / ENCODER_FOLDER, tmp / ENCODER_FOLDER)
             shutil.copy2(PRETRAINED_IP_DIR / WEIGHT_NAME, tmp / WEIGHT_NAME)
 
