@@ -281,3 +281,44 @@ def test_comparison_sheet_labels_each_row_with_its_similarities():
     assert sheet.size == (8 * 64, label_h + 2 * (64 + label_h))  # the tiny-model title, then two labelled rows
     second_row_first_tile = np.asarray(sheet)[label_h + 64 + label_h + label_h + 10, 10]
     assert tuple(second_row_first_tile) == (0, 255, 90)
+
+
+def test_versus_off_is_taken_seed_set_by_seed_set():
+    from kolors_story.generate.compare import versus_off
+
+    def row(label, pixels, clip):
+        return {"label": label, "sets": [{"pixels": p, "clip_i": c} for p, c in zip(pixels, clip)]}
+
+    rows = [row("no coherence", [0.80, 0.70, 0.90], [0.5, 0.5, 0.5]),
+            row("attention sharing", [0.81, 0.69, 0.93], [0.5, 0.4, 0.6])]
+    got = versus_off(rows)["attention sharing"]
+    assert got["pixels"]["higher_in"] == 2 and got["pixels"]["sets"] == 3
+    assert got["pixels"]["mean_change"] == pytest.approx((0.01 - 0.01 + 0.03) / 3)
+    assert got["clip_i"]["higher_in"] == 1 and got["clip_i"]["mean_change"] == pytest.approx(0.0)
+
+
+@pytest.mark.slow
+def test_compare_renders_every_variant_with_each_seed_set_and_writes_every_number(tmp_path, tiny_model_dir, capsys):
+    """--seed-sets 2: set 0 renders the story's seeds (as generate.py), set 1 each seed + 1000; the
+    sheet shows set 0 and <out>.json has every number; a bad count or override exits 2."""
+    from kolors_story.generate.compare import main
+
+    out = tmp_path / "sheet.png"
+    base = ["model=tiny", "sampler.steps=2", "scorer.alignment=false"]
+    assert main([*base, "--seed-sets", "2", "--out", str(out)]) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert [v["coherence"] for v in record["variants"]] == ["none", "sharing", "reference", "both"]
+    first, second = (record["variants"][0]["sets"][k]["seeds"] for k in (0, 1))
+    assert first == [0, 1, 2, 5, 0, 1, 7, 0]  # idol_diary's own seeds
+    assert second == [s + 1000 for s in first]
+    for variant in record["variants"]:
+        assert len(variant["sets"]) == 2 and all(0 < s["pixels"] <= 1 for s in variant["sets"])
+    ref = record["variants"][2]["sets"]
+    off = record["variants"][0]["sets"]
+    assert record["versus_off"]["reference image"]["pixels"]["mean_change"] == pytest.approx(
+        (ref[0]["pixels"] - off[0]["pixels"] + ref[1]["pixels"] - off[1]["pixels"]) / 2)
+    assert Image.open(out).size[0] == 8 * 128
+    assert "vs off over 2 seed sets" in capsys.readouterr().out
+    assert main([*base, "--seed-sets", "0", "--out", str(tmp_path / "x.png")]) == 2
+    assert main([*base, "sampler.nope=1", "--out", str(tmp_path / "y.png")]) == 2
+    assert "--seed-sets 0" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
