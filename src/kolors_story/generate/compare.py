@@ -69,7 +69,7 @@ def render_variants(overrides: list[str], seed_sets: int = 1) -> list[dict]:
     from kolors_story.generate.run import generate
 
     extra = seed_set_overrides(overrides, seed_sets)
-    rows = []
+    rows, scorer = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for label, preset in VARIANTS:
             row = {"label": label, "preset": preset, "sets": []}
@@ -78,7 +78,7 @@ def render_variants(overrides: list[str], seed_sets: int = 1) -> list[dict]:
                                                     f"output_dir={tmp}/{preset}-{k}"])
                 result = generate(job, progress=False)
                 images = [im.copy() for im in result.render.images]
-                scorer = AestheticScorer.from_settings(job.scorer)
+                scorer = scorer or AestheticScorer.from_settings(job.scorer)  # the same scorer for every render
                 row["sets"].append({"seeds": [int(x) for x in result.render.seeds], "pixels": pixel_similarity(images),
                                     "clip_i": clip_i(scorer.embed(images))["coherence"]})
                 if k == 0:
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         line = f"{row['label']:>18}: CLIP-I {row['clip_i']:.6f}  pixel similarity {row['pixels']:.5f}"
         if row["label"] in vs and args.seed_sets > 1:
             p, c = vs[row["label"]]["pixels"], vs[row["label"]]["clip_i"]
-            line += (f"  | vs off over {p['sets']} seed sets: pixel {p['mean_change']:+.4f} (higher in {p['higher_in']}),"
-                     f" CLIP-I {c['mean_change']:+.4f} (higher in {c['higher_in']})")
+            line += (f"  | vs off over {p['sets']} seed sets: pixel {p['mean_change']:+.4f} (higher in "
+                     f"{p['higher_in']} of {p['sets']}), CLIP-I {c['mean_change']:+.4f} (higher in {c['higher_in']} of {c['sets']})")
         print(line)
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
