@@ -93,6 +93,28 @@ def test_readers_attend_to_the_recorded_reference_tokens_and_their_own():
     assert torch.equal(proc(attn, own), inner(attn, own))
 
 
+def test_a_later_reference_reads_the_earlier_ones_and_records_its_own_tokens():
+    from kolors_story.generate.sharing import SharedSelfAttention, SharingState
+    from kolors_story.settings import SharingSettings
+
+    attn, inner = _attention()
+    state = SharingState(SharingSettings(enabled=True, token_ratio=1.0, strength=1.0), 1000, None)
+    proc = SharedSelfAttention("up_blocks.0.attn1.processor", inner, state)
+    first, second = torch.randn(1, 16, 8), torch.randn(1, 16, 8)  # no CFG: one row per image
+    state.begin_batch("record", [0], readers=[False])
+    state.on_unet_call(None, (None, torch.tensor(999)), {})
+    assert torch.equal(proc(attn, first), inner(attn, first))  # the first reference: as alone
+    state.begin_batch("record", [2], readers=[True])
+    state.on_unet_call(None, (None, torch.tensor(999)), {})
+    out = proc(attn, second)
+    assert torch.allclose(out, inner(attn, second, torch.cat([first, second], dim=1)), atol=1e-6)  # it read the first
+    key = (0, proc.name, 0)
+    assert sorted(state.bank.parts[key]) == [0, 2] and torch.equal(state.bank.parts[key][2], second[0])
+    state.begin_batch("read", [5], readers=[True])
+    state.on_unet_call(None, (None, torch.tensor(999)), {})
+    assert state.bank.get(key, "cpu", torch.float32).shape == (32, 8)  # a reader sees both references
+
+
 @pytest.fixture()
 def loud_attention_pipe(tiny_pipe):
     """The tiny Kolors with its self-attention made to matter (the random init leaves it at a few
@@ -136,6 +158,37 @@ def test_sharing_does_not_depend_on_the_batch(loud_attention_pipe):
     for b in (1, 2):  # as much as plain rendering differs between batch sizes (fp rounding), no more
         assert max_diff(runs[b][0], on) <= 2, b
     assert runs[8][1].record()["sharing"]["recorded_bytes"] > 0
+
+
+def test_references_agree_with_each_other_whatever_the_batch(loud_attention_pipe):
+    """reference_scenes=[1,3]: scene 1 renders as alone, scene 3 reads scene 1 (it changes), every
+    other scene reads both; batch sizes 1, 2 and 8 give the same images."""
+    from kolors_story.models.prompts import encode_scenes
+    from kolors_story.story import story_scenes
+
+    pipe = loud_attention_pipe
+    job = settings("generate", ["model=tiny", "coherence=sharing", "coherence.sharing.end=1.0",
+                                "coherence.sharing.reference_scenes=[1,3]"])
+    scenes = story_scenes(job.story, job.sampler)
+    embeds = encode_scenes(pipe, scenes)
+    off, _ = _render(pipe, scenes, embeds, 8)
+    runs = {b: _render(pipe, scenes, embeds, b, job.coherence) for b in (1, 2, 8)}
+    on, coherence = runs[8]
+    assert coherence.references == [0, 2]
+    assert int(np.abs(off[0] - on[0]).max()) <= 2  # the first reference renders as alone
+    assert int(np.abs(off[2] - on[2]).max()) > 30  # the second one read the first
+    for b in (1, 2):
+        assert max_diff(runs[b][0], on) <= 2, b
+
+
+def test_a_reference_scene_that_is_no_sharing_reference_is_not_recorded(tmp_path):
+    """coherence=both with the IP-Adapter's reference on scene 3 and sharing's on scene 1: scene 3
+    is rendered in the first pass but only scene 1's tokens are recorded for the others."""
+    both, _ = run_generate(tmp_path, "coherence=both", "coherence.reference.scene=3", name="both")
+    sharing, _ = run_generate(tmp_path, "coherence=sharing", name="sharing")
+    recorded = [r["manifest"]["coherence"]["sharing"] for r in (both, sharing)]
+    assert recorded[0]["references"] == recorded[1]["references"] == [1]
+    assert recorded[0]["recorded_bytes"] == recorded[1]["recorded_bytes"] > 0
 
 
 def test_reference_scenes_come_from_the_story_character_or_the_setting():

@@ -1,8 +1,9 @@
 """Keeping the characters the same in every panel (the ``coherence`` settings) during one render.
 
 Two passes when anything is on: first the scenes the others depend on (candidate 0 of the sharing
-references and of the reference scene), then everything else. Within a pass, scenes that use
-different IP-Adapter strengths are batched apart (the strength is one number per pipeline call).
+references and of the reference scene), one at a time, then everything else. In the second pass,
+scenes that use different IP-Adapter strengths are batched apart (the strength is one number per
+pipeline call).
 With everything off no object is made at all: the render is exactly the plain one.
 """
 
@@ -69,13 +70,17 @@ class StoryCoherence:
     # ------------------------------------------------------------------ the order of the jobs
 
     def groups(self, jobs) -> Iterator[tuple[int, list[int]]]:
-        """``(pass, job indices)``: each group is batched on its own, in this order."""
+        """``(pass, job indices)``: each group is batched on its own, in this order. The first pass
+        renders one job at a time: the sharing references in scene order (each reads the ones
+        before it), then the reference scene if it is not one of them; the same whatever the batch
+        size."""
         first = [i for i, j in enumerate(jobs) if j.candidate == 0 and j.scene in self.first]
-        taken = set(first)
-        rest = [i for i in range(len(jobs)) if i not in taken]
-        for pass_no, indices in ((0, first), (1, rest)):
-            for scale in sorted({self._scale(pass_no, jobs[i].scene) for i in indices}):
-                yield pass_no, [i for i in indices if self._scale(pass_no, jobs[i].scene) == scale]
+        first.sort(key=lambda i: (jobs[i].scene not in self.references, jobs[i].scene))
+        for i in first:
+            yield 0, [i]
+        rest = [i for i in range(len(jobs)) if i not in set(first)]
+        for scale in sorted({self._scale(1, jobs[i].scene) for i in rest}):
+            yield 1, [i for i in rest if self._scale(1, jobs[i].scene) == scale]
 
     def _scale(self, pass_no: int, scene: int) -> float:
         if not self.referencing or (pass_no == 0 and self.reference_scene is not None):
@@ -97,9 +102,17 @@ class StoryCoherence:
             self.pipe.set_ip_adapter_scale(self._scale(pass_no, scene))
 
     def begin_batch(self, batch) -> None:
-        if self.state is not None:
-            mode = "record" if self._pass == 0 else "read"
-            self.state.begin_batch(mode, [j.scene for j in batch], [j.scene not in self.references for j in batch])
+        if self.state is None:
+            return
+        scenes = [j.scene for j in batch]
+        if self._pass == 0:  # one scene (see groups)
+            (scene,) = scenes
+            if scene in self.references:  # records its tokens; reads the references rendered before it
+                self.state.begin_batch("record", scenes, [self.references.index(scene) > 0])
+            else:  # the reference scene, when it is not a sharing reference
+                self.state.begin_batch("read", scenes, [True])
+        else:
+            self.state.begin_batch("read", scenes, [s not in self.references for s in scenes])
 
     def call_kwargs(self, cfg: bool) -> dict:
         """What each pipeline call of the batch gets (the stage-1 call and the hires refine)."""

@@ -1,16 +1,18 @@
 """Consistent self-attention across a story's scenes (``coherence.sharing``), in two passes.
 
-Pass 1 renders the reference scenes as they would be rendered alone and records, in the chosen
+Pass 1 renders the reference scenes one at a time, in scene order, and records, in the chosen
 UNet self-attention layers, the tokens each layer attends over (a fixed random subset of them,
-``token_ratio``), per UNet call and per CFG half. Pass 2 renders every other scene; in those same
-layers its queries attend to its own tokens *and* the recorded reference tokens of the same call,
-so the character's features flow from the references into every panel. Each scene reads the
-same recorded tokens whatever batch it is rendered in: the result does not depend on batching.
+``token_ratio``), per UNet call and per CFG half. The first reference renders as it would alone;
+each further one also attends to the tokens of the references before it, so the references agree
+with each other too. Pass 2 renders every other scene; in those same layers its queries attend to
+its own tokens *and* all the recorded reference tokens of the same call, so the character's
+features flow from the references into every panel. Each scene reads the same recorded tokens
+whatever batch it is rendered in: the result does not depend on batching.
 
 The idea is StoryDiffusion's consistent self-attention (scenes attend to each other's tokens in
-the up-block self-attention); here the references are recorded once instead of being rendered
-together with every batch, which is what makes it batch-independent and lets best-of, hires and
-reproduction see the same references.
+the up-block self-attention, its reference images to each other's); here the references are
+recorded once instead of being rendered together with every batch, which is what makes it
+batch-independent and lets best-of, hires and reproduction see the same references.
 """
 
 from __future__ import annotations
@@ -124,14 +126,14 @@ class SharedSelfAttention:
             for j, scene in enumerate(st.scenes):
                 row = half * batch + j
                 key = (st.call, self.name, half)
-                if st.mode == "record":
-                    idx = st.token_indices(scene, hidden_states.shape[1]).to(hidden_states.device)
-                    st.bank.put(key, scene, hidden_states[row, idx])
-                elif st.mode == "read" and st.readers[j]:
+                if st.readers[j]:  # read before recording: a reference reads only the ones before it
                     own = hidden_states[row : row + 1]
                     refs = st.bank.get(key, own.device, own.dtype)[None]
                     shared = self.inner(attn, own, torch.cat([refs, own], dim=1), None, temb, **kwargs)
                     out[row : row + 1] = torch.lerp(out[row : row + 1], shared, float(st.settings.strength))
+                if st.mode == "record":
+                    idx = st.token_indices(scene, hidden_states.shape[1]).to(hidden_states.device)
+                    st.bank.put(key, scene, hidden_states[row, idx])
         return out
 
 
