@@ -78,7 +78,8 @@ class StoryCoherence:
         first.sort(key=lambda i: (jobs[i].scene not in self.references, jobs[i].scene))
         for i in first:
             yield 0, [i]
-        rest = [i for i in range(len(jobs)) if i not in set(first)]
+        taken = set(first)
+        rest = [i for i in range(len(jobs)) if i not in taken]
         for scale in sorted({self._scale(1, jobs[i].scene) for i in rest}):
             yield 1, [i for i in rest if self._scale(1, jobs[i].scene) == scale]
 
