@@ -60,13 +60,9 @@ def _ridge(rng, width: int, base: float, amp: float) -> np.ndarray:
     return y
 
 
-def draw_demo_image(index: int, width: int, height: int, seed: int = 0) -> tuple[Image.Image, str]:
-    """One RGB ink-wash landscape and its caption."""
-    rng = np.random.default_rng([seed, index])
-    paper = np.array([241, 233, 214], dtype=np.float32) + rng.uniform(-6, 6, 3).astype(np.float32)
-    ink = np.array([28, 30, 36], dtype=np.float32) + rng.uniform(-6, 6, 3).astype(np.float32)
-
-    # The wash is painted at 1/4 size and enlarged: soft edges, like ink bleeding into paper.
+def _wash(rng, width: int, height: int, paper, ink) -> tuple[Image.Image, int, bool, bool]:
+    """The mountains in ink wash, painted at 1/4 size and enlarged (soft edges, like ink bleeding
+    into paper); returns the picture, its layer count and whether it is misty / has water."""
     w, h = max(8, width // 4), max(8, height // 4)
     img = np.broadcast_to(paper, (h, w, 3)).copy()
     yy = np.arange(h, dtype=np.float32)[:, None]
@@ -87,7 +83,12 @@ def draw_demo_image(index: int, width: int, height: int, seed: int = 0) -> tuple
         band = (yy >= horizon) * 0.08
         img = img * (1 - band[..., None]) + ink * band[..., None]
     im = Image.fromarray(img.clip(0, 255).astype(np.uint8), "RGB").resize((width, height), Image.Resampling.BICUBIC)
+    return im, layers, misty, water
 
+
+def _sky_and_boat(rng, im: Image.Image, ink, water: bool) -> tuple[list[str], bool]:
+    """A sun or moon, birds and (on water) a boat drawn onto ``im``; returns the sky's caption parts."""
+    width, height = im.size
     draw = ImageDraw.Draw(im)
     s = min(width, height)
     sky = []
@@ -111,7 +112,16 @@ def draw_demo_image(index: int, width: int, height: int, seed: int = 0) -> tuple
         draw.polygon([(bx - bl, by), (bx + bl, by), (bx + bl * 0.6, by + bl * 0.25), (bx - bl * 0.6, by + bl * 0.25)],
                      fill=tuple(int(c) for c in ink))
         draw.line([(bx, by), (bx, by - bl * 0.9)], fill=tuple(int(c) for c in ink), width=max(2, s // 300))
+    return sky, boat
 
+
+def draw_demo_image(index: int, width: int, height: int, seed: int = 0) -> tuple[Image.Image, str]:
+    """One RGB ink-wash landscape and its caption."""
+    rng = np.random.default_rng([seed, index])
+    paper = np.array([241, 233, 214], dtype=np.float32) + rng.uniform(-6, 6, 3).astype(np.float32)
+    ink = np.array([28, 30, 36], dtype=np.float32) + rng.uniform(-6, 6, 3).astype(np.float32)
+    im, layers, misty, water = _wash(rng, width, height, paper, ink)
+    sky, boat = _sky_and_boat(rng, im, ink, water)
     # Paper grain at full size.
     grain = np.random.default_rng([seed, index, 1]).integers(-5, 6, (height, width, 1), dtype=np.int16)
     im = Image.fromarray((np.asarray(im, dtype=np.int16) + grain).clip(0, 255).astype(np.uint8), "RGB")

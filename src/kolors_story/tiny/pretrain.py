@@ -1,4 +1,4 @@
-"""``python -m kolors_story.train.pretrain_tiny``: pre-train the tiny Kolors' VAE and UNet on the
+"""``python -m kolors_story.tiny.pretrain``: pre-train the tiny Kolors' VAE and UNet on the
 drawn base scenes (``data.base_scenes``), so that ``model=tiny`` renders recognisable pictures and
 a LoRA's effect can be seen.
 
@@ -30,21 +30,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kolors_story.data.base_scenes import draw_scene, random_scene
+from kolors_story.config import OptimSettings
 from kolors_story.files import atomic_path, file_sha256, save_safetensors
-from kolors_story.models.configs import (
-    KOLORS_SCHEDULER_CONFIG,
-    pretrained_unet_config,
-    pretrained_vae_config,
-)
-from kolors_story.models.pretrained_tiny import (
+from kolors_story.models.architectures import KOLORS_SCHEDULER_CONFIG
+from kolors_story.models.prompts import MAX_SEQUENCE_LENGTH
+from kolors_story.tiny.architectures import pretrained_unet_config, pretrained_vae_config
+from kolors_story.tiny.kolors import build_tiny_components
+from kolors_story.tiny.scenes import draw_scene, random_scene
+from kolors_story.tiny.shipped import (
     PRETRAINED_DIR,
     PRETRAINED_RECORD,
     PRETRAINED_VERSION,
 )
-from kolors_story.models.prompts import MAX_SEQUENCE_LENGTH
-from kolors_story.models.random_init import build_tiny_components
-from kolors_story.settings import OptimSettings
 
 SIZE = 64  # the tiny model's native resolution (8 x 8 latents)
 TIME_IDS = [SIZE, SIZE, 0, 0, SIZE, SIZE]  # original size, crop top-left, target size: what the pipeline passes
@@ -171,7 +168,7 @@ def pretrain(out: Path, *, scenes: int, vae_steps: int, unet_steps: int, seed: i
             save_safetensors(_fp16(state), tmp, {"kolors_story": f"pre-trained tiny Kolors {name} v{PRETRAINED_VERSION}"})
     record = {
         "version": PRETRAINED_VERSION,
-        "command": f"python -m kolors_story.train.pretrain_tiny --scenes {scenes} --vae-steps {vae_steps} "
+        "command": f"python -m kolors_story.tiny.pretrain --scenes {scenes} --vae-steps {vae_steps} "
                    f"--unet-steps {unet_steps} --batch {batch} --seed {seed} --threads {threads}",
         "sha256": {name: file_sha256(path) for name, path in files.items()},
         "vae_scaling_factor": float(vae.config.scaling_factor),
@@ -187,7 +184,7 @@ def pretrain(out: Path, *, scenes: int, vae_steps: int, unet_steps: int, seed: i
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kolors_story.train.pretrain_tiny", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kolors_story.tiny.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=PRETRAINED_DIR, help="where the weights go (default: the shipped copy)")
     parser.add_argument("--scenes", type=int, default=4096, help="captioned base scenes the UNet learns")
     parser.add_argument("--vae-steps", type=int, default=1000, help="VAE optimizer steps (batch 32)")

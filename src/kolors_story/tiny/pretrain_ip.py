@@ -1,4 +1,4 @@
-"""``python -m kolors_story.train.pretrain_tiny_ip``: pre-train the tiny Kolors-IP-Adapter-Plus on
+"""``python -m kolors_story.tiny.pretrain_ip``: pre-train the tiny Kolors-IP-Adapter-Plus on
 the pre-trained tiny Kolors, so that ``coherence.reference`` visibly carries a reference image's
 look into the other panels on ``model=tiny`` (a random adapter only adds noise).
 
@@ -32,29 +32,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kolors_story.data.base_scenes import draw_scene, random_scene
+from kolors_story.config import OptimSettings, ReferenceSettings
 from kolors_story.files import atomic_path, save_safetensors
-from kolors_story.models.ip_adapter import (
-    ENCODER_FOLDER,
-    PRETRAINED_IP_DIR,
-    PRETRAINED_IP_RECORD,
-    TINY_IP_VERSION,
-    WEIGHT_NAME,
-    ensure_tiny_ip_adapter,
-    file_shapes,
-    pretrained_ip_hashes,
-)
+from kolors_story.models.ip_adapter import ENCODER_FOLDER, WEIGHT_NAME, file_shapes
 from kolors_story.models.prompts import MAX_SEQUENCE_LENGTH
-from kolors_story.settings import OptimSettings, ReferenceSettings
-from kolors_story.train.pretrain_tiny import SIZE, TIME_IDS, _fp16, _pixels
+from kolors_story.tiny.ip_adapter import TINY_IP_VERSION, ensure_tiny_ip_adapter
+from kolors_story.tiny.pretrain import SIZE, TIME_IDS, _fp16, _pixels
+from kolors_story.tiny.scenes import draw_scene, random_scene
+from kolors_story.tiny.shipped import PRETRAINED_IP_DIR, PRETRAINED_IP_RECORD, pretrained_ip_hashes
 
 
 def _pretrained_pipe():
-    from kolors_story.configs import compose_settings
-    from kolors_story.models.loading import ensure_model, load_pipeline
+    from kolors_story.config.compose import compose_settings
+    from kolors_story.models.loading import load_pipeline
+    from kolors_story.tiny import provide_model
 
     model = compose_settings("generate", ["model=tiny", "model.tiny.weights=pretrained", "model.tiny.seed=0"]).model
-    return load_pipeline(ensure_model(model))
+    return load_pipeline(provide_model(model))
 
 
 def adapter_parameters(unet) -> dict[str, torch.nn.Parameter]:
@@ -133,7 +127,7 @@ def _training_pairs(pipe, scenes: int, seed: int):
 
 def train_adapter(pipe, base, latents, hidden, empty, steps: int, batch: int, seed: int, lr: float,
                   text_dropout: float, image_dropout: float) -> list[float]:
-    from kolors_story.models.configs import KOLORS_SCHEDULER_CONFIG
+    from kolors_story.models.architectures import KOLORS_SCHEDULER_CONFIG
     from kolors_story.train.module import KolorsLoraModule
 
     unet = pipe.unet
@@ -197,7 +191,7 @@ def pretrain_ip(out: Path, *, scenes: int, steps: int, batch: int, seed: int, th
                          {"kolors_story": f"pre-trained tiny Kolors-IP-Adapter-Plus v{TINY_IP_VERSION}"})
     record = {
         "version": TINY_IP_VERSION,
-        "command": f"python -m kolors_story.train.pretrain_tiny_ip --scenes {scenes} --steps {steps} --batch {batch} "
+        "command": f"python -m kolors_story.tiny.pretrain_ip --scenes {scenes} --steps {steps} --batch {batch} "
                    f"--seed {seed} --threads {threads}",
         "sha256": pretrained_ip_hashes(out),
         "torch": torch.__version__,
@@ -211,7 +205,7 @@ def pretrain_ip(out: Path, *, scenes: int, steps: int, batch: int, seed: int, th
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kolors_story.train.pretrain_tiny_ip",
+    parser = argparse.ArgumentParser(prog="python -m kolors_story.tiny.pretrain_ip",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=PRETRAINED_IP_DIR, help="where the adapter goes (default: the shipped copy)")
     parser.add_argument("--scenes", type=int, default=2048, help="scene pairs (target + reference drawing)")

@@ -1,7 +1,7 @@
 """Hydra and OmegaConf helpers: from a composed (or recorded) config to typed settings.
 
 The entry points hand their composed config to :func:`to_settings` once; below that the library
-works with the dataclasses of :mod:`kolors_story.settings`. Recorded configs (a run's
+works with the dataclasses of :mod:`kolors_story.config`. Recorded configs (a run's
 ``.hydra/config.yaml``, a manifest's ``config``) go through the same function, so an old record
 missing a newer key gets that key's default instead of a ``.get(key, default)`` in the code.
 """
@@ -11,11 +11,38 @@ from __future__ import annotations
 import dataclasses
 import typing
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from kolors_story.settings import DATASET_SCHEMAS, JOB_SCHEMAS
+from kolors_story.config.data_settings import DATASET_SCHEMAS
+from kolors_story.config.job_settings import JOB_SCHEMAS
+from kolors_story.config.trigger import apply_trigger
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """Where Hydra put this job, for the stages that name it: inside a ``-m`` sweep or not, the sweep
+    folder (a training run's W&B group) and the job's overrides (its W&B name)."""
+
+    multirun: bool = False
+    sweep_dir: str | None = None
+    overrides: str | None = None
+
+
+def run_identity() -> RunIdentity:
+    """This job's :class:`RunIdentity` (all empty outside a Hydra run)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return RunIdentity()
+        hc = HydraConfig.get()
+        multirun = in_multirun()
+        return RunIdentity(multirun, str(hc.sweep.dir) if multirun else None, hc.job.override_dirname or None)
+    except Exception:  # noqa: BLE001 - no Hydra context
+        return RunIdentity()
 
 
 def in_multirun() -> bool:
@@ -74,15 +101,6 @@ def group_choices(cfg) -> dict:
     node = cfg.get("hydra") if isinstance(cfg, DictConfig) else None
     choices = OmegaConf.select(node, "runtime.choices", default=None) if node is not None else None
     return dict(OmegaConf.to_container(choices)) if isinstance(choices, DictConfig) else {}
-
-
-def saved_choices(run_dir: Path) -> dict:
-    """The group choices a run folder's ``.hydra/hydra.yaml`` recorded."""
-    f = Path(run_dir) / ".hydra" / "hydra.yaml"
-    if not f.exists():
-        return {}
-    choices = OmegaConf.select(OmegaConf.load(f), "hydra.runtime.choices", default={}) or {}
-    return OmegaConf.to_container(choices) if isinstance(choices, DictConfig) else dict(choices)
 
 
 def resolved_config(cfg) -> dict:
@@ -151,11 +169,27 @@ def typed(data, schema, *, lenient: bool = False):
 
 
 def to_settings(cfg, job: str, *, lenient: bool = False):
-    """The typed settings of a whole job config (``job``: train, generate or evaluate)."""
-    return typed(resolved_config(cfg), JOB_SCHEMAS[job], lenient=lenient)
+    """The typed settings of a whole job config (``job``: train, generate or evaluate), with the
+    trigger words applied to the captions and prompts (``config.trigger``)."""
+    settings = typed(resolved_config(cfg), JOB_SCHEMAS[job], lenient=lenient)
+    return apply_trigger(settings) if hasattr(settings, "trigger") else settings
 
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the checkout's conf/ (pip install -e .)
+def quote_unicode_overrides(args: list[str]) -> list[str]:
+    """Command-line overrides as Hydra can read them: a value with non-ASCII characters that the
+    shell passed unquoted (``trigger=水墨画``) is quoted, since Hydra's grammar only takes such a
+    value in quotes. Values holding quotes or Hydra's sweep/list syntax are left as typed."""
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        plain_key = key.lstrip("+~").replace(".", "").replace("_", "").replace("@", "").isalnum()
+        if eq and plain_key and not value.isascii() and not set(value) & set("'\",[]{}()$"):
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"  # the checkout's conf/ (pip install -e .)
 
 
 def compose_settings(job: str, overrides: list[str]):
@@ -163,7 +197,7 @@ def compose_settings(job: str, overrides: list[str]):
     do (for library code that renders or plans without an entry point: bench, comparison sheets)."""
     from hydra import compose, initialize_config_dir
 
-    from kolors_story.settings import register_configs
+    from kolors_story.config.job_settings import register_configs
 
     if not (CONF_DIR / f"{job}.yaml").exists():
         raise FileNotFoundError(f"the config folder {CONF_DIR} is missing: run from a checkout (pip install -e .)")
@@ -171,3 +205,13 @@ def compose_settings(job: str, overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name=job, overrides=overrides)
     return to_settings(cfg, job)
+
+
+def plain(settings) -> dict:
+    """Typed settings as plain data (what manifests, LoRA metadata and W&B record)."""
+    return OmegaConf.to_container(OmegaConf.structured(settings))
+
+
+def config_yaml(data: dict) -> str:
+    """A recorded config (plain data) as the YAML a user reads (a bundle's ``config.yaml``)."""
+    return OmegaConf.to_yaml(OmegaConf.create(data))
