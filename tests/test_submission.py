@@ -76,7 +76,7 @@ def test_model_card_describes_style_trigger_base_model_training_and_scores(made)
 
 
 def test_existing_bundle_is_kept_unless_overwrite(made, tmp_path):
-    from kolors_story.configs import to_settings
+    from kolors_story.config.compose import to_settings
 
     job = to_settings(made["cfg"], "generate")
     job.submit.team = "Keep"
@@ -98,10 +98,11 @@ def _result_of(made):
 
     from PIL import Image
 
-    from kolors_story.configs import to_settings
+    from kolors_story.config.compose import to_settings
+    from kolors_story.generate.job import GenerationResult
     from kolors_story.generate.loras import LoraSpec
     from kolors_story.generate.render import StoryRender
-    from kolors_story.generate.run import GenerationResult
+    from kolors_story.records import Manifest, StoryScores
     from kolors_story.story import story_scenes
 
     out, manifest = made["out"], made["result"]["manifest"]
@@ -109,6 +110,6 @@ def _result_of(made):
     images = [out / f"{i}.png" for i in range(1, 9)]
     render = StoryRender(images=[Image.open(p) for p in images], seeds=[s["seed"] for s in manifest["scenes"]])
     loras = [LoraSpec(Path(lo["path"]), lo["scale"], lo["sha256"]) for lo in manifest["loras"]]
-    return GenerationResult(out_dir=out, manifest=manifest, images=images, panel=out / "panel.png", render=render,
-                            scenes=story_scenes(job.story, job.sampler), loras=loras,
-                            summary=manifest["scores"])
+    return GenerationResult(out_dir=out, manifest=Manifest.from_json(manifest), images=images, panel=out / "panel.png",
+                            render=render, scenes=story_scenes(job.story, job.sampler), loras=loras,
+                            summary=StoryScores.from_json(manifest["scores"]))
