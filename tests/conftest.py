@@ -14,7 +14,7 @@ os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 # parallel test subprocesses (DDP, sweeps) slow each other down many times over.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pytest  # noqa: E402
+import pytest
 
 pytest_plugins = ["tests.train_fixtures"]  # tiny_batches, story
 import torch  # noqa: E402
@@ -57,7 +57,7 @@ def offline_env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(offline_env) -> Path:
     """The tiny Kolors in the Kwai-Kolors/Kolors layout, where `model=tiny` looks for it."""
-    from kolors_story.models.random_init import ensure_tiny_model
+    from kolors_story.tiny.kolors import ensure_tiny_model
 
     return ensure_tiny_model(Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-kolors-random-seed0", seed=0, layout="kolors")
 
@@ -65,7 +65,7 @@ def tiny_model_dir(offline_env) -> Path:
 @pytest.fixture(scope="session")
 def tiny_diffusers_dir(offline_env) -> Path:
     """The same tiny Kolors in the Kolors-diffusers layout (model_index.json, tokenizer/, fp16 files)."""
-    from kolors_story.models.random_init import ensure_tiny_model
+    from kolors_story.tiny.kolors import ensure_tiny_model
 
     return ensure_tiny_model(Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-kolors-diffusers", seed=0, layout="diffusers")
 
@@ -73,7 +73,7 @@ def tiny_diffusers_dir(offline_env) -> Path:
 @pytest.fixture(scope="session")
 def tiny_scorer_dir(offline_env) -> Path:
     """The tiny aesthetic predictor where `model=tiny` looks for it (real weights' folder layout)."""
-    from kolors_story.models.random_init import ensure_tiny_scorer
+    from kolors_story.tiny.scorer import ensure_tiny_scorer
 
     return ensure_tiny_scorer(Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-aesthetics-none-seed0", seed=0)
 

@@ -13,7 +13,7 @@ def compose(config_name: str, overrides: list[str] | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from kolors_story.settings import register_configs
+    from kolors_story.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -21,15 +21,15 @@ def compose(config_name: str, overrides: list[str] | None = None):
 
 
 def settings(config_name: str, overrides: list[str] | None = None):
-    """The typed settings (``TrainConfig``, ``GenerateConfig`` or ``EvaluateConfig``) of a composed config."""
-    from kolors_story.configs import to_settings
+    """The typed settings (``TrainSettings``, ``GenerateSettings`` or ``EvaluateSettings``) of a composed config."""
+    from kolors_story.config.compose import to_settings
 
     return to_settings(compose(config_name, overrides), config_name)
 
 
 def prepare(cfg, **kw):
     """``data.prepare_dataset`` for a composed train config, as train.py's data stage calls it."""
-    from kolors_story.configs import to_settings
+    from kolors_story.config.compose import to_settings
     from kolors_story.data import prepare_dataset
 
     job = to_settings(cfg, "train")
@@ -38,7 +38,7 @@ def prepare(cfg, **kw):
 
 def run_data_stage(cfg):
     """``data.run_data_stage`` (prepare + the console summary) for a composed train config."""
-    from kolors_story.configs import to_settings
+    from kolors_story.config.compose import to_settings
     from kolors_story.data import run_data_stage as run
 
     job = to_settings(cfg, "train")

@@ -12,18 +12,30 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kolors_story import tiny
+from kolors_story.config import GenerateSettings
 from kolors_story.evaluate.alignment import PromptAligner
 from kolors_story.evaluate.scorer import AestheticScorer
 from kolors_story.evaluate.summary import score_story
-from kolors_story.files import atomic_write_json, publish_files
+from kolors_story.files import publish_files
+from kolors_story.generate.best_of import picker_for
 from kolors_story.generate.checks import check_generate, wants_alignment, wants_scores
 from kolors_story.generate.coherence import (
     StoryCoherence,
     coherence_on,
     prepare_pipeline,
 )
+from kolors_story.generate.comfyui import (
+    API_FILE,
+    UI_FILE,
+    StoryWorkflow,
+    check_comfyui,
+    story_workflow,
+    warn,
+    write_workflow,
+)
 from kolors_story.generate.loras import LoraSpec, load_loras
-from kolors_story.generate.manifest import ModelInfo, build_manifest, png_fields
+from kolors_story.generate.manifest import ModelInfo, png_fields, recipe_manifest, with_files
 from kolors_story.generate.memory import (
     after_prompt_encoding,
     apply_memory_modes,
@@ -40,10 +52,8 @@ from kolors_story.generate.panel import save_candidates_grid
 from kolors_story.generate.render import StoryRender, generate_story
 from kolors_story.generate.sampler import check_sampler
 from kolors_story.generate.schedulers import build_scheduler
-from kolors_story.generate.selection import picker_for
 from kolors_story.models.loading import (
     ensure_model,
-    is_tiny,
     load_pipeline,
     model_hash,
     run_device,
@@ -54,12 +64,10 @@ from kolors_story.records import (
     MANIFEST_FILE,
     PROMPTS_FILE,
     SCORES_FILE,
-    TINY_NOTE,
     Manifest,
     StoryScores,
     story_files,
 )
-from kolors_story.settings import GenerateConfig
 from kolors_story.story import Scene, story_scenes
 
 
@@ -74,15 +82,17 @@ class GenerationResult:
     loras: list[LoraSpec]
     summary: StoryScores | None = None  # when scored
     bundle: Path | None = None
+    workflow: StoryWorkflow | None = None  # the ComfyUI workflow (comfyui.enabled)
 
 
-def _load(job: GenerateConfig, loras: list[LoraSpec]):
+def _load(job: GenerateSettings, loras: list[LoraSpec]):
     """The pipeline with the job's sampler, LoRAs and memory modes; its model identity and the
     memory record."""
     model_path = ensure_model(job.model)
     memory = memory_modes(job.memory)
     pipe = load_pipeline(model_path, vae_path=job.model.vae_path, dtype=job.model.dtype,
-                         device=load_device(job.model.device, memory))
+                         device=load_device(job.model.device, memory), text_encoder_quant=job.model.text_encoder_quant,
+                         quantize_on=job.model.device)
     pipe.scheduler = build_scheduler(job.sampler.scheduler, pipe.scheduler.config, **job.sampler.scheduler_kwargs)
     load_loras(pipe, loras)  # before offload hooks wrap the UNet
     adapter: dict = {}
@@ -94,37 +104,40 @@ def _load(job: GenerateConfig, loras: list[LoraSpec]):
     if adapter.get("record") is not None:
         memory_record["ip_adapter"] = adapter["record"]
     info = ModelInfo(path=Path(model_path), hash=model_hash(model_path, job.model.vae_path),
-                     tiny=is_tiny(job.model, model_path))
+                     note=tiny.note(job.model) or tiny.note(model_path))
     return pipe, info, memory_record
 
 
-def _score(job: GenerateConfig, scorer: AestheticScorer, aligner: PromptAligner | None, render: StoryRender,
-           scenes: list[Scene], tiny: bool) -> StoryScores:
+def _score(job: GenerateSettings, scorer: AestheticScorer, aligner: PromptAligner | None, render: StoryRender,
+           scenes: list[Scene], model_note: str | None) -> StoryScores:
     summary = score_story(scorer, aligner, render.images, [s.prompt_en for s in scenes], job.scorer)
-    render.scores = list(summary["scores"])
-    if tiny:
-        summary["note"] = f"scored by a {TINY_NOTE}" if job.scorer.tiny is not None else TINY_NOTE
+    render.scores = list(summary.scores)
+    if model_note:
+        summary.note = f"scored by a {model_note}" if tiny.note(job.scorer) else model_note
     return summary
 
 
-def _write_outputs(job: GenerateConfig, folder: Path, scenes: list[Scene], render: StoryRender, info: ModelInfo,
-                   loras: list[LoraSpec], summary: StoryScores | None) -> tuple[list[Path], Path, Path | None]:
-    """Images with their PNG text, panel, candidates grid (best-of), prompts.csv and scores.json into ``folder``."""
+def _write_outputs(job: GenerateSettings, folder: Path, scenes: list[Scene], render: StoryRender, info: ModelInfo,
+                   loras: list[LoraSpec], summary: StoryScores | None,
+                   workflow: StoryWorkflow | None) -> tuple[list[Path], Path, Path | None]:
+    """Images with their PNG text (and the ComfyUI graph), panel, candidates grid (best-of), prompts.csv and
+    scores.json into ``folder``."""
     records = [lo.as_record() for lo in loras]
-    title = panel_title(job.story.title, job.model.name, info.tiny, records)
-    pnginfo = [png_metadata(f) for f in png_fields(job, scenes, render, info, records)]
+    title = panel_title(job.story.title, job.model.name, info.note, records)
+    graphs = (workflow.api, workflow.ui) if workflow else None
+    pnginfo = [png_metadata(f, graphs) for f in png_fields(job, scenes, render, info, records)]
     written = save_story(render.images, scenes, folder, title=title, pnginfo=pnginfo)
     write_prompts_csv(folder / PROMPTS_FILE, scenes, render.seeds)
     images = [Path(p) for p in written["images"]]
     if summary is not None:
-        atomic_write_json(folder / SCORES_FILE, {**summary, "images": [p.name for p in images]})
+        summary.model_copy(update={"images": [p.name for p in images]}).write(folder / SCORES_FILE)
     grid = None
     if render.candidate_images:
         grid = save_candidates_grid(render.candidate_images, render.chosen, folder / CANDIDATES_FILE, render.candidates)
     return images, Path(written["panel"]), grid
 
 
-def generate(job: GenerateConfig, *, out_dir: str | Path | None = None, loras: list[LoraSpec] | None = None,
+def generate(job: GenerateSettings, *, out_dir: str | Path | None = None, loras: list[LoraSpec] | None = None,
              choices: list[int] | None = None, source: dict | None = None, overrides: list[str] | None = None,
              progress: bool = True) -> GenerationResult:
     """Render the story of ``job`` and write every output into ``out_dir`` (default ``job.output_dir``).
@@ -135,7 +148,12 @@ def generate(job: GenerateConfig, *, out_dir: str | Path | None = None, loras: l
     """
     # 1. What to render, checked before any model is loaded: settings, scenes, LoRA files, output.
     out_dir = Path(out_dir if out_dir is not None else job.output_dir)
-    job = dataclasses.replace(job, output_dir=str(out_dir), sampler=check_sampler(job.sampler))
+    # A bundle carries the ComfyUI workflow: rendered as comfyui=true, its images hold the graph and
+    # its recorded config says so, so reproduce= writes the same bytes again.
+    comfyui = dataclasses.replace(job.comfyui, enabled=True) if job.submit.team else job.comfyui
+    job = dataclasses.replace(job, output_dir=str(out_dir), sampler=check_sampler(job.sampler), comfyui=comfyui)
+    if job.comfyui.enabled:
+        check_comfyui(job.comfyui)
     loras = check_generate(job, out_dir, loras, reproducing=choices is not None)
     scenes = story_scenes(job.story, job.sampler)
     picking = job.sampler.best_of.n > 1 and choices is None
@@ -157,34 +175,41 @@ def generate(job: GenerateConfig, *, out_dir: str | Path | None = None, loras: l
             coherence.close()
     render.coherence = coherence.record() if coherence is not None else None
     memory_record["oom_retries"] = render.retries  # batches rendered in halves after running out of memory
-    summary = _score(job, scorer, aligner, render, scenes, info.tiny) if wants_scores(job) else None
+    summary = _score(job, scorer, aligner, render, scenes, info.note) if wants_scores(job) else None
     # 5. Files, staged in a hidden folder of out_dir, then published as one unit with the manifest last.
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".story-", dir=out_dir) as tmp:
         staging = Path(tmp)
-        images, panel, grid = _write_outputs(job, staging, scenes, render, info, loras, summary)
-        manifest = build_manifest(job, scenes=scenes, render=render, model=info, loras=[lo.as_record() for lo in loras],
-                                  scheduler=pipe.scheduler, memory=memory_record, images=images, panel=panel,
-                                  candidates_panel=grid, scores=summary, source=source, overrides=overrides or [],
-                                  reproduced=choices is not None)
-        atomic_write_json(staging / MANIFEST_FILE, manifest)
-        publish_files(staging, out_dir, last=MANIFEST_FILE, replace=story_files(out_dir))
+        recipe = recipe_manifest(job, scenes=scenes, render=render, model=info, loras=[lo.as_record() for lo in loras],
+                                 scheduler=pipe.scheduler, memory=memory_record, scores=summary, source=source,
+                                 overrides=overrides or [], reproduced=choices is not None)
+        workflow = story_workflow(recipe, job.comfyui) if job.comfyui.enabled else None
+        if workflow is not None:  # before the images: they carry it in their text
+            write_workflow(staging, workflow)
+            warn(workflow)
+        images, panel, grid = _write_outputs(job, staging, scenes, render, info, loras, summary, workflow)
+        manifest = with_files(recipe, images, panel, grid)
+        manifest.write(staging / MANIFEST_FILE)
+        stale = [out_dir / name for name in (API_FILE, UI_FILE) if (out_dir / name).is_file()]  # not outliving its story
+        publish_files(staging, out_dir, last=MANIFEST_FILE, replace=[*story_files(out_dir), *stale])
     return GenerationResult(out_dir=out_dir, manifest=manifest, images=[out_dir / p.name for p in images],
-                            panel=out_dir / panel.name, render=render, scenes=scenes, loras=loras, summary=summary)
+                            panel=out_dir / panel.name, render=render, scenes=scenes, loras=loras, summary=summary,
+                            workflow=workflow)
 
 
 def report(result: GenerationResult) -> None:
     """What the user reads at the end of `generate.py`."""
-    line = f"Wrote {len(result.images)} images, {result.panel.name}, prompts.csv and manifest.json to {result.out_dir}"
-    if result.manifest["tiny_model"]:
-        line += f" ({TINY_NOTE})"
+    files = f"{result.panel.name}, prompts.csv, " + (f"{API_FILE}, {UI_FILE}, " if result.workflow else "")
+    line = f"Wrote {len(result.images)} images, {files}manifest.json to {result.out_dir}"
+    if result.manifest.tiny_model:
+        line += f" ({tiny.NOTE})"
     print(line)
     if result.summary:
-        print(f"Aesthetic mean {result.summary['mean']:.3f} min {result.summary['min']:.3f} "
-              f"({'pass' if result.summary['passed'] else 'FAIL'})")
+        print(f"Aesthetic mean {result.summary.mean:.3f} min {result.summary.min:.3f} "
+              f"({'pass' if result.summary.passed else 'FAIL'})")
 
 
-def render_story(job: GenerateConfig, *, source=None, overrides: list[str] | None = None) -> GenerationResult:
+def render_story(job: GenerateSettings, *, source=None, overrides: list[str] | None = None) -> GenerationResult:
     """The `generate.py` job without reproduce: render, bundle when ``submit.team`` is set, report."""
     result = generate(job, source=source.as_dict() if source else None, overrides=overrides)
     if job.submit.team:

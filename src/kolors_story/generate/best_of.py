@@ -2,7 +2,7 @@
 
 ``scene``: each scene's highest aesthetic score (ties: the lower candidate), one scene at a time.
 ``story``: the 8 panels chosen together, maximising the story objective
-(:mod:`kolors_story.evaluate.selection`) over the aesthetic scores, CLIP image embeddings,
+(:mod:`kolors_story.evaluate.objective`) over the aesthetic scores, CLIP image embeddings,
 prompt alignment and copy flags of all N x 8 candidates.
 
 Both return the manifest's ``selection`` record: the objective, every candidate's scores, the
@@ -17,15 +17,15 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from kolors_story.config import BestOfSettings, ScorerSettings
 from kolors_story.errors import SettingsError
 from kolors_story.evaluate.duplicates import thumbnails
-from kolors_story.evaluate.selection import (
+from kolors_story.evaluate.objective import (
     Objective,
     candidates_of,
     choose_story,
     story_terms,
 )
-from kolors_story.settings import BestOfSettings, ScorerSettings
 
 SELECT_MODES = ("scene", "story")
 SCENE_OBJECTIVE = "each scene's highest aesthetic score (ties: the lower candidate)"

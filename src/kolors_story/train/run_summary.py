@@ -6,8 +6,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from kolors_story import tiny
+from kolors_story.config import TrainSettings
 from kolors_story.records import last_checkpoint
-from kolors_story.settings import TrainConfig
 
 
 def _console():
@@ -32,20 +33,20 @@ def _checkpoint_table(result):
     from rich.table import Table
 
     c = Table(title=f"Checkpoints in {result.run_dir} (story panel + aesthetic scores)")
-    reward = any(r.get("reward_held_out") is not None for r in result.checkpoints)
+    reward = any(r.reward_held_out is not None for r in result.checkpoints)
     for col in ("step", "mean", "min", "pass", "CLIP-I", "CLIP-T", "copy", "objective", "val loss",
                 *(["held-out reward"] if reward else []), "panel"):
         c.add_column(col)
-    rows = [v for r in result.checkpoints for v in [r] + ([{**r["ema"], "step": f"{r['step']} ema"}]
-                                                          if r.get("ema") else [])]
-    for r in rows:
-        fmt = (lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-")
-        c.add_row(str(r["step"]), fmt(r.get("mean")), fmt(r.get("min")),
-                  {True: "yes", False: "no", None: "-"}[r.get("passed")], fmt(r.get("coherence")),
-                  fmt(r.get("clip_t")), fmt(r.get("copy_paste")), fmt(r.get("story_objective")),
-                  "-" if r.get("val_loss") is None else f"{r['val_loss']:.5f}",
-                  *([fmt(r.get("reward_held_out"))] if reward else []),
-                  str(r["panel"]) if r.get("panel") else "-")
+    rows = [row for r in result.checkpoints for row in [(str(r.step), r, r.reward_held_out)]
+            + ([(f"{r.step} ema", r.ema, None)] if r.ema else [])]
+    def fmt(v) -> str:
+        return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+    for step, r, held_reward in rows:
+        c.add_row(step, fmt(r.mean), fmt(r.min), {True: "yes", False: "no", None: "-"}[r.passed], fmt(r.coherence),
+                  fmt(r.clip_t), fmt(r.copy_paste), fmt(r.story_objective),
+                  "-" if r.val_loss is None else f"{r.val_loss:.5f}", *([fmt(held_reward)] if reward else []),
+                  str(r.panel) if r.panel else "-")
     return c
 
 
@@ -67,16 +68,18 @@ def _before_after_table(shift: dict):
     return t
 
 
-def print_summary(job: TrainConfig, result, cache=None) -> None:
+def print_summary(job: TrainSettings, result, cache=None) -> None:
     """The run table (folders, W&B, error, next commands) and the checkpoints' scores."""
     from rich.table import Table
 
     console = _console()
-    colour = {"finished": "green", "failed": "red", "interrupted": "yellow"}[result.status]
+    colour = {"finished": "green", "failed": "red", "interrupted": "yellow", "stopped": "yellow"}[result.status]
     t = Table(title=f"Training {result.status} at step {result.step}", title_style=colour, show_header=False)
     t.add_row("run folder", str(result.run_dir))
     t.add_row("metrics", str(result.run_dir / "metrics.jsonl"))
     t.add_row("config", str(result.run_dir / ".hydra" / "config.yaml"))
+    if getattr(result, "report", None):
+        t.add_row("report", f"{result.report}  (curves.png, progress.png beside it)")
     if cache is not None:
         t.add_row("cache", str(cache.cache_dir))
     last = last_checkpoint(result.run_dir)
@@ -96,7 +99,5 @@ def print_summary(job: TrainConfig, result, cache=None) -> None:
         console.print(_checkpoint_table(result))
     if getattr(result, "before_after", None):
         console.print(_before_after_table(result.before_after))
-    if job.model.tiny is not None:
-        console.print("[bold yellow]model=tiny: a tiny model (pre-trained on drawn scenes, or random), not Kolors - "
-                      "images and scores exercise the code paths and show the LoRA's effect; they are not a real "
-                      "result.[/]")
+    if tiny.note(job.model):
+        console.print(f"[bold yellow]{tiny.SUMMARY_NOTE}[/]")
