@@ -5,9 +5,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from kolors_story.settings import register_configs
+from kolors_story.config import register_configs
+from kolors_story.config.compose import quote_unicode_overrides
 
 register_configs()  # the schemas conf/ builds on
+sys.argv[1:] = quote_unicode_overrides(sys.argv[1:])  # trigger=水墨画 works unquoted too
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")

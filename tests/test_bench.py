@@ -13,7 +13,8 @@ import torch
 
 from kolors_story.accounting import PeakTensorMemory
 from kolors_story.bench import flops, run, timing
-from kolors_story.models import configs, random_init
+from kolors_story.tiny import architectures as tiny_architectures
+from kolors_story.tiny import kolors as tiny_kolors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +79,7 @@ def test_real_scale_text_encoder_and_vae_flops():
     from diffusers.pipelines.kolors import ChatGLMModel
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
 
-    from kolors_story.models.configs import KOLORS_TEXT_ENCODER_CONFIG, SDXL_VAE_CONFIG
+    from kolors_story.models.architectures import KOLORS_TEXT_ENCODER_CONFIG, SDXL_VAE_CONFIG
 
     te = flops.count_text_encoder(KOLORS_TEXT_ENCODER_CONFIG, 256)
     # A transformer's forward is ~2 FLOPs per weight per token (embedding lookup and the unused
@@ -98,7 +99,7 @@ def test_flop_count_equals_flopcountermode_and_spares_checkpointed_memory():
     from torch.utils.flop_counter import FlopCounterMode
 
     from kolors_story.lora import add_lora
-    from kolors_story.models.configs import tiny_unet_config
+    from kolors_story.tiny.architectures import tiny_unet_config
 
     unet = flops.build_on("meta", lambda: UNet2DConditionModel(**tiny_unet_config()), torch.float16)
     unet.requires_grad_(False)
@@ -168,11 +169,11 @@ def test_bad_arguments_are_named(tmp_path):
 def test_bench_model_is_kolors_shaped_and_loads(tmp_path):
     from kolors_story.models.loading import load_pipeline
 
-    folder = random_init.ensure_bench_model(tmp_path / "bench-model")
+    folder = tiny_kolors.ensure_bench_model(tmp_path / "bench-model")
     stamp = (folder / "BENCH_MODEL.json").stat().st_mtime_ns
-    assert random_init.ensure_bench_model(folder) == folder and (folder / "BENCH_MODEL.json").stat().st_mtime_ns == stamp
+    assert tiny_kolors.ensure_bench_model(folder) == folder and (folder / "BENCH_MODEL.json").stat().st_mtime_ns == stamp
     pipe = load_pipeline(folder)
     c = pipe.unet.config
     assert (c.encoder_hid_dim_type, c.addition_embed_type) == ("text_proj", "text_time")
     assert c.encoder_hid_dim == pipe.text_encoder.config.hidden_size
-    assert c.sample_size * pipe.vae_scale_factor == configs.BENCH_RESOLUTION
+    assert c.sample_size * pipe.vae_scale_factor == tiny_architectures.BENCH_RESOLUTION

@@ -84,7 +84,7 @@ def _forbid(monkeypatch, replacement, *parts: str) -> None:
 
 
 def _build(job, prepared, scenes=None):
-    """``build_cache`` called as the trainer's data stage calls it (``train.run.data_stage``)."""
+    """``build_cache`` called as the trainer's data stage calls it (``train.job.data_stage``)."""
     return build_cache(job.model, prepared, data_dir=job.data_dir, resolution=job.dataset.resolution,
                        crop=job.dataset.crop, crop_seed=job.trainer.seed, batch_size=job.cache.batch_size,
                        scenes=scenes)
@@ -114,8 +114,8 @@ def built(tiny_model_dir, tmp_path_factory):
     encoders = []
     real = prompts.load_text_encoder
 
-    def recording(layout, dtype):
-        model = real(layout, dtype)
+    def recording(layout, dtype, *args):
+        model = real(layout, dtype, *args)
         encoders.append(weakref.ref(model))
         return model
 
@@ -474,7 +474,7 @@ def test_crop_geometry_covers_target_and_is_deterministic():
 
 
 def test_caption_variants_keep_the_trigger_and_first_tags():
-    from kolors_story.data.captions import caption_variants
+    from kolors_story.data.tag_shuffle import caption_variants
 
     caption = "水墨画，一只鸟，竹子，月亮，远山，小桥"
     out = caption_variants(caption, prefix="水墨画，", keep_tokens=1, count=4, seed=3)
@@ -490,7 +490,7 @@ def test_cache_holds_each_tag_order_and_the_empty_caption(built, tmp_path, tiny_
     from functools import partial
 
     from kolors_story.data.cache_files import load_empty_prompt, read_cache_metadata
-    from kolors_story.data.captions import caption_variants
+    from kolors_story.data.tag_shuffle import caption_variants
 
     data_dir = _copy(built.data_dir, tmp_path / "data")
     cfg = _cfg(data_dir)

@@ -16,12 +16,8 @@ from PIL import Image
 from kolors_story.errors import UserError
 from kolors_story.generate.render import Job, render_jobs
 from kolors_story.generate.sampler import sampler_settings
-from kolors_story.models.ip_adapter import (
-    WEIGHT_NAME,
-    adapter_shapes,
-    ensure_tiny_ip_adapter,
-    file_shapes,
-)
+from kolors_story.models.ip_adapter import WEIGHT_NAME, adapter_shapes, file_shapes
+from kolors_story.tiny.ip_adapter import ensure_tiny_ip_adapter
 from tests.helpers import settings
 from tests.test_generate import make_lora, max_diff, pixels, run_generate
 from tests.test_train import RUN
@@ -62,8 +58,8 @@ def _attention(dim: int = 8):
 
 
 def test_readers_attend_to_the_recorded_reference_tokens_and_their_own():
+    from kolors_story.config import SharingSettings
     from kolors_story.generate.sharing import SharedSelfAttention, SharingState
-    from kolors_story.settings import SharingSettings
 
     attn, inner = _attention()
     state = SharingState(SharingSettings(enabled=True, token_ratio=0.5, strength=1.0, end=0.5), 1000, None)
@@ -94,8 +90,8 @@ def test_readers_attend_to_the_recorded_reference_tokens_and_their_own():
 
 
 def test_a_later_reference_reads_the_earlier_ones_and_records_its_own_tokens():
+    from kolors_story.config import SharingSettings
     from kolors_story.generate.sharing import SharedSelfAttention, SharingState
-    from kolors_story.settings import SharingSettings
 
     attn, inner = _attention()
     state = SharingState(SharingSettings(enabled=True, token_ratio=1.0, strength=1.0), 1000, None)
@@ -228,7 +224,7 @@ def test_tiny_ip_adapter_has_the_release_layout_and_loads_through_diffusers(tiny
         load_adapter,
         unload_adapter,
     )
-    from kolors_story.models.configs import (
+    from kolors_story.tiny.architectures import (
         TINY_IP_RESAMPLER,
         tiny_ip_encoder_config,
         tiny_unet_config,
@@ -301,9 +297,9 @@ def test_both_with_hires_best_of_and_stacked_loras_bundle_and_reproduce(tmp_path
         reproduce(changed, tmp_path / "x", progress=False)
 
 
-def test_validation_renders_use_the_coherence_settings(tmp_path, tiny_batches, story):  # noqa: F811 (fixtures)
+def test_validation_renders_use_the_coherence_settings(tmp_path, tiny_batches, story):
     from kolors_story.records import read_metrics
-    from kolors_story.train.run import run_training
+    from kolors_story.train.job import run_training
 
     scenes, embeds = story
     common = ["model=tiny", "logger=none", "trainer.progress_bar=false", *RUN, "trainer.max_steps=2",
@@ -375,3 +371,30 @@ def test_compare_renders_every_variant_with_each_seed_set_and_writes_every_numbe
     assert main([*base, "--seed-sets", "0", "--out", str(tmp_path / "x.png")]) == 2
     assert main([*base, "sampler.nope=1", "--out", str(tmp_path / "y.png")]) == 2
     assert "--seed-sets 0" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_the_comparison_renders_your_story_file_and_a_character_lora_row(tmp_path):
+    """`compare story.file=<yours> --character-lora <file>`: the file's scenes and seeds are what the
+    seed sets shift (not the built-in story's), and the character LoRA is one more row stacking it."""
+    from kolors_story.errors import SettingsError
+    from kolors_story.generate.compare import CHARACTER_ROW, SEED_SET_STEP, seed_set_overrides, variants
+    from kolors_story.tiny.probes import probe_story
+
+    story = probe_story("ink_dream")
+    for i, scene in enumerate(story["scenes"]):
+        scene["seed"] = 500 + i
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(story, ensure_ascii=False), encoding="utf-8")
+    sets = seed_set_overrides(["model=tiny", f"story.file={path}"], 2)
+    assert sets[1] == [f"sampler.seeds=[{','.join(str(500 + i + SEED_SET_STEP) for i in range(8))}]"]
+
+    assert [row[0] for row in variants()] == ["no coherence", "attention sharing", "reference image", "both"]
+    with pytest.raises(SettingsError, match="--character-lora .*no such file"):
+        variants(str(tmp_path / "missing.safetensors"))
+    lora = tmp_path / "it's mine" / "lora.safetensors"  # a quote in the path survives Hydra's grammar
+    lora.parent.mkdir()
+    lora.write_bytes(b"")
+    label, preset, extra = variants(str(lora), 0.5)[-1]
+    assert (label, preset) == (CHARACTER_ROW, "none")
+    job = settings("generate", ["model=tiny", *extra])
+    assert [(Path(x["path"]), x["scale"]) for x in job.loras] == [(lora.resolve(), 0.5)]

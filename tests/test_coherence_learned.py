@@ -9,23 +9,17 @@ import shutil
 import pytest
 import torch
 
-from kolors_story.models.ip_adapter import (
-    PRETRAINED_IP_DIR,
-    WEIGHT_NAME,
-    PretrainedIPAdapterError,
-    adapter_shapes,
-    check_pretrained_ip,
-    ensure_tiny_ip_adapter,
-    file_shapes,
-)
+from kolors_story.models.ip_adapter import WEIGHT_NAME, adapter_shapes, file_shapes
+from kolors_story.tiny.ip_adapter import ensure_tiny_ip_adapter
+from kolors_story.tiny.shipped import PRETRAINED_IP_DIR, PretrainedIPAdapterError, check_pretrained_ip
 from tests.helpers import settings
 
 PRETRAINED = ["model=tiny", "model.tiny.weights=pretrained"]
 
 
 def test_the_shipped_ip_adapter_matches_its_record_and_a_changed_file_is_refused(tmp_path, monkeypatch):
-    import kolors_story.models.ip_adapter as ip_adapter
-    from kolors_story.models.configs import (
+    import kolors_story.tiny.shipped as shipped
+    from kolors_story.tiny.architectures import (
         TINY_IP_RESAMPLER,
         tiny_ip_encoder_config,
         tiny_unet_config,
@@ -43,7 +37,7 @@ def test_the_shipped_ip_adapter_matches_its_record_and_a_changed_file_is_refused
     (copy / WEIGHT_NAME).write_bytes(bytes(blob))
     with pytest.raises(PretrainedIPAdapterError, match="adapter weights' sha256.*does not match"):
         check_pretrained_ip(copy)
-    monkeypatch.setattr(ip_adapter, "PRETRAINED_IP_DIR", copy)
+    monkeypatch.setattr(shipped, "PRETRAINED_IP_DIR", copy)
     with pytest.raises(PretrainedIPAdapterError):
         ensure_tiny_ip_adapter(tmp_path / "ipa2", seed=0, weights="pretrained")
     assert not (tmp_path / "ipa2").exists()
@@ -54,11 +48,11 @@ def test_the_shipped_ip_adapter_matches_its_record_and_a_changed_file_is_refused
 def test_the_trained_adapter_is_written_under_the_release_keys_and_loads_back_exactly(tmp_path):
     """pretrain_tiny_ip maps diffusers' parameters back to IP-Adapter-Plus' key names; a file written
     that way and loaded through diffusers' own load_ip_adapter gives back the same values."""
+    from kolors_story.config import ReferenceSettings
     from kolors_story.files import save_safetensors
     from kolors_story.generate.reference import load_adapter
     from kolors_story.models.loading import ensure_model, load_pipeline
-    from kolors_story.settings import ReferenceSettings
-    from kolors_story.train.pretrain_tiny_ip import (
+    from kolors_story.tiny.pretrain_ip import (
         adapter_parameters,
         file_key_map,
         to_file_state,
@@ -85,7 +79,7 @@ def test_the_trained_adapter_is_written_under_the_release_keys_and_loads_back_ex
 
 
 def test_pretraining_the_ip_adapter_is_deterministic(tmp_path):
-    from kolors_story.train.pretrain_tiny_ip import pretrain_ip
+    from kolors_story.tiny.pretrain_ip import pretrain_ip
 
     records = [pretrain_ip(tmp_path / f"run{i}", scenes=16, steps=2, batch=4, seed=0, threads=torch.get_num_threads())
                for i in range(2)]
@@ -97,7 +91,7 @@ def _story_similarity(tmp_path, story: str, coherence: str) -> dict:
     from kolors_story.evaluate.scorer import AestheticScorer
     from kolors_story.evaluate.summary import coherence as clip_i
     from kolors_story.generate.compare import pixel_similarity
-    from kolors_story.generate.run import generate
+    from kolors_story.generate.job import generate
 
     job = settings("generate", [*PRETRAINED, f"story={story}", f"coherence={coherence}", "scorer.alignment=false",
                                 f"output_dir={tmp_path / story / coherence}"])

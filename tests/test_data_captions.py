@@ -73,7 +73,7 @@ def test_replace_and_append_modes(tmp_path, captioner):
 
 
 def test_edits_in_captions_csv_survive_and_re_encode_only_the_edited_caption(tmp_path):
-    from kolors_story.configs import to_settings
+    from kolors_story.config.compose import to_settings
     from kolors_story.data.cache import build_cache
 
     source = _folder(tmp_path / "src")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kolors_story.data.records import DataError
+from kolors_story.data.candidates import DataError
 from tests.helpers import compose, prepare, settings
 
 N_DISTINCT = 8

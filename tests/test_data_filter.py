@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from kolors_story.data.demo import DEMO_SIZES, draw_demo_image, make_demo_dataset
+from kolors_story.tiny.demo import DEMO_SIZES, draw_demo_image, make_demo_dataset
 from tests.helpers import compose, prepare, run_data_stage
 
 pytestmark = pytest.mark.slow  # one real dj-process run (~15-60 s on a busy 2-core CPU) shared by the module

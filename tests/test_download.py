@@ -45,3 +45,37 @@ def test_network_failure_is_a_clear_message(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(modelscope, "snapshot_download", offline, raising=False)
     assert main(["scorer", "--dir", str(tmp_path)]) == 2
     assert "Could not download" in capsys.readouterr().err
+
+
+def _fake_hub(hub: Path):
+    """A local hub: ``snapshot_download(repo_id, local_dir)`` copies ``hub/<repo_id>`` into the folder."""
+    import shutil
+
+    def snapshot(repo_id, local_dir=None, **_):
+        shutil.copytree(hub / repo_id, local_dir, dirs_exist_ok=True)
+        return local_dir
+
+    return snapshot
+
+
+@pytest.mark.parametrize("source, module, repo", [
+    ("hf", "huggingface_hub", "madebyollin/sdxl-vae-fp16-fix"),
+    ("modelscope", "modelscope", "AI-ModelScope/sdxl-vae-fp16-fix"),
+])
+def test_both_sources_fetch_from_their_hub(tmp_path, monkeypatch, capsys, source, module, repo):
+    import importlib
+
+    hub = tmp_path / "hub"
+    (hub / repo).mkdir(parents=True)
+    (hub / repo / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    monkeypatch.setattr(importlib.import_module(module), "snapshot_download", _fake_hub(hub))
+    assert main(["vae", "--source", source, "--dir", str(tmp_path / "models")]) == 0
+    assert (tmp_path / "models" / "sdxl-vae-fp16-fix" / "config.json").is_file()
+    assert repo in capsys.readouterr().out
+
+
+def test_every_weight_has_a_hub_repository():
+    from kolors_story.models.download import WEIGHTS
+
+    assert all(w.hf_id and w.model_id for w in WEIGHTS.values())
+    assert WEIGHTS["kolors"].repo("hf") == "Kwai-Kolors/Kolors-diffusers"

@@ -47,7 +47,7 @@ def run_generate(tmp: Path, *overrides: str, name: str = "out"):
     out = tmp / name
     cfg = compose("generate", ["model=tiny", STEPS, f"output_dir={out}", *overrides])
     r = generate_from_config(cfg)
-    result = {"images": [str(p) for p in r.images], "panel": str(r.panel), "manifest": r.manifest,
+    result = {"images": [str(p) for p in r.images], "panel": str(r.panel), "manifest": r.manifest.to_json(),
               "bundle": str(r.bundle) if r.bundle else None, "out_dir": str(r.out_dir)}
     return result, cfg
 
@@ -229,7 +229,7 @@ def test_unknown_sampler_names_the_key(tmp_path):
 
 
 def test_hires_and_best_of_run_and_are_recorded(tmp_path_factory, tiny_model_dir):
-    from kolors_story.configs import to_settings
+    from kolors_story.config.compose import to_settings
     from kolors_story.evaluate.scorer import AestheticScorer
 
     made = shared_hires_best(tmp_path_factory)
@@ -283,7 +283,7 @@ def fake_run(tmp_path, work):
 def test_checkpoint_resolution(fake_run):
     import yaml
 
-    from kolors_story.generate.runs import resolve_checkpoint
+    from kolors_story.config.saved import resolve_checkpoint
 
     ckpts = fake_run / "checkpoints"
     assert resolve_checkpoint(fake_run, "last").checkpoint == (ckpts / "step-000004").resolve()
@@ -302,7 +302,7 @@ def test_checkpoint_resolution(fake_run):
 
 
 def test_run_and_checkpoint_take_the_runs_story_and_the_checkpoint_lora(fake_run, tmp_path):
-    from kolors_story.generate.runs import effective_config
+    from kolors_story.config.saved import effective_config
 
     # the user's own command-line choices still win over the run's
     # a sweep job folder has '=' in its name: Hydra needs the value quoted

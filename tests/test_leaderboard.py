@@ -73,16 +73,16 @@ def test_story_objective_ranks_by_coherence_alignment_and_copies(tmp_path):
     assert best["ranked_by"]["story"]["copy_paste_weight"] == 5.0 and best["copy_paste"] == 0.0
     header = (tmp_path / "leaderboard.csv").read_text().splitlines()[0].split(",")
     assert {"clip_t", "copy_paste", "story_objective"} <= set(header)
-    assert result["best"]["clip_t"] == 0.30
+    assert result["best"].clip_t == 0.30
     # the story gate has the floor: a weakest image under it sinks the varied run
-    from kolors_story.evaluate.selection import Objective
+    from kolors_story.evaluate.objective import Objective
 
     floor = build_leaderboard(tmp_path, objective="story", story=Objective(min_floor=6.0))
     assert floor[0].run.name == "0_lora.rank=4"  # min 6.1 >= 6.0; the other's min is 5.8
 
 
 def test_ema_weights_rank_beside_the_raw_ones_and_render_from_best_yaml(tmp_path):
-    from kolors_story.generate.runs import resolve_checkpoint
+    from kolors_story.config.saved import resolve_checkpoint
 
     ema = {"files": {}, "scores": [6.4] * 8, "mean": 6.4, "min": 6.0, "passed": True, "coherence": 0.7,
            "val_loss": 0.12}
@@ -116,7 +116,7 @@ def test_writes_csv_markdown_and_best(tmp_path):
     assert best["config"] == {"lora": {"rank": 16}} and best["mean"] == 6.3
     md = (tmp_path / "leaderboard.md").read_text()
     assert "1_lora.rank=16/checkpoints/step-000010/panel.png" in md
-    assert out["best"]["mean"] == 6.3
+    assert out["best"].mean == 6.3
 
 
 def test_torn_metrics_line_is_skipped(tmp_path):

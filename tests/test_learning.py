@@ -27,16 +27,16 @@ PRETRAINED = ["model=tiny", "model.tiny.weights=pretrained"]
 
 
 def test_the_shipped_weights_match_their_record_and_a_changed_file_is_refused(tmp_path):
-    from kolors_story.models.configs import (
+    from kolors_story.tiny.architectures import (
         pretrained_unet_config,
         pretrained_vae_config,
     )
-    from kolors_story.models.pretrained_tiny import (
+    from kolors_story.tiny.kolors import build_tiny_components
+    from kolors_story.tiny.shipped import (
         PRETRAINED_DIR,
         PretrainedTinyError,
         load_pretrained_into,
     )
-    from kolors_story.models.random_init import build_tiny_components
 
     parts = build_tiny_components(0, unet_config=pretrained_unet_config(), vae_config=pretrained_vae_config())
     record = load_pretrained_into(parts)  # the sha256 of both shipped files is checked here
@@ -56,7 +56,7 @@ def test_the_shipped_weights_match_their_record_and_a_changed_file_is_refused(tm
 
 def test_pretraining_is_deterministic(tmp_path):
     """The build script gives the same bytes twice (a short run of it: same code path)."""
-    from kolors_story.train.pretrain_tiny import pretrain
+    from kolors_story.tiny.pretrain import pretrain
 
     records = [pretrain(tmp_path / f"run{i}", scenes=32, vae_steps=2, unet_steps=2, seed=0,
                         threads=torch.get_num_threads()) for i in range(2)]
@@ -77,7 +77,7 @@ def _render(pipe, prompts: list[str], seed: int, steps: int = 20):
 
 
 def test_the_base_model_draws_what_its_captions_say(base_pipe):
-    from kolors_story.data.base_scenes import caption_distance, random_scene
+    from kolors_story.tiny.scenes import caption_distance, random_scene
 
     rng = np.random.default_rng(2024)  # scenes drawn for this test, not the training set's
     scenes = [random_scene(rng) for _ in range(8)]
@@ -101,7 +101,7 @@ def _train_demo(run_dir, data_dir) -> dict:
 
 def _story_at_other_seeds(out_dir) -> list:
     """The story rendered by generate.py's code with the base model at seeds 1000.. (not the story's)."""
-    from kolors_story.generate.run import generate
+    from kolors_story.generate.job import generate
 
     job = settings("generate", [*PRETRAINED, "sampler=validation", "sampler.seeds=null", "sampler.base_seed=1000",
                                 f"output_dir={out_dir}", "scorer.alignment=false"])
@@ -134,9 +134,9 @@ def _layout_lora(tmp_path, monkeypatch, broken: bool) -> tuple[float | None, flo
     from diffusers import DDPMScheduler
 
     from kolors_story.cli import train_from_config
-    from kolors_story.data.base_scenes import draw_scene, horizon_height, random_scene
     from kolors_story.lora.adapter import load_lora_into_pipeline
     from kolors_story.models.loading import ensure_model, load_pipeline
+    from kolors_story.tiny.scenes import draw_scene, horizon_height, random_scene
 
     raw = tmp_path / "data" / "raw"
     if not raw.is_dir():

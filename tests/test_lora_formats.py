@@ -20,7 +20,7 @@ from kolors_story.lora.files import (
     COMPETITION_TARGETS,
     DIFFSYNTH_DEFAULT_ALPHA,
 )
-from kolors_story.models.configs import KOLORS_UNET_CONFIG
+from kolors_story.models.architectures import KOLORS_UNET_CONFIG
 
 RANK, ALPHA = 2, 8.0
 

@@ -41,7 +41,7 @@ def case_id(case) -> str:
 def base_unet():
     from diffusers import UNet2DConditionModel
 
-    from kolors_story.models.configs import tiny_unet_config
+    from kolors_story.tiny.architectures import tiny_unet_config
 
     torch.manual_seed(0)
     return UNet2DConditionModel(**tiny_unet_config()).eval()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from kolors_story.config import MemorySettings
 from kolors_story.generate.memory import (
     MemoryConfigError,
     after_prompt_encoding,
@@ -17,7 +18,6 @@ from kolors_story.generate.memory import (
 from kolors_story.generate.render import render_scenes
 from kolors_story.models.loading import run_device
 from kolors_story.models.prompts import encode_scenes
-from kolors_story.settings import MemorySettings
 from kolors_story.story import Scene
 from tests.helpers import settings
 
@@ -183,3 +183,21 @@ def test_bad_values_are_named(bad, match):
 def test_load_device_is_cpu_when_offloading():
     assert load_device("cuda", {"offload": "model"}) == "cpu"
     assert load_device("cuda", {}) == "cuda"
+
+
+def test_story_prompts_encode_as_one_cfg_call_would_without_holding_both(tiny_model_dir):
+    """encode_scenes encodes the negatives in a call of their own: the same tensors as the pipeline's
+    classifier-free pair, with a lower peak (the plan counts one call)."""
+    from kolors_story.accounting import PeakTensorMemory
+    from kolors_story.models.loading import load_pipeline
+    from kolors_story.models.prompts import STORY_KEYS
+
+    pipe = load_pipeline(tiny_model_dir)
+    with torch.no_grad(), PeakTensorMemory() as paired:
+        want = pipe.encode_prompt(prompt=[s.prompt for s in SCENES], negative_prompt=[s.negative for s in SCENES],
+                                  device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
+    with PeakTensorMemory() as separate:
+        got = encode_scenes(pipe, SCENES, device="cpu")
+    for key, tensor in zip(STORY_KEYS, want):
+        assert torch.equal(got[key], tensor), key
+    assert separate.peak < paired.peak

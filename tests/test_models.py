@@ -45,7 +45,7 @@ def test_kolors_layout_keeps_tokenizer_in_text_encoder(tiny_model_dir, tiny_diff
 
 
 def test_tiny_model_is_deterministic_for_its_seed(tmp_path):
-    from kolors_story.models.random_init import build_tiny_components
+    from kolors_story.tiny.kolors import build_tiny_components
 
     a, b, c = build_tiny_components(0), build_tiny_components(0), build_tiny_components(1)
     for name in ("unet", "vae", "text_encoder"):
@@ -57,7 +57,7 @@ def test_tiny_model_is_deterministic_for_its_seed(tmp_path):
 def test_real_kolors_unet_architecture_on_meta_device():
     from diffusers import UNet2DConditionModel
 
-    from kolors_story.models.configs import KOLORS_UNET_CONFIG
+    from kolors_story.models.architectures import KOLORS_UNET_CONFIG
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(KOLORS_UNET_CONFIG)
@@ -79,7 +79,7 @@ def test_real_chatglm3_config_on_meta_device():
     from diffusers.pipelines.kolors import ChatGLMModel
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
 
-    from kolors_story.models.configs import KOLORS_TEXT_ENCODER_CONFIG
+    from kolors_story.models.architectures import KOLORS_TEXT_ENCODER_CONFIG
 
     with torch.device("meta"):
         model = ChatGLMModel(ChatGLMConfig(**KOLORS_TEXT_ENCODER_CONFIG), empty_init=False)
@@ -142,7 +142,7 @@ def test_separate_vae_file_replaces_release_vae(tiny_model_dir, tmp_path):
 
 def test_model_hash_tells_same_shape_models_apart(tiny_model_dir, tmp_path):
     from kolors_story.models.loading import model_hash
-    from kolors_story.models.random_init import ensure_tiny_model
+    from kolors_story.tiny.kolors import ensure_tiny_model
 
     other = ensure_tiny_model(tmp_path / "seed1", seed=1, layout="kolors")
     assert model_hash(tiny_model_dir) == model_hash(tiny_model_dir)

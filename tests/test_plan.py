@@ -79,7 +79,7 @@ def test_prompt_alignment_counts_clip_with_its_text_tower():
 def test_12_gb_takes_offload_and_the_text_encoder_never_fits_whole():
     job, plan = _plan("generate", ["model=kolors", "memory.budget_gb=12"])
     assert plan.fits and job.memory.offload != "none"
-    assert count.param_bytes("text_encoder", count.key(__import__("kolors_story.models.configs", fromlist=["x"])
+    assert count.param_bytes("text_encoder", count.key(__import__("kolors_story.models.architectures", fromlist=["x"])
                                                          .KOLORS_TEXT_ENCODER_CONFIG), "float16") > 12 * GB * 0.9
 
 
@@ -94,7 +94,7 @@ def test_explicit_settings_are_kept():
 def test_nothing_fits_is_refused_before_loading_with_the_stage_named(tmp_path, monkeypatch, capsys):
     from kolors_story.cli import generate_main
     from kolors_story.generate import (
-        run as generate_run,  # imported before patching: it binds the loader
+        job as generate_run,  # imported before patching: it binds the loader
     )
 
     monkeypatch.setattr(generate_run, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -198,9 +198,9 @@ def test_count_matches_measurement_on_the_tiny_model(tiny_pipe):
 def test_count_matches_measurement_on_the_bench_model(tmp_path_factory, offline_env):
     from pathlib import Path
 
-    from kolors_story.models.configs import BENCH_RESOLUTION
     from kolors_story.models.loading import load_pipeline
-    from kolors_story.models.random_init import BENCH_VERSION, ensure_bench_model
+    from kolors_story.tiny.architectures import BENCH_RESOLUTION
+    from kolors_story.tiny.kolors import BENCH_VERSION, ensure_bench_model
 
     folder = ensure_bench_model(Path(offline_env["KOLORS_STORY_CACHE"]) / f"bench-kolors-v{BENCH_VERSION}")
     _check_counts(load_pipeline(folder), BENCH_RESOLUTION)
@@ -231,9 +231,9 @@ def test_an_out_of_memory_batch_is_rendered_in_halves(tmp_path, tiny_model_dir, 
     forced = generate_from_config(compose("generate", ["model=tiny", "sampler.steps=2", f"output_dir={tmp_path / 'a'}"]))
     monkeypatch.setattr(UNet2DConditionModel, "forward", real_forward)
     assert raised and len(forced.images) == 8
-    retries = forced.manifest["memory"]["oom_retries"]
+    retries = forced.manifest.memory["oom_retries"]
     assert retries == [{"jobs": list(range(8)), "batch_size": 8, "then": [4, 4]}]
     plain = generate_from_config(compose("generate", ["model=tiny", "sampler.steps=2", "sampler.batch_size=4",
                                                       f"output_dir={tmp_path / 'b'}"]))
-    assert plain.manifest["memory"]["oom_retries"] == []
+    assert plain.manifest.memory["oom_retries"] == []
     assert all(np.array_equal(a, b) for a, b in zip(_pixels(tmp_path / "a"), _pixels(tmp_path / "b")))

@@ -204,12 +204,12 @@ def test_an_untouched_manifest_has_no_problems(small_story, tmp_path):
 def _forbid_work(monkeypatch):
     """Any data-stage or model-loading call fails the test: checks must come first. (The modules
     are imported before patching, so no module binds a patched loader for later tests.)"""
-    import kolors_story.cli  # noqa: F401
-    import kolors_story.generate.checks  # noqa: F401
+    import kolors_story.cli
+    import kolors_story.generate.checks
     import kolors_story.train.checks  # noqa: F401
-    from kolors_story.generate import run as generate_run
+    from kolors_story.generate import job as generate_run
     from kolors_story.models import loading
-    from kolors_story.train import run as train_run
+    from kolors_story.train import job as train_run
 
     def forbidden(*a, **k):
         raise AssertionError("heavy work started before the settings were checked")

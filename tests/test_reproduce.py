@@ -57,7 +57,7 @@ def test_tampered_image_is_caught_even_with_moved_weights(made, tmp_path, tiny_m
 
 
 def test_only_locations_may_change_and_bad_sources_are_named(made, tmp_path):
-    from kolors_story.generate.reproduce import reproduce_from_config
+    from kolors_story.cli import reproduce_from_config
 
     cfg = compose("generate", [f"reproduce={made['bundle']}", "sampler.steps=3", f"output_dir={tmp_path}"])
     with pytest.raises(ValueError, match="only model.path.*sampler.steps=3"):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from kolors_story.records import last_checkpoint, read_metrics
-from kolors_story.train.run import run_training
+from kolors_story.train.job import run_training
 from tests.test_train import RUN, _cfg, _InterruptAt, _lora_state, _max_diff
 
 # A small reward setup for the 64 px tiny model: 6 Euler steps, the gradient step among the last three.
@@ -31,7 +31,7 @@ def test_differentiable_scorer_matches_the_package_at_real_size():
     (std 1) as real ones do: then score points mean what they mean for the real predictor."""
     from kolors_story.evaluate.differentiable import DifferentiableAestheticScore
     from kolors_story.evaluate.scorer import AestheticScorer
-    from kolors_story.models.configs import REAL_PREDICTOR_CONFIG
+    from kolors_story.models.architectures import REAL_PREDICTOR_CONFIG
     from kolors_story.models.random_init import build_clip_processor, build_predictor
 
     scorer = AestheticScorer(build_predictor(REAL_PREDICTOR_CONFIG, seed=0).eval(), build_clip_processor())

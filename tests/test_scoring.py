@@ -20,8 +20,8 @@ from kolors_story.evaluate.scorer import (
     ScorerError,
 )
 from kolors_story.evaluate.summary import coherence, summarize_scores
-from kolors_story.models.configs import REAL_PREDICTOR_CONFIG
-from kolors_story.models.random_init import build_tiny_predictor
+from kolors_story.models.architectures import REAL_PREDICTOR_CONFIG
+from kolors_story.tiny.scorer import build_tiny_predictor
 from tests.helpers import settings
 
 # ---------------------------------------------------------------------------- helpers
@@ -132,7 +132,7 @@ def test_scorer_from_config_builds_the_tiny_predictor(offline_env):
     cfg = settings("evaluate", ["model=tiny", "scorer.batch_size=2"])
     assert Path(cfg.scorer.path) == Path(offline_env["KOLORS_STORY_CACHE"]) / "tiny-aesthetics-none-seed0"
     s = AestheticScorer.from_settings(cfg.scorer)
-    assert s.tiny and s.batch_size == 2 and s.path == Path(cfg.scorer.path)
+    assert s.note is not None and s.batch_size == 2 and s.path == Path(cfg.scorer.path)
     assert cfg.scorer.threshold == 6.0
     # model=kolors points at the competition weights' folder
     assert Path(settings("evaluate", []).scorer.path).name == REAL_FOLDER_NAME

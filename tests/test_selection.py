@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from kolors_story.bench.select import random_candidates
-from kolors_story.evaluate.selection import (
+from kolors_story.config import ScorerSettings
+from kolors_story.evaluate.objective import (
     EXHAUSTIVE_LIMIT,
     Candidates,
     Objective,
@@ -22,8 +23,7 @@ from kolors_story.evaluate.selection import (
     story_terms,
 )
 from kolors_story.evaluate.summary import story_scores
-from kolors_story.generate.selection import StoryPicker
-from kolors_story.settings import ScorerSettings
+from kolors_story.generate.best_of import StoryPicker
 from tests.test_generate import pixels, run_generate, shared_hires_best
 
 # ---------------------------------------------------------------------------- fixtures
@@ -112,8 +112,8 @@ def test_eight_copies_are_flagged_and_lose_to_a_varied_coherent_story():
     same = np.tile(coherent_embeddings(1), (8, 1))
     coherent = coherent_embeddings(8)
     scores = [6.4] * 8
-    copy_story = story_scores(scores, torch.tensor(same), images=copies)
-    varied_story = story_scores(scores, torch.tensor(coherent), images=varied)
+    copy_story = story_scores(scores, torch.tensor(same), images=copies).to_json()
+    varied_story = story_scores(scores, torch.tensor(coherent), images=varied).to_json()
     assert copy_story["coherence"] == pytest.approx(1.0) and copy_story["coherence"] > varied_story["coherence"] > 0.7
     assert len(copy_story["duplicate_pairs"]) == 28 and copy_story["copy_paste"] == 1.0
     assert set(copy_story["duplicate_pairs"][0]["why"]) == {"pixels", "embedding"}
@@ -122,7 +122,7 @@ def test_eight_copies_are_flagged_and_lose_to_a_varied_coherent_story():
     # a re-encoded copy (other pixels, same embedding) and a pixel copy (other embedding) are both caught
     emb = coherent.copy()
     emb[5] = emb[2]
-    mixed = story_scores(scores, torch.tensor(emb), images=varied[:7] + [varied[0]])
+    mixed = story_scores(scores, torch.tensor(emb), images=varied[:7] + [varied[0]]).to_json()
     assert [(p["panels"], p["why"]) for p in mixed["duplicate_pairs"]] == [([1, 8], ["pixels"]), ([3, 6], ["embedding"])]
     assert mixed["copy_paste"] == pytest.approx(2 / 28)
 
@@ -169,7 +169,7 @@ def trained_tiny_clip(tmp_path_factory):
     """The tiny CLIP (both towers) trained for a few steps, contrastively, on coloured squares."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from kolors_story.models.random_init import ensure_tiny_clip
+    from kolors_story.tiny.scorer import ensure_tiny_clip
 
     folder = ensure_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip", seed=0)
     model, processor = CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder, use_fast=False)
@@ -224,7 +224,7 @@ def test_generate_refuses_before_loading_when_clip_is_missing(tmp_path):
 
     job = settings("generate", ["model=tiny", "score=true", "scorer.tiny=null",
                                 f"scorer.path={tmp_path}", f"scorer.clip_path={tmp_path / 'clip'}"])
-    from kolors_story.models.random_init import ensure_tiny_scorer
+    from kolors_story.tiny.scorer import ensure_tiny_scorer
 
     ensure_tiny_scorer(tmp_path, seed=0)
     with pytest.raises(AlignmentError, match=str(tmp_path / "clip")):
@@ -324,9 +324,9 @@ def test_scene_selection_keeps_each_scenes_highest_scored_candidate(tmp_path_fac
     """select=scene (the default) is the behaviour before story selection: render every candidate
     set on its own, score it, keep each scene's highest (ties: the lower candidate); the images
     are those, pixel for pixel."""
-    from kolors_story.configs import to_settings
+    from kolors_story.config.compose import to_settings
     from kolors_story.evaluate.scorer import AestheticScorer
-    from kolors_story.generate.run import generate
+    from kolors_story.generate.job import generate
 
     made = shared_hires_best(tmp_path_factory)  # best_of.n=2, select left at its default
     job = to_settings(made["cfg"], "generate")

@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+from kolors_story.config import OptimSettings
 from kolors_story.records import last_checkpoint, read_metrics
-from kolors_story.settings import OptimSettings
 from kolors_story.train.devices import resolve_precision
+from kolors_story.train.job import run_training
 from kolors_story.train.loader import StreamBatchSampler
 from kolors_story.train.module import KolorsLoraModule
 from kolors_story.train.optimizers import lr_lambda
-from kolors_story.train.run import run_training
 from tests.helpers import compose, settings
 
 
@@ -198,9 +198,9 @@ def test_other_optimizers_train_and_resume_exactly(tmp_path, tiny_batches, optim
 
 
 def test_validation_loss_is_fixed_for_a_lora_and_moves_with_training(tmp_path, tiny_batches, tiny_model_dir):
+    from kolors_story.config import OptimSettings
     from kolors_story.lora import add_lora
     from kolors_story.models.loading import load_pipeline
-    from kolors_story.settings import OptimSettings
     from kolors_story.train.held_out import held_out_loss, split_items
 
     runs = {}
@@ -236,7 +236,8 @@ def test_ema_weights_equal_a_reference_average_and_resume_exactly(tmp_path, tiny
     from kolors_story.lora import read_lora
 
     n, decay = 5, 0.6
-    ema = ["trainer.ema.enabled=true", f"trainer.ema.decay={decay}", "trainer.checkpoint_every_n_steps=100"]
+    ema = ["trainer.ema.enabled=true", f"trainer.ema.decay={decay}", "trainer.checkpoint_every_n_steps=100",
+           "trainer.save_dtype=float32"]  # the average itself, to 1e-6: files at full precision
     raw = _RawWeights()
     run = run_training(_cfg(tmp_path / "a", *RUN, *ema, f"trainer.max_steps={n}"), tmp_path / "a", tiny_batches,
                        extra_callbacks=[raw])
@@ -264,8 +265,8 @@ def test_ema_weights_equal_a_reference_average_and_resume_exactly(tmp_path, tiny
 
 
 def test_loss_and_timestep_knobs(tiny_model_dir, tiny_batches):
+    from kolors_story.config import LossSettings, OptimSettings
     from kolors_story.models.loading import load_pipeline
-    from kolors_story.settings import LossSettings, OptimSettings
     from kolors_story.train.module import sample_generators
 
     pipe = load_pipeline(tiny_model_dir, text_encoder=False)
@@ -512,7 +513,7 @@ def test_wandb_each_job_gets_its_own_run_grouped_by_sweep(tmp_path, tiny_batches
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    from kolors_story.configs import to_settings
+    from kolors_story.config.compose import run_identity, to_settings
     from tests.wandb_reader import read_wandb_run
 
     runs = []
@@ -527,7 +528,7 @@ def test_wandb_each_job_gets_its_own_run_grouped_by_sweep(tmp_path, tiny_batches
             cfg.hydra.job.override_dirname = f"lora.rank={rank}"
         HydraConfig.instance().set_config(cfg)
         try:
-            runs.append(run_training(to_settings(cfg, "train"), job, tiny_batches))
+            runs.append(run_training(to_settings(cfg, "train"), job, tiny_batches, identity=run_identity()))
         finally:
             HydraConfig.instance().cfg = None
     read = [read_wandb_run(r.wandb_dir) for r in runs]
@@ -555,8 +556,8 @@ def test_accumulation_counts_optimizer_steps(tmp_path, tiny_batches):
 
 
 def test_resume_errors_name_the_problem(tmp_path):
+    from kolors_story.config.saved import resume_config
     from kolors_story.errors import TrainingError
-    from kolors_story.train.resume import resume_config
 
     with pytest.raises(TrainingError, match="no such folder"):
         resume_config(compose("train", [f"resume={tmp_path / 'nope'}"]))

@@ -125,7 +125,7 @@ def test_train_py_ddp_on_two_cpu_processes_then_resume_in_one(ddp_run, capsys):
 
 def test_stage_train_reuses_the_prepared_data_and_cache(demo_data):
     from kolors_story.story import story_scenes
-    from kolors_story.train.run import data_stage
+    from kolors_story.train.job import data_stage
     from tests.helpers import settings
 
     data = demo_data[0]

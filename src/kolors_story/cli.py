@@ -14,9 +14,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from kolors_story.configs import explicit_keys, in_multirun, task_overrides, to_settings
+from kolors_story.config.compose import explicit_keys, in_multirun, run_identity, task_overrides, to_settings
 from kolors_story.errors import SettingsError, UserError
 from kolors_story.records import record_failure
+from kolors_story.story.files import apply_story_file
 
 FAILED_OBJECTIVE = float("-inf")  # what Optuna sees for a failed trial: worse than any score
 
@@ -44,7 +45,7 @@ def exit_on_user_error(fn, cfg):
     code 2 (``HYDRA_FULL_ERROR=1`` shows the traceback instead)."""
     try:
         return fn(cfg)
-    except Exception as exc:  # noqa: BLE001 - sorted below: bugs are re-raised untouched
+    except Exception as exc:
         message = user_error_message(exc)
         if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -70,7 +71,7 @@ def run_job(fn, cfg, *, objective_on_failure=FAILED_OBJECTIVE):
             try:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 record_failure(run_dir, exc)
-            except Exception as write_exc:  # never let bookkeeping hide the original error
+            except Exception as write_exc:  # noqa: BLE001 - never let bookkeeping hide the original error
                 print(f"(could not record the failure in {run_dir}: {write_exc})")
         try:
             import wandb
@@ -116,25 +117,31 @@ def _hydra_run_dir() -> str | None:
 
 
 def train_from_config(cfg) -> float | None:
-    """The `train.py` job: resume= merged into the run's own config, then ``train.run.train``."""
+    """The `train.py` job: resume= merged into the run's own config, then ``train.job.train``."""
+    from kolors_story.config.saved import resume_config, save_run_config, stopped_run, with_resume
     from kolors_story.train.checks import check_train
-    from kolors_story.train.resume import resume_config, save_run_config
-    from kolors_story.train.run import handoff_pending, run_handoff, train
+    from kolors_story.train.job import handoff_pending, run_handoff, train
+    from kolors_story.train.resume import check_trainer_state
 
     if handoff_pending():  # a DDP child process started by Lightning
         run_handoff()
         return None
     resume_from = None
+    requeued = None if cfg.get("resume") else stopped_run(cfg)
+    if requeued is not None:  # the same job again in its own folder (a requeue after a stop)
+        print(f"{requeued} holds a stopped run: resuming it")
+        cfg = with_resume(cfg, requeued)
     if cfg.get("resume"):
-        cfg, run_dir, resume_from = resume_config(cfg)
+        cfg, run_dir, resume_from = resume_config(cfg, check_state=check_trainer_state)
         print(f"Resuming {run_dir} from {resume_from.parent.name}")
     job = to_settings(cfg, "train", lenient=resume_from is not None)  # a resumed run's config may be older
+    job = apply_story_file(job)  # story.file: your own scenes, checked before anything loads
     if not job.plan_only:
         check_train(job)  # before any data or model work, and before anything is written to the run
     job = planned("train", job, cfg, job.output_dir if job.stage != "data" or job.plan_only else None)
     if job.stage != "data" and job.output_dir:
         save_run_config(cfg, Path(job.output_dir))
-    return train(job, resume_from=resume_from)
+    return train(job, resume_from=resume_from, identity=run_identity())
 
 
 def train_main(cfg) -> float | None:
@@ -144,20 +151,29 @@ def train_main(cfg) -> float | None:
 
 def generate_from_config(cfg):
     """The `generate.py` job without reproduce=: render (run=/checkpoint= resolved), bundle, report."""
-    from kolors_story.generate.run import render_story
-    from kolors_story.generate.runs import effective_config
+    from kolors_story.config.saved import effective_config
+    from kolors_story.generate.job import render_story
 
     effective, source = effective_config(cfg)
-    job = to_settings(effective, "generate", lenient=source is not None)  # a training run's config may be older
+    job = apply_story_file(to_settings(effective, "generate", lenient=source is not None))  # a run's config may be older
     extra = {"lora_files": [effective.lora_path]} if effective.get("lora_path") else {}
     job = planned("generate", job, cfg, job.output_dir, **extra)
     return render_story(job, source=source, overrides=task_overrides(cfg))
 
 
+def reproduce_from_config(cfg) -> dict:
+    """`python generate.py reproduce=<...> [model.path=<moved weights>]`: regenerate and compare."""
+    from kolors_story.config.saved import reproduce_request
+    from kolors_story.generate.reproduce import format_report, reproduce
+
+    source, out_dir, locations = reproduce_request(cfg)
+    report = reproduce(source, out_dir, locations=locations)
+    print(format_report(report))
+    return report
+
+
 def _generate(cfg) -> int:
     if cfg.get("reproduce"):
-        from kolors_story.generate.reproduce import reproduce_from_config
-
         return 0 if reproduce_from_config(cfg)["all_identical"] else 1
     generate_from_config(cfg)
     return 0
@@ -165,18 +181,27 @@ def _generate(cfg) -> int:
 
 def generate_main(cfg) -> int:
     """`generate.py`: a reproduction (exit code 1 when any image differs) or a rendered story."""
-    return exit_on_user_error(_generate, cfg)
+    story = "the new story was not written; the story already in the output folder is untouched"
+    return exit_on_user_error(stoppable(_generate, story), cfg)
 
 
 def evaluate_from_config(cfg) -> dict:
-    """The `evaluate.py` job, dispatched on what was asked for: ``images=`` or ``sweep=``."""
+    """The `evaluate.py` job, dispatched on what was asked for: ``images=``, ``sweep=`` or ``report=``."""
     from kolors_story.evaluate.folder import EvaluationError, evaluate_folder
     from kolors_story.evaluate.leaderboard import run_leaderboard
 
     job = to_settings(cfg, "evaluate")
+    asked = [key for key in ("images", "sweep", "report") if getattr(job, key)]
+    if len(asked) > 1:
+        raise EvaluationError(f"Give one of images=<folder>, sweep=<multirun folder> or report=<run folder>, "
+                              f"not {' and '.join(asked)}")
+    if job.report:  # reads files only: no model, so no memory plan
+        from kolors_story.evaluate.run_report import write_run_report
+
+        path = write_run_report(job.report)
+        print(f"report: {path}")
+        return {"report": path}
     job = planned("evaluate", job, cfg, job.output_dir or _hydra_run_dir())
-    if job.images and job.sweep:
-        raise EvaluationError("Give either images=<folder> or sweep=<multirun folder>, not both")
     if job.images:
         return evaluate_folder(job)
     if job.sweep:
@@ -185,12 +210,52 @@ def evaluate_from_config(cfg) -> dict:
         except (FileNotFoundError, ValueError) as exc:
             raise EvaluationError(str(exc)) from exc
     raise EvaluationError(
-        "Nothing to evaluate: pass images=<folder with the story images or a generate run folder> "
-        "or sweep=<multirun folder of python train.py -m>"
+        "Nothing to evaluate: pass images=<folder with the story images or a generate run folder>, "
+        "sweep=<multirun folder of python train.py -m> or report=<train.py run folder>"
     )
 
 
 def evaluate_main(cfg) -> int:
     """`evaluate.py`: bad input is one line on stderr and exit code 2, no traceback."""
-    exit_on_user_error(evaluate_from_config, cfg)
+    exit_on_user_error(stoppable(evaluate_from_config, "no scores or leaderboard files were written"), cfg)
     return 0
+
+
+class StopSignal(BaseException):
+    """SIGTERM or SIGINT during generate.py / evaluate.py, raised in the main thread so that every
+    ``with`` block unwinds: a staging folder is removed and nothing half-made is published."""
+
+
+def _progress() -> str:
+    """Where the work was when it stopped, from the progress bars still open."""
+    from tqdm import tqdm
+
+    bars = [b for b in list(getattr(tqdm, "_instances", [])) if getattr(b, "total", None)]
+    return (" during " + ", ".join(f"'{b.desc.rstrip(': ')}' at {b.n} of {b.total}" for b in bars[:2])) if bars else ""
+
+
+def stoppable(fn, not_written: str):
+    """``fn(cfg)``, ended by SIGTERM/SIGINT with one line saying how far it got and what was not
+    written, and the shell's exit code for that signal (143, 130)."""
+    import signal
+
+    from kolors_story.train.stopping import EXIT_CODES, STOP_SIGNALS
+
+    def raise_stop(signum, _frame):  # how far it got is read now: the progress bars close as it unwinds
+        raise StopSignal(signal.Signals(signum).name, _progress())
+
+    def run(cfg):
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, raise_stop)
+        try:
+            return fn(cfg)
+        except StopSignal as stop:
+            name, where = stop.args
+            print(f"stopped by {name}{where}: {not_written}", file=sys.stderr)
+            raise SystemExit(EXIT_CODES[name]) from None
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    return run

@@ -8,6 +8,6 @@ import sys
 # spinning, with 2 threads and 4 other busy processes). Set OMP_WAIT_POLICY to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from kolors_story.bench.run import main  # noqa: E402
+from kolors_story.bench.run import main
 
 sys.exit(main())

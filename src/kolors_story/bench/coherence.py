@@ -10,10 +10,11 @@ import dataclasses
 
 import torch
 
+from kolors_story import tiny
 from kolors_story.accounting import FlopCount
 from kolors_story.bench.timing import GB, TFLOP, BenchContext
 from kolors_story.generate.sharing import install_sharing
-from kolors_story.models import configs
+from kolors_story.models import architectures as configs
 from kolors_story.plan.coherence import adapter_bytes, shared_token_bytes
 from kolors_story.plan.count import build_on, unet_inputs
 
@@ -44,11 +45,11 @@ def count_shared_step(unet_config: dict, resolution: int, sharing) -> dict:
 
 
 def section_coherence(ctx: BenchContext) -> dict:
-    from kolors_story.configs import compose_settings
+    from kolors_story.config.compose import compose_settings
 
     model = "tiny" if ctx.quick else "kolors"
     job = compose_settings("generate", [f"model={model}", "coherence=both"])
-    unet_config = configs.tiny_unet_config() if ctx.quick else configs.KOLORS_UNET_CONFIG
+    unet_config = tiny.architecture("unet") if ctx.quick else configs.KOLORS_UNET_CONFIG
     resolution = 64 if ctx.quick else 1024
     ctx.log(f"coherence: counting a shared-attention UNet call at {resolution}² on the meta device ...")
     flops = count_shared_step(unet_config, resolution, job.coherence.sharing)

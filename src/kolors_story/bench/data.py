@@ -9,31 +9,18 @@ from kolors_story.bench.timing import BenchContext, compose_settings
 from kolors_story.bench.train import bench_model
 
 
-def section_data(ctx: BenchContext) -> dict:
-    from kolors_story.data import prepare_dataset
-    from kolors_story.data.cache import build_cache
+def _preflight_rows(ctx: BenchContext, candidates: list) -> dict:
+    """Preflight in one process, then in ``dataset.workers=2`` spawned processes (start-up included) on
+    the demo set repeated to a size where it matters (quick: the 24 images once)."""
     from kolors_story.data.preflight import preflight
-    from kolors_story.data.sources import list_source
 
-    data_dir = ctx.workdir / "data-demo"
-    filter_name = "none" if ctx.quick else "default"
-    job = compose_settings("train", ["dataset=demo", f"filter={filter_name}", f"data_dir={data_dir}",
-                                     f"dataset.resolution={ctx.resolution}"])
-    model = bench_model(ctx)
-    out: dict = {"model": ctx.model_name, "filter": filter_name}
-
-    t0 = time.perf_counter()
-    listing = list_source(job.dataset)  # draws the demo images the first time
-    out["source_seconds"] = time.perf_counter() - t0
-    n = len(listing.candidates)
+    n = len(candidates)
     ctx.log(f"data: preflight of {n} images ...")
     t0 = time.perf_counter()
-    pre = preflight(listing.candidates, ctx.workdir / "preflight-bench", progress=False)
+    pre = preflight(candidates, ctx.workdir / "preflight-bench", progress=False)
     dt = time.perf_counter() - t0
-    out["preflight"] = {"images": n, "kept": len(pre.kept), "seconds": dt, "images_per_s": n / dt}
-    # dataset.workers: spawned processes (start-up included), on the demo set repeated to a size where
-    # it matters (the files are decoded again each time; quick: the 24 images once)
-    workers, many = 2, listing.candidates * (1 if ctx.quick else 10)
+    out = {"preflight": {"images": n, "kept": len(pre.kept), "seconds": dt, "images_per_s": n / dt}}
+    workers, many = 2, candidates * (1 if ctx.quick else 10)
     timings = {}
     for w in (1, workers):
         t0 = time.perf_counter()
@@ -43,35 +30,56 @@ def section_data(ctx: BenchContext) -> dict:
                                  "serial_images_per_s": len(many) / timings[1][0],
                                  "speedup": timings[1][0] / timings[workers][0],
                                  "same_result": timings[1][1] == timings[workers][1]}
+    return out
 
-    ctx.log(f"data: prepare_dataset (preflight + filter={filter_name} + train/ folder) ...")
+
+def _timed(fn) -> tuple[object, float]:
     t0 = time.perf_counter()
-    prepared = prepare_dataset(job.dataset, job.filter, data_dir, progress=False)
-    dt = time.perf_counter() - t0
-    report = prepared.report
-    out["prepare"] = {"images": n, "kept": len(prepared.items), "seconds": dt, "images_per_s": n / dt,
-                      "filter_seconds": (report.get("filter") or {}).get("seconds")}
-    if out["prepare"]["filter_seconds"]:
-        out["prepare"]["filter_images_per_s"] = n / out["prepare"]["filter_seconds"]
+    result = fn()
+    return result, time.perf_counter() - t0
+
+
+def _cache_rows(ctx: BenchContext, model, prepared, data_dir) -> dict:
+    """The cache build, its reuse, and (full bench) the build in ``cache.devices=2`` processes."""
+    from kolors_story.data.cache import build_cache
 
     ctx.log("data: cache build (VAE latents + ChatGLM embeddings) and reuse ...")
-    t0 = time.perf_counter()
-    build_cache(model, prepared, data_dir=data_dir, resolution=ctx.resolution)
-    dt = time.perf_counter() - t0
     m = len(prepared.items)
-    out["cache_build"] = {"images": m, "seconds": dt, "images_per_s": m / dt}
-    t0 = time.perf_counter()
-    again = build_cache(model, prepared, data_dir=data_dir, resolution=ctx.resolution)
-    dt = time.perf_counter() - t0
+    _, dt = _timed(lambda: build_cache(model, prepared, data_dir=data_dir, resolution=ctx.resolution))
+    out = {"cache_build": {"images": m, "seconds": dt, "images_per_s": m / dt}}
+    again, dt = _timed(lambda: build_cache(model, prepared, data_dir=data_dir, resolution=ctx.resolution))
     out["cache_reuse"] = {"images": m, "seconds": dt, "images_per_s": m / dt,
                           "files_reused": again.stats.get("files_reused") if hasattr(again, "stats") else None}
     if not ctx.quick:  # cache.devices=2: spawned processes (start-up included), same bytes as one
         ctx.log("data: cache build in 2 processes ...")
-        t0 = time.perf_counter()
-        build_cache(model, prepared, data_dir=ctx.workdir / "data-sharded", resolution=ctx.resolution, devices=2)
-        dt = time.perf_counter() - t0
+        sharded = ctx.workdir / "data-sharded"
+        _, dt = _timed(lambda: build_cache(model, prepared, data_dir=sharded, resolution=ctx.resolution, devices=2))
         one, two = (sorted((p.name, p.read_bytes()) for p in (d / "cache" / "items").iterdir())
-                    for d in (data_dir, ctx.workdir / "data-sharded"))
+                    for d in (data_dir, sharded))
         out["cache_build_sharded"] = {"processes": 2, "images": m, "images_per_s": m / dt,
                                       "speedup": out["cache_build"]["seconds"] / dt, "same_files": one == two}
+    return out
+
+
+def section_data(ctx: BenchContext) -> dict:
+    from kolors_story.data import prepare_dataset
+    from kolors_story.data.sources import list_source
+
+    data_dir = ctx.workdir / "data-demo"
+    filter_name = "none" if ctx.quick else "default"
+    job = compose_settings("train", ["dataset=demo", f"filter={filter_name}", f"data_dir={data_dir}",
+                                     f"dataset.resolution={ctx.resolution}"])
+    model = bench_model(ctx)
+    out: dict = {"model": ctx.model_name, "filter": filter_name}
+    listing, out["source_seconds"] = _timed(lambda: list_source(job.dataset))  # draws the demo images the first time
+    n = len(listing.candidates)
+    out.update(_preflight_rows(ctx, listing.candidates))
+    ctx.log(f"data: prepare_dataset (preflight + filter={filter_name} + train/ folder) ...")
+    prepared, dt = _timed(lambda: prepare_dataset(job.dataset, job.filter, data_dir, progress=False))
+    filter_seconds = (prepared.report.get("filter") or {}).get("seconds")
+    out["prepare"] = {"images": n, "kept": len(prepared.items), "seconds": dt, "images_per_s": n / dt,
+                      "filter_seconds": filter_seconds}
+    if filter_seconds:
+        out["prepare"]["filter_images_per_s"] = n / filter_seconds
+    out.update(_cache_rows(ctx, model, prepared, data_dir))
     return out

@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 import torch
 
+from kolors_story import tiny
 from kolors_story.accounting import FlopCount, PeakTensorMemory
 from kolors_story.bench.timing import GB, TFLOP, BenchContext
-from kolors_story.models import configs
+from kolors_story.models import architectures as configs
 from kolors_story.plan.count import build_on, unet_inputs
 
 
@@ -79,8 +80,8 @@ def section_flops(ctx: BenchContext) -> dict:
     from kolors_story.lora import DEFAULT_TARGETS, add_lora
 
     if ctx.quick:
-        unet_cfg, te_cfg, vae_cfg, res = (configs.tiny_unet_config(), configs.tiny_text_encoder_config(),
-                                         configs.tiny_vae_config(), 64)
+        unet_cfg, te_cfg, vae_cfg, res = (tiny.architecture("unet"), tiny.architecture("text_encoder"),
+                                         tiny.architecture("vae"), tiny.resolution())
     else:
         unet_cfg, te_cfg, vae_cfg, res = (configs.KOLORS_UNET_CONFIG, configs.KOLORS_TEXT_ENCODER_CONFIG,
                                          configs.SDXL_VAE_CONFIG, 1024)
@@ -102,12 +103,22 @@ def section_flops(ctx: BenchContext) -> dict:
     vae_params = _count_params(lambda: AutoencoderKL(**vae_cfg))
     vae_encoder_params = _count_params(lambda: AutoencoderKL(**vae_cfg).encoder)
 
+    return _flops_table(ctx, res, tokens, rank, device, dtype, plain, ckpt, te_flops, vae_flops,
+                        {"unet": unet_params, "lora": lora_params, "text_encoder": te_params, "vae": vae_params,
+                         "vae_encoder": vae_encoder_params})
+
+
+def _flops_table(ctx: BenchContext, res: int, tokens: int, rank: int, device: str, dtype, plain: dict, ckpt: dict,
+                 te_flops: float, vae_flops: float, params: dict) -> dict:
+    """The section's numbers: TFLOPs, parameters, resident weights, activations and what the cache saves."""
+    from kolors_story.lora import DEFAULT_TARGETS
+
     # Resident during a step, fp16 weights; the LoRA trains in fp32: weight + grad + AdamW's 2 moments.
-    lora_state = lora_params * (4 + 4 + 8)
-    cached = unet_params * 2 + lora_state
-    reference = cached + te_params * 2 + vae_params * 2
+    lora_state = params["lora"] * (4 + 4 + 8)
+    cached = params["unet"] * 2 + lora_state
+    reference = cached + params["text_encoder"] * 2 + params["vae"] * 2
     encode = te_flops + vae_flops
-    out = {
+    return {
         "resolution": res, "tokens": tokens, "lora_rank": rank, "lora_targets": list(DEFAULT_TARGETS),
         "real_scale": not ctx.quick, "device": device, "activation_dtype": str(dtype).removeprefix("torch."),
         "tflop": {
@@ -117,11 +128,10 @@ def section_flops(ctx: BenchContext) -> dict:
             "text_encoder_256_tokens": te_flops / TFLOP,
             "vae_encode": vae_flops / TFLOP,
         },
-        "params": {"unet": unet_params, "lora": lora_params, "text_encoder": te_params, "vae": vae_params,
-                   "vae_encoder": vae_encoder_params},
+        "params": dict(params),
         "resident_gb": {"cached": cached / GB, "encode_every_step": reference / GB, "saved": (reference - cached) / GB,
-                        "unet_fp16": unet_params * 2 / GB, "lora_fp32_with_adamw": lora_state / GB,
-                        "text_encoder_fp16": te_params * 2 / GB, "vae_fp16": vae_params * 2 / GB},
+                        "unet_fp16": params["unet"] * 2 / GB, "lora_fp32_with_adamw": lora_state / GB,
+                        "text_encoder_fp16": params["text_encoder"] * 2 / GB, "vae_fp16": params["vae"] * 2 / GB},
         "activation_gb": {"no_checkpointing": plain["peak_activation_bytes"] / GB,
                           "checkpointing": ckpt["peak_activation_bytes"] / GB},
         "cache_saving": {
@@ -134,4 +144,3 @@ def section_flops(ctx: BenchContext) -> dict:
             "checkpointed_over_forward": ckpt["forward_backward"] / plain["forward"],
         },
     }
-    return out

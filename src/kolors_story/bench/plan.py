@@ -61,6 +61,8 @@ def section_plan(ctx: BenchContext) -> dict:
     rewards = QUICK_REWARDS if ctx.quick else tuple(REWARDS)
     ctx.log(f"plan: reward refinement {', '.join(rewards)} on a 24 GB card ...")
     out["rewards"] = {name: reward_cost(REWARDS[name], flops=not ctx.quick) for name in rewards}
+    ctx.log("plan: character=auto on a 24 GB card ...")
+    out["character"] = character_cost(["character=auto"], flops=not ctx.quick)
     return out
 
 
@@ -93,7 +95,7 @@ def reward_flops(resolution: int, steps: int, grad_steps: int) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from kolors_story.bench.flops import count_unet_step
-    from kolors_story.models import configs
+    from kolors_story.models import architectures as configs
     from kolors_story.plan.count import build_on, meta_model
 
     unet = build_on("meta", lambda: UNet2DConditionModel(**configs.KOLORS_UNET_CONFIG), torch.float16)
@@ -120,3 +122,50 @@ def reward_cost(overrides: list[str], budget_gb: float = 24, flops: bool = True)
     return {"peak_gb": pick["peak_gb"], "reward_step_gb": pick["stages"].get("reward step"),
             "train_step_gb": pick["stages"].get("train step"), "fits": pick["fits"],
             **(reward_flops(int(r.resolution), int(r.steps), grad_steps) if flops else {})}
+
+
+# character=auto on a 24 GB card: the loop's stages in the plan, and one round's FLOPs at real size
+CARDS_24GB = {"A10 (125 TFLOP/s)": 125.0, "RTX 4090 (165 TFLOP/s)": 165.0}  # dense fp16 tensor rates
+UTILIZATION = 0.40  # the share of that rate assumed (as docs/measured-on-a-gpu.md does for the H100)
+
+
+def character_round_flops(job) -> dict:
+    """FLOPs of one round of ``character=auto`` at real size: the candidates' denoising (CFG doubles
+    the UNet batch) and decodes, and the entity LoRA's steps (rank ``character.rank``)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kolors_story.bench.flops import count_unet_step
+    from kolors_story.lora import DEFAULT_TARGETS, add_lora
+    from kolors_story.models import architectures as configs
+    from kolors_story.plan.count import build_on
+
+    c, s = job.character, job.sampler
+    unet = build_on("meta", lambda: UNet2DConditionModel(**configs.KOLORS_UNET_CONFIG), torch.float16)
+    unet.requires_grad_(False)
+    add_lora(unet, rank=c.rank, alpha=c.alpha, target_modules=DEFAULT_TARGETS)
+    step = count_unet_step(unet, s.height, 256, gradient_checkpointing=job.trainer.gradient_checkpointing)
+    vae = build_on("meta", lambda: AutoencoderKL(**configs.SDXL_VAE_CONFIG), torch.float16)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        vae.decode(torch.empty(1, 4, s.height // 8, s.width // 8, device="meta", dtype=torch.float16))
+    renders = c.candidates * (s.steps * (2 if s.cfg > 1 else 1) * step["forward"] + counter.get_total_flops())
+    training = c.steps * c.batch_size * step["forward_backward"]
+    return {"renders_tflop": renders / 1e12, "training_tflop": training / 1e12, "round_tflop": (renders + training) / 1e12}
+
+
+def character_cost(overrides: list[str], budget_gb: float = 24, flops: bool = True) -> dict:
+    """The plan's peaks of the character loop's stages on a 24 GB card and (unless ``flops`` is off)
+    one round's FLOPs and the minutes they take at ``UTILIZATION`` of a 24 GB card's fp16 rate."""
+    job = compose_settings("train", ["model=kolors", *overrides])
+    pick = plan_one("train", overrides, budget_gb)
+    out = {"fits": pick["fits"], "peak_gb": pick["peak_gb"], "rounds": job.character.rounds,
+           "candidates": job.character.candidates, "steps": job.character.steps,
+           "stages_gb": {k: v for k, v in pick["stages"].items() if k.startswith("character")}}
+    if flops:  # the training step as the plan runs it (memory=auto may turn gradient checkpointing off)
+        job.trainer.gradient_checkpointing = pick["chosen"].get("trainer.gradient_checkpointing",
+                                                                job.trainer.gradient_checkpointing)
+        counted = character_round_flops(job)
+        minutes = {card: counted["round_tflop"] / (rate * UTILIZATION) / 60 for card, rate in CARDS_24GB.items()}
+        out.update(counted, utilization=UTILIZATION, minutes_per_round=minutes)
+    return out

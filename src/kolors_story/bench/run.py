@@ -1,5 +1,6 @@
 """``python -m kolors_story.bench``: run the sections, keep every finished one in ``bench.json``,
-print the table. ``--quick`` uses the tiny model and one repeat (for tests)."""
+print the table. ``--quick`` uses the tiny model and one repeat (for tests). ``--only gpu`` runs the
+GPU check on its own (``bench.gpu``: ``gpu.json``, its own table and exit code)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,17 @@ from kolors_story.bench.plan import section_plan
 from kolors_story.bench.score import section_score
 from kolors_story.bench.select import section_select
 from kolors_story.bench.table import render_table
+from kolors_story.bench.text_encoder import section_text_encoder
 from kolors_story.bench.timing import BenchContext, BenchError
 from kolors_story.bench.train import section_train
 from kolors_story.files import atomic_write_json
 
-SECTIONS = ("flops", "train", "generate", "score", "select", "coherence", "data", "plan")
+SECTIONS = ("flops", "train", "generate", "score", "select", "coherence", "data", "plan", "text_encoder")
+GPU = "gpu"  # the GPU check: not a section of the default run (it needs a GPU, or --device cpu)
 BENCH_FORMAT = 1
 RUNNERS = {"flops": section_flops, "train": section_train, "generate": section_generate,
-           "score": section_score, "select": section_select, "coherence": section_coherence, "data": section_data, "plan": section_plan}
+           "score": section_score, "select": section_select, "coherence": section_coherence, "data": section_data, "plan": section_plan,
+           "text_encoder": section_text_encoder}
 
 
 def _machine() -> dict:
@@ -46,7 +50,8 @@ def _machine() -> dict:
 
 
 def run_bench(sections=SECTIONS, *, quick: bool = False, repeats: int | None = None, out: str | Path = "bench.json",
-              model_cache: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
+              model_cache: str | Path | None = None, log: Callable[[str], None] = print,
+              overrides: list[str] | None = None) -> dict:
     """Run the sections, merge them into ``out`` (other sections already there are kept), return the result."""
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
@@ -68,7 +73,8 @@ def run_bench(sections=SECTIONS, *, quick: bool = False, repeats: int | None = N
     result.setdefault("sections", {})
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kolors-bench-") as tmp:
-        ctx = BenchContext(quick=quick, repeats=repeats, workdir=Path(tmp), model_cache=cache, log=log)
+        ctx = BenchContext(quick=quick, repeats=repeats, workdir=Path(tmp), model_cache=cache, log=log,
+                           overrides=list(overrides or []))
         for name in sections:
             t0 = time.perf_counter()
             torch.manual_seed(0)
@@ -88,23 +94,49 @@ def run_bench(sections=SECTIONS, *, quick: bool = False, repeats: int | None = N
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kolors_story.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, 1 repeat (seconds; for tests)")
-    parser.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION",
-                        help=f"run only this section (repeatable): {', '.join(SECTIONS)}")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, 1 repeat (seconds; for tests); with --only gpu: the short GPU check")
+    parser.add_argument("--only", action="append", choices=(*SECTIONS, GPU), metavar="SECTION",
+                        help=f"run only this section (repeatable): {', '.join(SECTIONS)}; or {GPU} (alone): "
+                             "the memory plan measured on a GPU")
     parser.add_argument("--repeats", type=int, default=None, help="A/B pairs per comparison after one warm-up pair (default 3, quick 1)")
-    parser.add_argument("--out", default="bench.json", help="result file (default: bench.json)")
+    parser.add_argument("--out", default=None, help="result file (default: bench.json; gpu.json with --only gpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE",
+                        help="--only text_encoder on your weights: model.path=<Kolors folder> (model.dtype=...)")
+    parser.add_argument("--device", default=None,
+                        help="--only gpu: cuda (default where CUDA is), cuda:N, or cpu (the bench-size models)")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="--only gpu: list the stages with their predicted peaks and the estimated time; "
+                             "allocates nothing, needs no GPU")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    if any(not o.startswith("model.") or "=" not in o for o in args.overrides):
+        parser.error(f"settings on the command line are model.KEY=VALUE (got {args.overrides})")
+    gpu = GPU in (args.only or [])
+    if gpu and (len(set(args.only)) > 1 or args.overrides):
+        parser.error(f"--only {GPU} runs alone and builds its own models (it writes gpu.json and has its own "
+                     "exit code): no other section, no model.KEY=VALUE")
+    if not gpu and (args.device or args.plan_only):
+        parser.error(f"--device and --plan-only belong to --only {GPU}")
     if args.threads:
         torch.set_num_threads(args.threads)
     from rich.console import Console
 
     console = Console(width=max(120, shutil.get_terminal_size((120, 24)).columns))
+    if gpu:
+        from kolors_story.bench.gpu import main as gpu_main
+
+        return gpu_main(args.device, args.quick, args.plan_only, args.out or "gpu.json", console)
     try:
-        result = run_bench(args.only or SECTIONS, quick=args.quick, repeats=args.repeats, out=args.out,
-                           log=lambda m: console.print(f"[dim]{m}[/dim]"))
+        result = run_bench(args.only or SECTIONS, quick=args.quick, repeats=args.repeats, out=args.out or "bench.json",
+                           log=lambda m: console.print(f"[dim]{m}[/dim]"), overrides=args.overrides)
     except BenchError as exc:
         console.print(f"[red]bench failed:[/red] {exc}")
         return 1
@@ -113,6 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     if load and load[0] > (os.cpu_count() or 1):
         console.print(f"[yellow]The CPU was busy when the bench started (load {load[0]:.1f} on {os.cpu_count()} cores): "
                       "absolute times are inflated; the A/B ratios are measured under the same load.[/yellow]")
-    console.print(f"wrote {Path(args.out).resolve()} in {result['seconds']:.0f} s")
+    console.print(f"wrote {Path(args.out or 'bench.json').resolve()} in {result['seconds']:.0f} s")
     failed = [k for k, v in result["sections"].items() if isinstance(v, dict) and "error" in v]
     return 1 if failed else 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kolors_story import tiny
 from kolors_story.bench.timing import (
     SCORE_TOLERANCE,
     BenchContext,
@@ -21,7 +22,7 @@ def _score_images(n: int, size: int) -> list:
 
     rng = np.random.default_rng(0)
     out = []
-    for i in range(n):
+    for _ in range(n):
         # Smooth colour fields + noise at story-image size: the processor's resize + crop run for real.
         base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
         im = Image.fromarray(base).resize((size, size), Image.Resampling.BICUBIC)
@@ -32,10 +33,10 @@ def _score_images(n: int, size: int) -> list:
 
 def section_score(ctx: BenchContext) -> dict:
     from kolors_story.evaluate.scorer import AestheticScorer
-    from kolors_story.models.configs import REAL_PREDICTOR_CONFIG, tiny_predictor_config
+    from kolors_story.models.architectures import REAL_PREDICTOR_CONFIG
     from kolors_story.models.random_init import build_clip_processor, build_predictor
 
-    config = tiny_predictor_config() if ctx.quick else dict(REAL_PREDICTOR_CONFIG)
+    config = tiny.architecture("predictor") if ctx.quick else dict(REAL_PREDICTOR_CONFIG)
     config = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
     ctx.log(f"score: building a {'tiny' if ctx.quick else 'real-size CLIP ViT-L/14'} predictor (random weights) ...")
     predictor = build_predictor(config, seed=0)

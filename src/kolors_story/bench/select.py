@@ -13,9 +13,10 @@ import time
 
 import numpy as np
 
+from kolors_story import tiny
 from kolors_story.bench.score import _score_images
 from kolors_story.bench.timing import BenchContext, Comparison, alternate, median
-from kolors_story.evaluate.selection import (
+from kolors_story.evaluate.objective import (
     Candidates,
     Objective,
     coordinate_ascent,
@@ -70,12 +71,7 @@ def _search(ctx: BenchContext) -> tuple[dict, list[dict]]:
 def _alignment_cost(ctx: BenchContext) -> dict:
     from kolors_story.evaluate.alignment import PromptAligner
     from kolors_story.evaluate.scorer import AestheticScorer
-    from kolors_story.models.configs import (
-        REAL_CLIP_CONFIG,
-        REAL_PREDICTOR_CONFIG,
-        tiny_clip_config,
-        tiny_predictor_config,
-    )
+    from kolors_story.models.architectures import REAL_CLIP_CONFIG, REAL_PREDICTOR_CONFIG
     from kolors_story.models.random_init import (
         build_clip,
         build_clip_processor,
@@ -83,9 +79,9 @@ def _alignment_cost(ctx: BenchContext) -> dict:
     )
 
     ctx.log(f"select: building {'tiny' if ctx.quick else 'real-size'} predictor + CLIP with its text tower ...")
-    predictor_cfg = tiny_predictor_config() if ctx.quick else dict(REAL_PREDICTOR_CONFIG)
+    predictor_cfg = tiny.architecture("predictor") if ctx.quick else dict(REAL_PREDICTOR_CONFIG)
     predictor = build_predictor({k: v for k, v in predictor_cfg.items() if k not in ("architectures", "model_type")})
-    clip = build_clip(tiny_clip_config() if ctx.quick else REAL_CLIP_CONFIG)
+    clip = build_clip(tiny.architecture("clip") if ctx.quick else REAL_CLIP_CONFIG)
     processor = build_clip_processor()
     scorer, aligner = AestheticScorer(predictor, processor, batch_size=8), PromptAligner(clip, processor, batch_size=8)
     images = _score_images(8, 256 if ctx.quick else 1024)

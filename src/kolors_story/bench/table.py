@@ -80,6 +80,14 @@ def _plan_rows(table, plan: dict) -> None:
             if "ratio" in cost else ("", "(FLOPs: full bench)")
         table.add_row("plan", f"reward={name} on 24 GB: step peak / FLOPs vs a plain 1024² LoRA step",
                       f"{cost['reward_step_gb']:.2f} GB", *flops)
+    char = plan.get("character")
+    if char:
+        worst = max(char["stages_gb"].values(), default=0.0)
+        minutes = " / ".join(f"{m:.1f}" for m in (char.get("minutes_per_round") or {}).values())
+        table.add_row("plan", f"character=auto on 24 GB: loop peak / one round ({char['candidates']} renders + "
+                      f"{char['steps']} LoRA steps)", f"{worst:.2f} GB",
+                      f"{char['round_tflop']:.0f} TFLOP" if "round_tflop" in char else "(FLOPs: full bench)",
+                      f"{minutes} min (A10 / 4090)" if minutes else "")
 
 
 def _select_rows(table, sec: dict) -> None:
@@ -99,6 +107,39 @@ def _coherence_rows(table, c: dict) -> None:
                   f"{c['reading_over_plain']:.2f}x")
     table.add_row("coherence", f"IP-Adapter on the device / shared tokens per reference ({c['steps']} steps)",
                   f"{c['ip_adapter_gb']:.2f} GB", f"{c['shared_tokens_gb_per_reference']:.2f} GB", "")
+
+
+def _gb_pair(none: dict, other: dict, key: str) -> tuple[str, str, str]:
+    a, b = none.get(key), other.get(key)
+    if a is None or b is None:
+        return "-", "-", ""
+    return f"{a:.2f} GB", f"{b:.2f} GB", f"{b / a:.2f}x"
+
+
+def _text_encoder_rows(table, sec: dict) -> None:
+    for model in sec["models"]:
+        name, schemes = model["name"], model["schemes"]
+        none = schemes["none"]
+        for scheme, r in schemes.items():
+            if scheme == "none":
+                continue
+            table.add_row("text_encoder", f"{name}: weights as the plan counts them, none / {scheme}",
+                          *_gb_pair(none, r, "weights_gb"))
+            table.add_row("text_encoder", f"{name}: peak RSS encoding, none / {scheme}",
+                          *_gb_pair(none, r, "peak_rss_encode_gb"))
+            table.add_row("text_encoder", f"{name}: peak RSS loading, none / {scheme}",
+                          *_gb_pair(none, r, "peak_rss_load_gb"))
+            table.add_row("text_encoder", f"{name}: load, none / {scheme}", _fmt_s(none["load_s"]),
+                          _fmt_s(r["load_s"]), f"{r['load_s'] / none['load_s']:.2f}x")
+            table.add_row("text_encoder", f"{name}: encode per prompt, none / {scheme}",
+                          _fmt_s(none["encode_s_per_prompt"]), _fmt_s(r["encode_s_per_prompt"]),
+                          f"{r['encode_s_per_prompt'] / none['encode_s_per_prompt']:.2f}x")
+            for story, q in r["stories"].items():
+                table.add_row("text_encoder", f"{name}: {scheme} vs none, {story}: cosine mean / worst prompt, "
+                              "rel. error", f"{q['cosine_mean']:.5f} / {q['cosine_min']:.5f}",
+                              f"{q['relative_error']:.4f}", "")
+        for scheme, why in model["skipped"].items():
+            table.add_row("text_encoder", f"{name}: {scheme} not run here", why.split(": use")[0][:90], "", "")
 
 
 def render_table(result: dict):
@@ -128,6 +169,8 @@ def render_table(result: dict):
         _data_rows(table, ok["data"])
     if "plan" in ok:
         _plan_rows(table, ok["plan"])
+    if "text_encoder" in ok:
+        _text_encoder_rows(table, ok["text_encoder"])
     for name, sec in s.items():
         if isinstance(sec, dict) and "error" in sec:
             table.add_row(name, "FAILED", sec["error"][:80], "", "")

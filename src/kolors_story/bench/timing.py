@@ -10,13 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kolors_story import tiny
 from kolors_story.accounting import PeakTensorMemory
-from kolors_story.models.configs import BENCH_RESOLUTION
-from kolors_story.models.random_init import (
-    BENCH_VERSION,
-    ensure_bench_model,
-    ensure_tiny_model,
-)
 
 GB = 1e9
 TFLOP = 1e12
@@ -98,6 +93,7 @@ class BenchContext:
     workdir: Path  # scratch space (datasets, caches) for this run
     model_cache: Path  # where the tiny / bench models are built once and reused
     log: Callable[[str], None] = print
+    overrides: list[str] = field(default_factory=list)  # model.*=... from the command line (text_encoder: your weights)
     _model_dir: Path | None = None
 
     @property
@@ -106,23 +102,23 @@ class BenchContext:
 
     @property
     def resolution(self) -> int:
-        return 64 if self.quick else BENCH_RESOLUTION
+        return tiny.resolution("tiny" if self.quick else "bench")
 
     def model_dir(self) -> Path:
         if self._model_dir is None:
             if self.quick:
-                self._model_dir = ensure_tiny_model(self.model_cache / "tiny-kolors-seed0", seed=0)
+                self._model_dir = tiny.build_model(self.model_cache / "tiny-kolors-seed0", "tiny")
             else:
-                folder = self.model_cache / f"bench-kolors-v{BENCH_VERSION}"
+                folder = self.model_cache / f"bench-kolors-v{tiny.model_version('bench')}"
                 if not (folder / "BENCH_MODEL.json").exists():
                     self.log(f"building the bench model into {folder} (once) ...")
-                self._model_dir = ensure_bench_model(folder)
+                self._model_dir = tiny.build_model(folder, "bench")
         return self._model_dir
 
 
 def compose_settings(job: str, overrides: list[str]):
     """The typed settings of ``conf/<job>.yaml`` with ``overrides`` (configs.compose_settings)."""
-    from kolors_story.configs import compose_settings as compose
+    from kolors_story.config.compose import compose_settings as compose
 
     try:
         return compose(job, overrides)

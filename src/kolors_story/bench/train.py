@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from kolors_story import tiny
 from kolors_story.bench.timing import (
     BenchContext,
     BenchError,
@@ -22,13 +23,12 @@ from kolors_story.bench.timing import (
     param_bytes,
     peak,
 )
+from kolors_story.config import ModelSettings, OptimSettings, TrainerSettings
 from kolors_story.files import file_sha256
-from kolors_story.settings import ModelSettings, OptimSettings, TrainerSettings
 
 
 def _draw_training_set(folder: Path, n: int, resolution: int) -> Path:
     """A processed dataset (train/<n>.jpg + metadata.csv, the DiffSynth layout) of demo drawings."""
-    from kolors_story.data.demo import draw_demo_image
     from kolors_story.data.processed import metadata_csv_text
 
     train = folder / "train"
@@ -36,7 +36,7 @@ def _draw_training_set(folder: Path, n: int, resolution: int) -> Path:
     rows = []
     for i in range(n):
         # A bit larger than the training size and not square: the resize + crop path runs.
-        im, caption = draw_demo_image(i, int(resolution * 1.5), int(resolution * 1.25), seed=0)
+        im, caption = tiny.draw_demo_image(i, int(resolution * 1.5), int(resolution * 1.25), seed=0)
         im.convert("RGB").save(train / f"{i}.jpg", quality=95)
         rows.append((f"{i}.jpg", caption))
     (train / "metadata.csv").write_text(metadata_csv_text(rows), encoding="utf-8")

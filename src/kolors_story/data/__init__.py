@@ -12,8 +12,8 @@ dataset -> latent/embedding cache.
     prepared = prepare_dataset(settings.dataset, settings.filter, settings.data_dir)
 """
 
+from kolors_story.data.candidates import DataError
 from kolors_story.data.prepare import prepare_dataset, run_data_stage
 from kolors_story.data.processed import PreparedDataset, load_prepared
-from kolors_story.data.records import DataError
 
 __all__ = ["DataError", "PreparedDataset", "load_prepared", "prepare_dataset", "run_data_stage"]

@@ -13,7 +13,8 @@ Design choices (why):
 - An item file is named ``<image_key>-<text_key>.safetensors``. The image key hashes the image
   bytes, the resize/crop policy (``crop``), the dtype and a sampled fingerprint of the VAE weights;
   the text key hashes the caption, the dtype and a fingerprint of the text encoder + tokenizer
-  files (a retrained model of the same shape must not reuse stale entries). A changed caption
+  files (a retrained model of the same shape must not reuse stale entries), and its quantization
+  (``model.text_encoder_quant``: int8/nf4 embeddings are never mixed with fp16 ones). A changed caption
   therefore only needs a new text part: its latents are taken from the file that still carries the
   old caption (same image key), and vice versa. Superseded files are left in place (cheap to keep,
   and switching back to an old caption is then free); delete ``<data_dir>/cache`` to reclaim space.
@@ -28,12 +29,10 @@ Design choices (why):
 
 from __future__ import annotations
 
-import csv
 import gc
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kolors_story.config import ModelSettings
 from kolors_story.data.buckets import bucket_for, image_size, make_buckets
 from kolors_story.data.cache_batches import (
     ImageJob,
@@ -63,6 +63,7 @@ from kolors_story.data.cache_shards import (
     texts_in_shards,
 )
 from kolors_story.data.crop import CROP_POLICIES, target_size
+from kolors_story.data.processed import dataset_items
 from kolors_story.errors import SettingsError
 from kolors_story.files import atomic_write_json, file_sha256, remove_stale_tmp
 from kolors_story.models.loading import (
@@ -78,7 +79,7 @@ from kolors_story.models.prompts import (
     encode_scenes,
     text_pipeline,
 )
-from kolors_story.settings import ModelSettings
+from kolors_story.models.quantization import check_text_encoder_quant
 from kolors_story.story import Scene
 
 log = logging.getLogger(__name__)
@@ -117,51 +118,6 @@ class _Item:
     target_hw: tuple[int, int] = (0, 0)  # the training size of this image (its bucket, or dataset.resolution)
 
 
-# ------------------------------------------------------------------------------------- the dataset
-
-
-def _resolve(train: Path, p: Path) -> Path:
-    return p if p.is_absolute() or not (train / p).exists() and p.exists() else train / p
-
-
-def _read_processed_folder(root: Path) -> tuple[Path, list[tuple[Path, str]]]:
-    train = root / "train" if (root / "train" / "metadata.csv").exists() else root
-    csv_path = train / "metadata.csv"
-    if not csv_path.is_file():
-        raise CacheError(
-            f"No processed dataset at {root}: expected {root / 'train' / 'metadata.csv'} (file_name,text). "
-            "Prepare it first with `python train.py stage=data`."
-        )
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = {"file_name", "text"} - set(reader.fieldnames or [])
-        if missing:
-            raise CacheError(f"{csv_path} lacks column(s) {sorted(missing)} (has {reader.fieldnames}).")
-        return train, [(train / row["file_name"], row["text"] or "") for row in reader]
-
-
-def dataset_items(prepared) -> tuple[list[tuple[Path, str]], str | None]:
-    """(image path, caption) pairs and the dataset hash of a ``PreparedDataset`` (duck-typed) or a
-    processed folder (``<dir>/train/metadata.csv``)."""
-    if isinstance(prepared, (str, os.PathLike)):
-        train, items = _read_processed_folder(Path(prepared))
-        dataset_hash = None
-    else:
-        train = Path(prepared.train_dir)
-        # paths may be absolute, relative to train_dir, or relative to the working directory
-        items = [(_resolve(train, Path(p)), str(t)) for p, t in prepared.items]
-        dataset_hash = getattr(prepared, "dataset_hash", None)
-    if not items:
-        raise CacheError(f"The processed dataset in {train} has no images: nothing to cache.")
-    missing = [str(p) for p, _ in items if not p.is_file()]
-    if missing:
-        raise CacheError(
-            f"{len(missing)} image(s) listed in {train / 'metadata.csv'} do not exist, e.g. {missing[:3]}. "
-            "Re-run `python train.py stage=data`."
-        )
-    return items, dataset_hash
-
-
 def _key(material: dict) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:24]
 
@@ -194,6 +150,8 @@ class _CacheBuild:
         self.dtype = to_dtype(model.dtype)
         self.dtype_name = str(self.dtype).removeprefix("torch.")
         self.device = str(model.device)
+        self.quant = model.text_encoder_quant  # ChatGLM3's weights: part of the text key and recorded in each file
+        check_text_encoder_quant(self.quant, self.device)
         self.devices = shard_devices(self.device, devices)  # checked before any file is read
         self.shards: ShardPlan | None = None  # cache.devices > 1: set by open()
         self.target_hw = target_size(resolution)
@@ -215,13 +173,16 @@ class _CacheBuild:
         self.parts_dir = cache_dir / "parts"  # cache.devices > 1: the workers' finished batches
         remove_stale_tmp(cache_dir, self.items_dir, self.story_dir, self.parts_dir)
         if len(self.devices) > 1:
-            self.shards = ShardPlan(self.layout, self.dtype, self.devices, self.parts_dir, torch.get_num_threads())
+            self.shards = ShardPlan(self.layout, self.dtype, self.devices, self.parts_dir, torch.get_num_threads(),
+                                    self.quant)
 
     def plan(self, pairs: list[tuple[Path, str]]) -> list[_Item]:
         """Each item's keys, each part keyed by the component that produces it (VAE -> latents,
         text encoder -> embeddings): swapping one component keeps the other part's cache."""
         common = {"v": CACHE_VERSION, "dtype": self.dtype_name}
-        text_fp = component_fingerprint(self.layout, "text")
+        # a quantized encoder's embeddings differ: their own keys (none keeps the keys it always had)
+        text_fp = {"text_encoder": component_fingerprint(self.layout, "text"),
+                   **({"text_encoder_quant": self.quant} if self.quant != "none" else {})}
         image_policy = {"crop": self.crop, "resample": "lanczos",
                         "vae": component_fingerprint(self.layout, "vae"),
                         **({"seed": self.seed} if self.crop == "random" else {})}
@@ -230,9 +191,9 @@ class _CacheBuild:
             sha = file_sha256(image)
             hw = bucket_for(image_size(image), self.buckets) if self.buckets else self.target_hw
             ik = _key({**common, **image_policy, "size": list(hw), "image": sha})
-            tk = _key({**common, "text": caption, "max_len": MAX_SEQUENCE_LENGTH, "text_encoder": text_fp})
+            tk = _key({**common, "text": caption, "max_len": MAX_SEQUENCE_LENGTH, **text_fp})
             items.append(_Item(image, caption, sha, ik, tk, self.items_dir / f"{ik}-{tk}.safetensors", hw))
-        self.story_material = {**common, "max_len": MAX_SEQUENCE_LENGTH, "text_encoder": text_fp}
+        self.story_material = {**common, "max_len": MAX_SEQUENCE_LENGTH, **text_fp}
         self.stats["items"] = len(items)
         return items
 
@@ -295,13 +256,15 @@ class _CacheBuild:
                 "image_sha256": it.sha, "caption": it.caption, "resolution": json.dumps(list(it.target_hw)),
                 "crop": self.crop, "crop_top_left": json.dumps([int(ids[2]), int(ids[3])]), "model_hash": self.mhash,
                 "dtype": self.dtype_name, "image_key": it.image_key, "text_key": it.text_key,
+                "text_encoder_quant": self.quant,
             }
             write_cache_file(path, {"latents": lat, "prompt_embeds": emb, "pooled_prompt_embeds": pooled,
                                     "add_time_ids": ids}, meta)
 
     def _story_metadata(self, scenes: list[Scene]) -> dict:
         return {"cache_version": str(CACHE_VERSION), "kind": "story", "model_hash": self.mhash,
-                "dtype": self.dtype_name, "prompts": json.dumps([s.prompt for s in scenes], ensure_ascii=False),
+                "dtype": self.dtype_name, "text_encoder_quant": self.quant,
+                "prompts": json.dumps([s.prompt for s in scenes], ensure_ascii=False),
                 "negatives": json.dumps([s.negative for s in scenes], ensure_ascii=False)}
 
     @torch.no_grad()
@@ -324,7 +287,7 @@ class _CacheBuild:
             emb, pooled = self.texts[self.empty_key]
             write_cache_file(self.empty_path, {"prompt_embeds": emb, "pooled_prompt_embeds": pooled},
                              {"cache_version": str(CACHE_VERSION), "kind": "empty", "model_hash": self.mhash,
-                              "dtype": self.dtype_name})
+                              "dtype": self.dtype_name, "text_encoder_quant": self.quant})
         self.write_ready()
 
     def _desc(self, what: str) -> str:
@@ -335,7 +298,7 @@ class _CacheBuild:
         if self.shards and len(batches) + bool(story) > 1:
             yield from texts_in_shards(self.shards, batches, story)
             return
-        pipe = text_pipeline(self.layout, self.dtype, self.device)
+        pipe = text_pipeline(self.layout, self.dtype, self.device, self.quant)
         try:
             for batch in batches:
                 yield encode_text_batch(pipe, batch, self.device, self.dtype)
@@ -416,6 +379,7 @@ def build_cache(model: ModelSettings, prepared, *, data_dir: str | Path | None =
     stats = build.stats
     atomic_write_json(cache_dir / "manifest.json", {
         "model_hash": build.mhash, "dataset_hash": dataset_hash, "resolution": list(build.target_hw), "crop": crop,
+        "text_encoder_quant": build.quant,
         "buckets": [list(b) for b in build.buckets] if build.buckets else None,
         "items": [{"image": str(it.image), "caption": it.caption, "file": it.file.name} for it in items],
         "story": story_path.name if story_path else None, "stats": stats,

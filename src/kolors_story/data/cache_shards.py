@@ -62,6 +62,7 @@ class ShardPlan:
     devices: list[str]
     parts_dir: Path
     threads: int  # the parent's torch thread count (CPU results depend on it)
+    text_encoder_quant: str = "none"  # model.text_encoder_quant: ChatGLM3's weights
 
 
 def part_path(plan: ShardPlan, kind: str, keys: list[str]) -> Path:
@@ -78,7 +79,7 @@ def read_part(path: Path, keys: list[str], names: tuple[str, str]) -> dict[str, 
     try:
         tensors = load_bytes(path.read_bytes())
         return {k: (tensors[f"{k}/{names[0]}"], tensors[f"{k}/{names[1]}"]) for k in keys}
-    except Exception:  # a part we cannot trust is computed again
+    except Exception:  # noqa: BLE001 - a part we cannot trust is computed again
         return None
 
 
@@ -101,7 +102,8 @@ def _init_worker(devices, plan: ShardPlan) -> None:
 
 def _text_pipe():
     if "pipe" not in _worker:
-        _worker["pipe"] = text_pipeline(_worker["plan"].layout, _worker["plan"].dtype, _worker["device"])
+        plan = _worker["plan"]
+        _worker["pipe"] = text_pipeline(plan.layout, plan.dtype, _worker["device"], plan.text_encoder_quant)
     return _worker["pipe"]
 
 

@@ -17,11 +17,12 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+from kolors_story import tiny
+from kolors_story.config import DatasetSettings
+from kolors_story.data.candidates import DataError, Dropped
 from kolors_story.data.preflight import StagedImage, rgb_batches
-from kolors_story.data.records import DataError, Dropped
 from kolors_story.data.sources import normalise_caption
 from kolors_story.files import atomic_write_text, file_sha256
-from kolors_story.settings import DatasetSettings
 
 CAPTIONS_FILE = "captions.csv"
 COLUMNS = ("file", "sha256", "source_caption", "generated", "final")
@@ -119,14 +120,12 @@ def generate_captions(images: list[StagedImage], dataset: DatasetSettings, progr
 
     from kolors_story.models.captioner import (
         captioner_path,
-        ensure_tiny_captioner,
         load_captioner,
     )
 
     name = str(dataset.captioner)
     path = captioner_path(name, dataset.captioner_path)
-    if dataset.captioner_tiny:
-        ensure_tiny_captioner(path, name)
+    tiny.provide_captioner(dataset, path)
     model, processor = load_captioner(name, path, str(dataset.captioner_device), str(dataset.captioner_dtype))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text",
                                                                  "text": PROMPTS[dataset.caption_language]}]}]

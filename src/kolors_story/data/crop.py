@@ -33,7 +33,7 @@ def target_size(resolution) -> tuple[int, int]:
     else:
         try:
             h, w = (int(v) for v in resolution)
-        except Exception:
+        except (TypeError, ValueError):
             raise SettingsError(f"dataset.resolution={resolution!r}: give one int or [height, width]") from None
     if h <= 0 or w <= 0 or h % 8 or w % 8:
         raise SettingsError(f"dataset.resolution={resolution!r}: sizes must be positive multiples of 8 (the VAE downsamples 8x)")

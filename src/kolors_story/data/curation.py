@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kolors_story.config import FilterSettings, ScorerSettings
+from kolors_story.data.candidates import DataError, Dropped
 from kolors_story.data.preflight import StagedImage, rgb_batches
-from kolors_story.data.records import DataError, Dropped
-from kolors_story.settings import FilterSettings, ScorerSettings
 
 HIST_FILE = "scores_hist.png"
 DROPPED_SHEET = "dropped_aesthetic.png"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from kolors_story.data.records import DataError
+from kolors_story.data.candidates import DataError
 
 # Ops that must not run here: image_deduplicator pulls a torchvision that breaks the environment.
 FORBIDDEN_OPS = {"image_deduplicator": "it installs a mismatched torchvision at run time",

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from kolors_story.data.records import Candidate, DataError, Dropped
+from kolors_story.data.candidates import Candidate, DataError, Dropped
 
 POLICIES = ("skip", "fail")
 JPEG_QUALITY = 95
@@ -131,11 +131,8 @@ def _to_rgb8(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_rgb(path: str | Path, max_pixels: int | None = None) -> tuple[Image.Image, dict]:
-    """Open, check and fully decode one image; returns (RGB image, info) or raises ``BadImage``.
-    ``info`` has ``format``, ``mode``, ``size`` and ``unchanged`` (True: an RGB JPEG whose bytes can
-    be copied as they are)."""
-    path = Path(path)
+def _check_file(path: Path) -> None:
+    """A regular, non-empty, readable file, or ``BadImage`` saying which of those it is not."""
     if not path.exists():
         raise BadImage("missing file: it does not exist")
     if not path.is_file():
@@ -146,6 +143,14 @@ def load_rgb(path: str | Path, max_pixels: int | None = None) -> tuple[Image.Ima
         raise BadImage(f"cannot read: {exc}") from None
     if size == 0:
         raise BadImage("zero-byte file")
+
+
+def load_rgb(path: str | Path, max_pixels: int | None = None) -> tuple[Image.Image, dict]:
+    """Open, check and fully decode one image; returns (RGB image, info) or raises ``BadImage``.
+    ``info`` has ``format``, ``mode``, ``size`` and ``unchanged`` (True: an RGB JPEG whose bytes can
+    be copied as they are)."""
+    path = Path(path)
+    _check_file(path)
     with _strict_pil(max_pixels):
         try:
             im = Image.open(path)

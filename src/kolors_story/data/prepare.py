@@ -12,7 +12,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from kolors_story.config import DatasetSettings, FilterSettings, ScorerSettings
 from kolors_story.data import captioning, curation
+from kolors_story.data.candidates import DataError, Dropped, SourceListing
 from kolors_story.data.filtering import check_executor, recipe_ops, run_recipe
 from kolors_story.data.preflight import load_rgb, preflight
 from kolors_story.data.processed import (
@@ -23,10 +25,8 @@ from kolors_story.data.processed import (
     write_report,
     write_train_dir,
 )
-from kolors_story.data.records import DataError, Dropped, SourceListing
 from kolors_story.data.sources import list_source, normalise_caption
 from kolors_story.files import recover_dir
-from kolors_story.settings import DatasetSettings, FilterSettings, ScorerSettings
 
 REPORT_FORMAT = 1  # bump when the processed output changes for the same inputs (forces a rebuild)
 

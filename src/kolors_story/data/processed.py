@@ -16,7 +16,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kolors_story.data.records import DataError
+from kolors_story.data.cache_files import CacheError
+from kolors_story.data.candidates import DataError
 from kolors_story.files import atomic_dir, atomic_write_json, file_sha256
 
 REPORT_NAME = "report.json"
@@ -111,3 +112,48 @@ def load_prepared(data_dir: str | Path, *, verify: bool = True) -> PreparedDatas
                             "rerun `python train.py stage=data dataset.rebuild=true`", step="processed")
     names = [i.get("source", "") for i in report.get("items", [])]
     return PreparedDataset(data_dir, train, csv_path, report, digest, items, report_path, reused=True, names=names)
+
+
+# ------------------------------------------------------------------ read back (the cache's input)
+
+
+def _resolve(train: Path, p: Path) -> Path:
+    return p if p.is_absolute() or not (train / p).exists() and p.exists() else train / p
+
+
+def _read_processed_folder(root: Path) -> tuple[Path, list[tuple[Path, str]]]:
+    train = root / "train" if (root / "train" / "metadata.csv").exists() else root
+    csv_path = train / "metadata.csv"
+    if not csv_path.is_file():
+        raise CacheError(
+            f"No processed dataset at {root}: expected {root / 'train' / 'metadata.csv'} (file_name,text). "
+            "Prepare it first with `python train.py stage=data`."
+        )
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = {"file_name", "text"} - set(reader.fieldnames or [])
+        if missing:
+            raise CacheError(f"{csv_path} lacks column(s) {sorted(missing)} (has {reader.fieldnames}).")
+        return train, [(train / row["file_name"], row["text"] or "") for row in reader]
+
+
+def dataset_items(prepared) -> tuple[list[tuple[Path, str]], str | None]:
+    """(image path, caption) pairs and the dataset hash of a ``PreparedDataset`` (duck-typed) or a
+    processed folder (``<dir>/train/metadata.csv``)."""
+    if isinstance(prepared, (str, os.PathLike)):
+        train, items = _read_processed_folder(Path(prepared))
+        dataset_hash = None
+    else:
+        train = Path(prepared.train_dir)
+        # paths may be absolute, relative to train_dir, or relative to the working directory
+        items = [(_resolve(train, Path(p)), str(t)) for p, t in prepared.items]
+        dataset_hash = getattr(prepared, "dataset_hash", None)
+    if not items:
+        raise CacheError(f"The processed dataset in {train} has no images: nothing to cache.")
+    missing = [str(p) for p, _ in items if not p.is_file()]
+    if missing:
+        raise CacheError(
+            f"{len(missing)} image(s) listed in {train / 'metadata.csv'} do not exist, e.g. {missing[:3]}. "
+            "Re-run `python train.py stage=data`."
+        )
+    return items, dataset_hash

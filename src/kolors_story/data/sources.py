@@ -5,7 +5,7 @@
   the listing can see (a row naming no file, a caption with no image); preflight judges the rest.
 - ``lowres_anime``: the baseline's ModelScope dataset, written once into ``dataset.path`` as a
   folder with ``metadata.jsonl``, then listed like ``folder``.
-- ``demo``: generated offline by code (see ``demo.py``) into ``dataset.path``, then listed.
+- ``demo``: generated offline by code (``kolors_story.tiny.draw_demo``) into ``dataset.path``, then listed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from kolors_story.data.records import (
+from kolors_story.config import DatasetSettings, ModelScopeDatasetSettings
+from kolors_story.data.candidates import (
     IMAGE_EXTS,
     Candidate,
     DataError,
@@ -25,7 +26,6 @@ from kolors_story.data.records import (
     SourceListing,
 )
 from kolors_story.files import atomic_write_json, atomic_write_text
-from kolors_story.settings import DatasetSettings, ModelScopeDatasetSettings
 
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 # Files our own sources write beside the images (not reported as ignored).
@@ -244,7 +244,7 @@ def fetch_modelscope(dataset: ModelScopeDatasetSettings, raw_dir: str | Path) ->
     what = f"ModelScope dataset {spec['repo']} (subset {spec['subset']}, split {spec['split']})"
     try:
         from modelscope.msdatasets import MsDataset
-    except Exception as exc:  # noqa: BLE001 - any import failure gets the same advice
+    except Exception as exc:
         raise DataError(
             f"cannot load {what}: modelscope's dataset loader does not import ({type(exc).__name__}: {exc}). "
             "Install its dataset extras (`pip install \"modelscope[datasets]\"`, which brings addict), "
@@ -258,7 +258,7 @@ def fetch_modelscope(dataset: ModelScopeDatasetSettings, raw_dir: str | Path) ->
     try:
         ds = MsDataset.load(spec["repo"], subset_name=spec["subset"], split=spec["split"],
                             cache_dir=str(raw_dir / "modelscope_cache"))
-    except Exception as exc:  # noqa: BLE001 - network/hub errors come in many types
+    except Exception as exc:
         raise DataError(f"could not download {what}: {type(exc).__name__}: {exc}. {advice}", step="source") from exc
 
     images = raw_dir / "images"
@@ -280,7 +280,7 @@ def fetch_modelscope(dataset: ModelScopeDatasetSettings, raw_dir: str | Path) ->
             rows.append({"file_name": f"images/{name}", "text": "" if text is None else str(text)})
     except DataError:
         raise
-    except Exception as exc:  # noqa: BLE001 - lazy loaders fetch while iterating
+    except Exception as exc:
         raise DataError(f"download of {what} failed part-way: {type(exc).__name__}: {exc}. {advice}", step="source") from exc
     if not rows:
         raise DataError(f"{what} yielded no images ({len(errors)} unreadable rows)", step="source")
@@ -310,9 +310,9 @@ def list_source(dataset: DatasetSettings) -> SourceListing:
     if source == "folder":
         return list_folder(dataset.path, caption_prefix=prefix, default_caption=default, allow_outside=outside)
     if source == "demo":
-        from kolors_story.data.demo import make_demo_dataset
+        from kolors_story import tiny
 
-        folder = make_demo_dataset(dataset.path, seed=int(getattr(dataset, "seed", 0)))
+        folder = tiny.draw_demo(dataset)
         return list_folder(folder, caption_prefix=prefix, default_caption=default, allow_outside=outside)
     if source == "lowres_anime":
         if not isinstance(dataset, ModelScopeDatasetSettings):

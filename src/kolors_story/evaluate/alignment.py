@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from kolors_story import tiny
+from kolors_story.config import ScorerSettings
 from kolors_story.errors import UserError
-from kolors_story.models.random_init import ensure_tiny_clip
-from kolors_story.settings import ScorerSettings
 
 CLIP_DOWNLOAD = "python -m kolors_story.download clip"
 
@@ -41,8 +41,7 @@ class PromptAligner:
         from transformers import CLIPModel, CLIPProcessor
 
         path = Path(str(scorer.clip_path)).expanduser()
-        if scorer.tiny is not None:
-            ensure_tiny_clip(path, seed=int(scorer.tiny.seed))
+        tiny.provide_clip(scorer)
         path = check_clip_folder(path)
         model = CLIPModel.from_pretrained(str(path)).eval().to(scorer.device)
         return cls(model, CLIPProcessor.from_pretrained(str(path), use_fast=False), scorer.device, scorer.batch_size)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kolors_story.models.configs import CLIP_MEAN, CLIP_STD
+from kolors_story.models.architectures import CLIP_MEAN, CLIP_STD
 
 
 class DifferentiableAestheticScore:

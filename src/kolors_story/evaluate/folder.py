@@ -16,21 +16,20 @@ loop scores *every* file of the folder it is given: hand it only the 8 story ima
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import warnings
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from kolors_story.config import EvaluateSettings, ScorerSettings
 from kolors_story.errors import UserError
 from kolors_story.evaluate.alignment import PromptAligner
+from kolors_story.evaluate.objective import Objective
 from kolors_story.evaluate.scorer import AestheticScorer
-from kolors_story.evaluate.selection import Objective
 from kolors_story.evaluate.summary import story_scores
 from kolors_story.files import atomic_write_json
-from kolors_story.records import MANIFEST_FILE, SCORES_FILE
-from kolors_story.settings import EvaluateConfig, ScorerSettings
+from kolors_story.records import MANIFEST_FILE, SCORES_FILE, CheckpointScores, Manifest, RecordError
 from kolors_story.story import STORY_LENGTH
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -102,16 +101,44 @@ def load_images(paths: list[Path]) -> list[Image.Image]:
 def recorded_prompts(folder: Path, paths: list[Path]) -> list[str] | None:
     """The English prompt of each numbered image, from the ``manifest.json`` (generate) or
     ``scores.json`` (training checkpoint) beside it; None when neither records them."""
-    for name in (MANIFEST_FILE, SCORES_FILE):
-        try:
-            scenes = json.loads((folder / name).read_text(encoding="utf-8")).get("scenes") or []
-        except (OSError, ValueError, AttributeError):
+    for name, record in ((MANIFEST_FILE, Manifest), (SCORES_FILE, CheckpointScores)):
+        if not (folder / name).is_file():
             continue
-        by_image = {str(s.get("image")): s.get("prompt_en") or "" for s in scenes if isinstance(s, dict)}
+        try:
+            scenes = record.read(folder / name).scenes
+        except RecordError:
+            continue  # another tool's file of that name: no prompts from it
+        by_image = {s.image: s.prompt_en or "" for s in scenes}
         texts = [by_image.get(p.name, "") for p in paths]
         if any(texts):
             return texts
     return None
+
+
+def _story_paths(folder_or_paths) -> tuple[Path, list[Path], list[Path]]:
+    """(folder, the story's image paths, files ignored in the folder) of a folder or a list of paths."""
+    if isinstance(folder_or_paths, (str, Path)):
+        folder = Path(folder_or_paths).expanduser()
+        paths, ignored = find_images(folder)
+        if not paths:
+            raise EvaluationError(_empty_folder_message(folder))
+        return folder, paths, ignored
+    paths = [Path(p) for p in folder_or_paths]
+    if not paths:
+        raise EvaluationError("No images given to evaluate")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise EvaluationError(f"Image file(s) not found: {', '.join(missing)}")
+    return paths[0].parent, paths, []
+
+
+def _per_image(result: dict) -> list[dict]:
+    """One row per image: its score, similarity to the others, CLIP-T and whether it is a copy."""
+    copies = {i for pair in result["duplicate_pairs"] for i in pair["panels"]}
+    alignment = result["alignment"] or [None] * len(result["images"])
+    return [{"index": i + 1, "image": name, "score": s, "similarity_to_others": sim, "clip_t": t, "copy": i + 1 in copies}
+            for i, (name, s, sim, t) in enumerate(zip(result["images"], result["scores"], result["similarity_to_others"],
+                                                      alignment))]
 
 
 def evaluate_images(folder_or_paths, scorer: AestheticScorer, threshold: float | None = None,
@@ -127,20 +154,7 @@ def evaluate_images(folder_or_paths, scorer: AestheticScorer, threshold: float |
     """
     settings = settings or ScorerSettings()
     threshold = settings.threshold if threshold is None else threshold
-    ignored: list[Path] = []
-    if isinstance(folder_or_paths, (str, Path)):
-        folder = Path(folder_or_paths).expanduser()
-        paths, ignored = find_images(folder)
-        if not paths:
-            raise EvaluationError(_empty_folder_message(folder))
-    else:
-        paths = [Path(p) for p in folder_or_paths]
-        if not paths:
-            raise EvaluationError("No images given to evaluate")
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise EvaluationError(f"Image file(s) not found: {', '.join(missing)}")
-        folder = paths[0].parent
+    folder, paths, ignored = _story_paths(folder_or_paths)
     images = load_images(paths)
 
     notes = []
@@ -158,29 +172,25 @@ def evaluate_images(folder_or_paths, scorer: AestheticScorer, threshold: float |
     if alignment is None:
         result["alignment_note"] = (f"no English prompts recorded beside the images ({MANIFEST_FILE}/{SCORES_FILE})"
                                     if texts is None else "prompt alignment off (scorer.alignment=false)") + ": CLIP-T not computed"
-    result.update(story_scores(scores, embeds, threshold, images=images, alignment=alignment,
-                               max_pixel_distance=settings.duplicate_pixels, min_cosine=settings.duplicate_cosine,
-                               objective=Objective.from_settings(dataclasses.replace(settings, threshold=threshold))))
+    summary = story_scores(scores, embeds, threshold, images=images, alignment=alignment,
+                           max_pixel_distance=settings.duplicate_pixels, min_cosine=settings.duplicate_cosine,
+                           objective=Objective.from_settings(dataclasses.replace(settings, threshold=threshold)))
+    result.update(summary.to_json())
     result["outlier_image"] = result["images"][result["outlier"] - 1] if result["outlier"] else None
     if len(images) < 2:
         notes.append("coherence needs at least 2 images: not computed")
-    copies = {i for pair in result["duplicate_pairs"] for i in pair["panels"]}
-    result["per_image"] = [
-        {"index": i + 1, "image": name, "score": s, "similarity_to_others": sim, "clip_t": t, "copy": i + 1 in copies}
-        for i, (name, s, sim, t) in enumerate(zip(result["images"], result["scores"], result["similarity_to_others"],
-                                                  result["alignment"] or [None] * len(paths)))
-    ]
+    result["per_image"] = _per_image(result)
     result.update(
         n_images=len(paths),
         expected_images=expected,
         story_complete=len(paths) == expected,
         ignored=[_rel(p, folder) for p in ignored],
         warnings=notes,
-        scorer={"path": str(scorer.path) if scorer.path else None, "tiny": scorer.tiny,
+        scorer={"path": str(scorer.path) if scorer.path else None, "tiny": scorer.note is not None,
                 "batch_size": scorer.batch_size, "device": str(scorer.device)},
     )
-    if scorer.tiny:
-        result["note"] = "tiny random predictor (model=tiny): these scores are not the competition's, plumbing only"
+    if scorer.note:
+        result["note"] = f"scored by a stand-in predictor ({scorer.note}): these scores are not the competition's"
     return result
 
 
@@ -239,7 +249,7 @@ def print_report(result: dict, console=None) -> None:
         console.print(f"[yellow]{result['note']}[/]")
 
 
-def evaluate_folder(job: EvaluateConfig) -> dict:
+def evaluate_folder(job: EvaluateSettings) -> dict:
     """``images=<dir>``: score the folder, write scores.json, print the table."""
     folder = Path(str(job.images)).expanduser()
     paths, _ = find_images(folder)  # folder problems are reported before the scorer loads

@@ -1,7 +1,7 @@
 """Rank every (run, checkpoint) of a sweep by its story scores and point at the best one.
 
 ``objective=story`` ranks by the story objective that ``sampler.best_of.select=story`` maximises
-(``evaluate.selection.Objective``: its gate first, then the weighted aesthetic mean, CLIP-I,
+(``evaluate.objective.Objective``: its gate first, then the weighted aesthetic mean, CLIP-I,
 CLIP-T and copy-paste), recomputed from each checkpoint's recorded numbers with this job's
 ``scorer.threshold``/``scorer.objective``, so runs trained with other weights compare fairly.
 
@@ -19,16 +19,11 @@ from pathlib import Path
 
 import yaml
 
+from kolors_story.config import EvaluateSettings, LoggerSettings
 from kolors_story.errors import MissingFileError, SettingsError
-from kolors_story.evaluate.selection import Objective
+from kolors_story.evaluate.objective import Objective
 from kolors_story.files import atomic_write_text
-from kolors_story.records import (
-    EMA_SUFFIX,
-    METRICS_FILE,
-    CheckpointRecord,
-    read_metrics,
-)
-from kolors_story.settings import EvaluateConfig, LoggerSettings
+from kolors_story.records import BEST_FILE, EMA_SUFFIX, METRICS_FILE, BestPick, CheckpointLine, RunMetrics
 
 OBJECTIVES = ("mean", "min", "coherence", "story")
 
@@ -80,32 +75,28 @@ def _job_num(run: Path) -> int:
     return int(head) if head.isdigit() else 1 << 30
 
 
-def _ema_row(record: dict) -> dict:
-    """A checkpoint's EMA weights as a checkpoint line of their own (only the EMA's own numbers)."""
-    return {"type": "checkpoint", "step": record.get("step"), "epoch": record.get("epoch"), **record["ema"],
-            "dir": f"{record['dir']}{EMA_SUFFIX}"}
+def _row(run: Path, overrides: list[str], status: str, error: str | None, r: CheckpointLine,
+         ema: bool = False) -> Row:
+    """One ranked row: a checkpoint, or its EMA weights as "<dir>:ema" (only the EMA's own numbers)."""
+    n = r.ema if ema else r
+    return Row(run=run, overrides=overrides, status=status, error=error, step=r.step,
+               checkpoint=f"{r.dir}{EMA_SUFFIX}" if ema else r.dir, mean=n.mean, min=n.min, coherence=n.coherence,
+               clip_t=n.clip_t, copy_paste=n.copy_paste, passed=n.passed, panel=n.panel, scores=list(n.scores or []),
+               val_loss=n.val_loss, reward_held_out=None if ema else r.reward_held_out)
 
 
 def rows_for_run(run: Path, story: Objective | None = None) -> list[Row]:
-    records = read_metrics(run / METRICS_FILE)
+    metrics = RunMetrics.read(run)
     overrides = _overrides(run)
-    status_rec = next((r for r in reversed(records) if r.get("type") == "status"), None)
-    status = status_rec.get("status", "unknown") if status_rec else ("unknown" if records else "failed")
-    error = status_rec.get("error") if status_rec else (None if records else "no metrics.jsonl: the job died before training started")
-    checkpoints: list[CheckpointRecord] = [r for r in records if r.get("type") == "checkpoint"]
+    if metrics.status is not None:
+        status, error = metrics.status.status, metrics.status.error
+    elif metrics.lines:
+        status, error = "unknown", None
+    else:
+        status, error = "failed", "no metrics.jsonl: the job died before training started"
     # the EMA weights of a checkpoint rank beside its raw weights, as "<dir>:ema"
-    checkpoints = [v for r in checkpoints for v in [r] + ([_ema_row(r)] if r.get("ema") else [])]
-    rows = []
-    for r in checkpoints:
-        rows.append(
-            Row(
-                run=run, overrides=overrides, status=status, error=error, step=r.get("step"),
-                checkpoint=r.get("dir"), mean=r.get("mean"), min=r.get("min"),
-                coherence=r.get("coherence"), clip_t=r.get("clip_t"), copy_paste=r.get("copy_paste"),
-                passed=r.get("passed"), panel=r.get("panel"), scores=list(r.get("scores") or []),
-                val_loss=r.get("val_loss"), reward_held_out=r.get("reward_held_out"),
-            )
-        )
+    rows = [_row(run, overrides, status, error, r, ema) for r in metrics.checkpoints
+            for ema in ([False, True] if r.ema else [False])]
     story = story or Objective()
     for row in rows:
         if row.mean is not None:
@@ -187,31 +178,21 @@ def to_markdown(rows: list[Row], sweep_dir: Path, thumbnails: int = 5) -> str:
     return "\n".join(lines) + "\n"
 
 
-def best_record(rows: list[Row], ranking: dict | None = None) -> dict | None:
+def best_record(rows: list[Row], ranking: dict | None = None) -> BestPick | None:
     """What `generate.py` needs to render the winner: run, checkpoint, scores, exact config, and
     ``ranked_by`` (the objective that picked it)."""
     top = next((r for r in rows if r.mean is not None), None)
     if top is None:
         return None
     config_file = top.run / ".hydra" / "config.yaml"
-    return {
-        "run": str(top.run.resolve()),
-        "checkpoint": top.checkpoint,
-        "checkpoint_dir": str((top.run / top.checkpoint).resolve()) if top.checkpoint else None,
-        "step": top.step,
-        "mean": top.mean,
-        "min": top.min,
-        "coherence": top.coherence,
-        "clip_t": top.clip_t,
-        "copy_paste": top.copy_paste,
-        "story_objective": top.story_objective,
-        "val_loss": top.val_loss,
-        "reward_held_out": top.reward_held_out,
-        "passed": top.passed,
-        "ranked_by": ranking,
-        "overrides": top.overrides,
-        "config": yaml.safe_load(config_file.read_text()) if config_file.exists() else None,
-    }
+    return BestPick(
+        run=str(top.run.resolve()), checkpoint=top.checkpoint,
+        checkpoint_dir=str((top.run / top.checkpoint).resolve()) if top.checkpoint else None,
+        step=top.step, mean=top.mean, min=top.min, coherence=top.coherence, clip_t=top.clip_t,
+        copy_paste=top.copy_paste, story_objective=top.story_objective, val_loss=top.val_loss,
+        reward_held_out=top.reward_held_out, passed=top.passed, ranked_by=ranking, overrides=top.overrides,
+        config=yaml.safe_load(config_file.read_text()) if config_file.exists() else None,
+    )
 
 
 def write_leaderboard(sweep_dir: str | Path, objective: str = "mean", require_pass: bool = True,
@@ -230,7 +211,7 @@ def write_leaderboard(sweep_dir: str | Path, objective: str = "mean", require_pa
         ranking["story"] = story.as_dict()
     best = best_record(rows, ranking)
     if best is not None:
-        paths["best"] = atomic_write_text(out_dir / "best.yaml", yaml.safe_dump(best, sort_keys=False, allow_unicode=True))
+        paths["best"] = best.write_yaml(out_dir / BEST_FILE)
     return {"rows": rows, "best": best, "paths": paths}
 
 
@@ -284,17 +265,27 @@ def log_leaderboard_to_wandb(rows: list[Row], sweep_dir: Path, logger: LoggerSet
                                 "best_run": best.name, "best_checkpoint": best.checkpoint})
         run.finish()
         return True
-    except Exception as exc:  # the dashboard is a mirror: files on disk are the result
+    except Exception as exc:  # noqa: BLE001 - the dashboard is a mirror: files on disk are the result
         print(f"warning: W&B logging of the leaderboard failed ({type(exc).__name__}: {exc}); files are written")
         return False
 
 
-def run_leaderboard(job: EvaluateConfig) -> dict:
-    """The `evaluate.py sweep=<dir>` job."""
+def run_leaderboard(job: EvaluateSettings) -> dict:
+    """The `evaluate.py sweep=<dir>` job: leaderboard.csv/.md, best.yaml, grid.png (``grid.x=``) and
+    report.html (with the runs' own reports where missing)."""
+    from kolors_story.evaluate.grid import check_grid, write_grid
+    from kolors_story.evaluate.sweep_report import write_sweep_report
+
     lb = job.leaderboard
     sweep_dir = Path(str(job.sweep))
+    # a grid key that was not swept fails before anything is written
+    swept = {run: _overrides(run) for run in find_runs(sweep_dir)} if job.grid.x and sweep_dir.is_dir() else {}
+    check_grid(job.grid, swept, sweep_dir)
     result = write_leaderboard(sweep_dir, objective=lb.objective, require_pass=lb.require_pass, out_dir=job.output_dir,
                                story=Objective.from_settings(job.scorer))
+    if job.grid.x:
+        result["paths"]["grid"] = write_grid(result["rows"], job.grid, sweep_dir, job.output_dir)
+    result["paths"]["report"] = write_sweep_report(sweep_dir, result, job.output_dir)
     print_leaderboard(result["rows"], sweep_dir, top=lb.top)
     for kind, path in result["paths"].items():
         print(f"{kind}: {path}")

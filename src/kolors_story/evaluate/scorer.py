@@ -12,9 +12,8 @@ The predictor's forward divides the CLIP image embedding by its norm *in place* 
 normalised embedding as ``hidden_states``: :meth:`AestheticScorer.score_and_embed` takes it from
 there, so the coherence score costs no second forward pass.
 
-Without the real weights, ``model=tiny`` builds a tiny randomly initialised predictor of the same
-classes in the same folder layout (``models.random_init.ensure_tiny_scorer``), loaded through the
-same code. Its scores are near 0 and meaningless: it only exercises the code paths.
+Without the real weights, ``model=tiny`` builds a tiny predictor of the same classes in the same
+folder layout (``kolors_story.tiny``), loaded through the same code.
 """
 
 from __future__ import annotations
@@ -22,9 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kolors_story import tiny
+from kolors_story.config import ScorerSettings
 from kolors_story.errors import UserError
-from kolors_story.models.random_init import TASTES, ensure_tiny_scorer, is_tiny_scorer
-from kolors_story.settings import ScorerSettings
 
 if TYPE_CHECKING:  # torch/transformers are imported on use: a bad path is reported in a second
     import torch
@@ -44,7 +43,7 @@ def check_scorer_folder(path: str | Path) -> Path:
     hint = (
         f"Download the competition's predictor with `{DOWNLOAD_COMMAND}` (it writes "
         f"models/{REAL_FOLDER_NAME}), or set scorer.path=<folder holding it>; "
-        "model=tiny uses a tiny random predictor instead (plumbing only)."
+        "model=tiny builds a tiny predictor of the same class instead."
     )
     if not path.is_dir():
         raise ScorerError(f"Aesthetic predictor not found: {path} does not exist. {hint}")
@@ -85,7 +84,7 @@ class AestheticScorer:
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.path = Path(path) if path is not None else None
-        self.tiny = bool(self.path is not None and is_tiny_scorer(self.path))
+        self.note = tiny.note(self.path) if self.path is not None else None  # a stand-in's note, else None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", batch_size: int = 8) -> "AestheticScorer":
@@ -113,15 +112,11 @@ class AestheticScorer:
 
     @classmethod
     def from_settings(cls, scorer: ScorerSettings) -> "AestheticScorer":
-        """From the ``scorer`` settings group; builds the tiny predictor into ``path`` first if asked."""
+        """From the ``scorer`` settings group; a stand-in predictor (``model=tiny``) is built into ``path`` first."""
         if scorer.path in (None, ""):
             raise ScorerError(f"scorer.path is not set; point it at the predictor folder or run `{DOWNLOAD_COMMAND}`")
         path = Path(str(scorer.path)).expanduser()
-        if scorer.tiny is not None:
-            taste = None if scorer.tiny.taste in (None, "none", "null") else scorer.tiny.taste
-            if taste not in (None, *TASTES):
-                raise ScorerError(f"scorer.tiny.taste={scorer.tiny.taste!r}: use none or one of {list(TASTES)}")
-            ensure_tiny_scorer(path, seed=int(scorer.tiny.seed), taste=taste)
+        tiny.provide_scorer(scorer)
         return cls.from_pretrained(path, device=str(scorer.device), batch_size=int(scorer.batch_size))
 
     # ------------------------------------------------------------------ scoring

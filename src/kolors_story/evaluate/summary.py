@@ -67,7 +67,7 @@ def story_scores(scores: list[float], embeddings, threshold: float = 6.0, *, ima
         duplicate_pairs,
         thumbnails,
     )
-    from kolors_story.evaluate.selection import Objective
+    from kolors_story.evaluate.objective import Objective
 
     summary = summarize_scores(scores, threshold)
     n = len(summary["scores"])
@@ -91,7 +91,7 @@ def story_scores(scores: list[float], embeddings, threshold: float = 6.0, *, ima
 def score_story(scorer, aligner, images: list, texts: list[str] | None, settings) -> StoryScores:
     """Score a story's panels with the aesthetic predictor (and CLIP-T when an aligner and the
     prompts are given): the one summary every stage writes. ``settings``: the scorer settings."""
-    from kolors_story.evaluate.selection import Objective
+    from kolors_story.evaluate.objective import Objective
 
     scores, embeddings = scorer.score_and_embed(images)
     alignment = aligner.alignment(images, texts) if (aligner is not None and texts) else None

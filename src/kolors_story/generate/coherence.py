@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import torch
 from PIL import Image
 
+from kolors_story.config import CoherenceSettings, SharingSettings
 from kolors_story.generate import reference as ref_mod
 from kolors_story.generate.sharing import check_sharing, install_sharing
-from kolors_story.settings import CoherenceSettings, SharingSettings
 from kolors_story.story import Scene
 
 

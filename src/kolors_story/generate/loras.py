@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kolors_story.config import GenerateSettings
 from kolors_story.errors import MissingFileError, SettingsError
 from kolors_story.files import file_sha256
 from kolors_story.records import LoraRecord
-from kolors_story.settings import GenerateConfig
 
 
 @dataclass
@@ -22,11 +22,11 @@ class LoraSpec:
     def as_record(self) -> LoraRecord:
         d = LoraRecord(path=str(self.path), file=self.path.name, scale=float(self.scale), sha256=self.sha256)
         if self.bundle_file:
-            d["bundle_file"] = self.bundle_file
+            d.bundle_file = self.bundle_file
         return d
 
 
-def lora_specs(job: GenerateConfig) -> list[LoraSpec]:
+def lora_specs(job: GenerateSettings) -> list[LoraSpec]:
     """``lora_path`` (with ``lora_scale``) followed by ``loras`` (a list of {path, scale} or paths)."""
     specs = []
     if job.lora_path:

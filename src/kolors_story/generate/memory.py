@@ -24,8 +24,9 @@ from dataclasses import asdict
 
 import torch
 
+from kolors_story.config import MemorySettings
 from kolors_story.errors import UserError
-from kolors_story.settings import MemorySettings
+from kolors_story.models.quantization import stored_bytes
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def memory_modes(values: MemorySettings | Mapping | None) -> MemorySettings:
     unknown = sorted(set(values) - known)
     if unknown:
         raise MemoryConfigError(
-            f"memory: unknown key(s) {unknown}; known keys: {sorted(known)} (see kolors_story/settings.py MemorySettings)"
+            f"memory: unknown key(s) {unknown}; known keys: {sorted(known)} (see MemorySettings in kolors_story/config/story_settings.py)"
         )
 
     def choice(key, allowed):
@@ -79,6 +80,7 @@ def memory_modes(values: MemorySettings | Mapping | None) -> MemorySettings:
         vae_tiling=flag("vae_tiling"),
         vae_slicing=flag("vae_slicing"),
         release_text_encoder=flag("release_text_encoder"),
+        allow_quantized_text_encoder=flag("allow_quantized_text_encoder"),
         attention=choice("attention", ATTENTION_MODES),
         attention_slice_size=slice_size,
         channels_last=flag("channels_last"),
@@ -187,7 +189,7 @@ def release_text_encoder(pipe) -> int:
     te = getattr(pipe, "text_encoder", None)
     if te is None:
         return 0
-    nbytes = sum(p.numel() * p.element_size() for p in te.parameters())
+    nbytes = stored_bytes(te)  # an int8/nf4 encoder: its codes and scales
     # Model-offload hooks keep a reference to their model: drop the text encoder's hook too.
     hooks = getattr(pipe, "_all_hooks", None)
     if hooks:

@@ -13,14 +13,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from kolors_story import tiny
+from kolors_story.config import ReferenceSettings
 from kolors_story.errors import SettingsError, UserError
 from kolors_story.files import file_sha256
-from kolors_story.models.ip_adapter import (
-    ENCODER_FOLDER,
-    check_tiny_ip_settings,
-    ensure_tiny_ip_adapter,
-)
-from kolors_story.settings import ReferenceSettings
+from kolors_story.models.ip_adapter import ENCODER_FOLDER
 
 IP_DOWNLOAD = "python -m kolors_story.download ip_adapter"
 
@@ -49,10 +46,9 @@ def check_reference(ref: ReferenceSettings, scene_count: int) -> None:
         return
     if ref.image is not None:
         reference_image(ref.image)
-    if ref.tiny is None:
+    tiny.check(reference=ref)
+    if not tiny.provides(ref):  # a stand-in adapter is built, not downloaded
         adapter_files(ref)
-    else:
-        check_tiny_ip_settings(int(ref.tiny.seed), str(ref.tiny.weights))
 
 
 def reference_image(path: str) -> Image.Image:
@@ -74,7 +70,7 @@ def adapter_files(ref: ReferenceSettings) -> tuple[Path, Path]:
     missing = [str(p) for p in (weight, folder / ENCODER_FOLDER / "config.json") if not p.is_file()]
     if missing:
         raise ReferenceError(f"Kolors-IP-Adapter-Plus not found: missing {', '.join(missing)}. Run `{IP_DOWNLOAD}` "
-                             "or set coherence.reference.path=<folder>; model=tiny builds a tiny random one")
+                             "or set coherence.reference.path=<folder>; model=tiny builds a tiny one (pre-trained or random)")
     return folder, weight
 
 
@@ -85,8 +81,7 @@ def load_adapter(pipe, ref: ReferenceSettings, dtype: torch.dtype, device) -> di
     if any(type(p).__name__.startswith("Sliced") for p in pipe.unet.attn_processors.values()):
         raise SettingsError("memory.attention=sliced cannot be combined with coherence.reference (the IP-Adapter "
                             "brings its own attention processors): use memory.attention=sdpa")
-    if ref.tiny is not None:
-        ensure_tiny_ip_adapter(ref.path, seed=int(ref.tiny.seed), weights=str(ref.tiny.weights))
+    tiny.provide_ip_adapter(ref)
     folder, weight = adapter_files(ref)
     encoder = CLIPVisionModelWithProjection.from_pretrained(str(folder / ENCODER_FOLDER), torch_dtype=dtype).to(device)
     size = int(encoder.config.image_size)  # 336: the processor must crop to what the encoder was trained on

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from kolors_story.config import SamplerSettings
 from kolors_story.errors import UserError
 from kolors_story.generate.sampler import (
     UPSCALERS,
@@ -22,7 +23,6 @@ from kolors_story.generate.sampler import (
     sampler_settings,
 )
 from kolors_story.models.loading import run_device
-from kolors_story.settings import SamplerSettings
 from kolors_story.story import Scene
 
 
@@ -250,7 +250,7 @@ class StoryRender:
     seconds: float = 0.0
     retries: list[dict] = field(default_factory=list)  # batches rendered in halves after running out of memory
     candidate_images: list[list[Image.Image]] | None = None  # best-of: every candidate, [scene][candidate]
-    selection: dict | None = None  # best-of: how the candidates were chosen (generate.selection)
+    selection: dict | None = None  # best-of: how the candidates were chosen (generate.best_of)
     coherence: dict | None = None  # what generate.coherence did (references, recorded bytes, reference image)
 
 
@@ -258,7 +258,7 @@ def generate_story(pipe, scenes: list[Scene], embeds: dict[str, torch.Tensor], s
                    picker=None, choices: list[int] | None = None, progress: bool = True,
                    coherence=None) -> StoryRender:
     """Render every scene; with ``settings.best_of.n > 1`` render N candidates per scene and keep the
-    ones ``picker`` chooses (``generate.selection``), or the recorded ``choices`` when reproducing:
+    ones ``picker`` chooses (``generate.best_of``), or the recorded ``choices`` when reproducing:
     then only the batches holding a kept candidate are rendered, and no picker is needed."""
     t0 = time.perf_counter()
     check_size(pipe, settings)

@@ -6,9 +6,9 @@ import warnings
 
 from PIL import Image
 
+from kolors_story.config import SamplerSettings
 from kolors_story.errors import SettingsError
 from kolors_story.generate.schedulers import check_scheduler_name
-from kolors_story.settings import SamplerSettings
 
 UPSCALERS = {
     "lanczos": Image.Resampling.LANCZOS,

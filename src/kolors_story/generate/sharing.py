@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kolors_story.config import SharingSettings
 from kolors_story.errors import SettingsError
-from kolors_story.settings import SharingSettings
 
 
 def check_sharing(s: SharingSettings, scene_count: int) -> None:

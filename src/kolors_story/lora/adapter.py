@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from kolors_story.config import LoraSettings
 from kolors_story.errors import SettingsError
 from kolors_story.lora.files import LoraFile
 from kolors_story.lora.keys import LoraFormatError, arch_index, check_shapes
@@ -25,7 +26,6 @@ from kolors_story.lora.variants import (
     layer_alphas,
     peft_config,
 )
-from kolors_story.settings import LoraSettings
 
 log = logging.getLogger(__name__)
 

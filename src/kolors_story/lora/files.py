@@ -53,14 +53,10 @@ from kolors_story.lora.variants import (
     skipped_exports,
     to_lycoris_values,
 )
+from kolors_story.records.layout import FILE_NAMES, checkpoint_lora_file, with_suffix  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-FILE_NAMES = {
-    "diffusers": "lora.safetensors",
-    "kohya": "lora_kohya.safetensors",
-    "diffsynth": "lora_diffsynth.ckpt",
-}
 FORMAT_VERSION = 1
 INFO_KEY = "kolors_story"  # safetensors header key holding our JSON info block
 CKPT_META_PREFIX = "_kolors_story."  # inline keys of the .ckpt (ignored by load_state_dict(strict=False))
@@ -141,13 +137,6 @@ class AdapterState:
 def _jsonable(metadata) -> dict:
     if metadata is None:
         return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(metadata, DictConfig):
-            metadata = OmegaConf.to_container(metadata, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
     if not isinstance(metadata, Mapping):
         raise TypeError(f"LoRA metadata must be a dict, got {type(metadata).__name__}")
     return json.loads(json.dumps(dict(metadata), default=str))
@@ -178,7 +167,7 @@ def adapter_state(unet, adapter_name: str = "default") -> AdapterState:
         if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "r", {}):
             ranks[name], alphas[name] = int(module.r[adapter_name]), float(layer_alphas(module)[adapter_name])
     kind = adapter_type(by_module(out))
-    alpha = float(getattr(cfg, "lora_alpha", None) or getattr(cfg, "alpha"))
+    alpha = float(getattr(cfg, "lora_alpha", None) or cfg.alpha)
     return AdapterState(kind, int(cfg.r), alpha, out, ranks, alphas, cfg)
 
 
@@ -225,11 +214,41 @@ def _kohya_header(state: AdapterState, conv: bool) -> dict:
     return {**header, "ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
 
 
+SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def to_torch_dtype(name: str) -> torch.dtype:
+    return SAVE_DTYPES[str(name)]
+
+
+def check_save_settings(dtype: str, formats) -> None:
+    """``trainer.save_dtype`` and ``trainer.save_formats``, before anything is written."""
+    from kolors_story.errors import SettingsError
+
+    if str(dtype) not in SAVE_DTYPES:
+        raise SettingsError(f"trainer.save_dtype={dtype!r}: use one of {list(SAVE_DTYPES)}")
+    unknown = [f for f in formats if f not in FILE_NAMES]
+    if unknown or not formats:
+        raise SettingsError(f"trainer.save_formats={list(formats)}: name one or more of {list(FILE_NAMES)}")
+
+
+def _diffsynth_ckpt(state_dict: dict, info: dict, state) -> dict:
+    """DiffSynth's flat state dict plus this project's info as inline tensors (rank, alpha and the
+    JSON block), which ``load_state_dict(strict=False)`` ignores."""
+    ckpt = dict(state_dict)
+    blob = json.dumps({**info, "format": "diffsynth"}, ensure_ascii=False).encode("utf-8")
+    ckpt[CKPT_META_PREFIX + "rank"] = torch.tensor(state.rank, dtype=torch.int64)
+    ckpt[CKPT_META_PREFIX + "alpha"] = torch.tensor(state.alpha, dtype=torch.float64)
+    ckpt[CKPT_META_PREFIX + "info"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()
+    return ckpt
+
+
 def save_lora(unet, folder, metadata: dict | None = None, adapter_name: str = "default",
-              suffix: str = "") -> SavedFiles:
+              suffix: str = "", dtype: str = "float32", formats=tuple(FILE_NAMES)) -> SavedFiles:
     """Write the adapter as ``lora.safetensors``, ``lora_kohya.safetensors`` and ``lora_diffsynth.ckpt``
-    (``suffix`` before the extension: ``_ema`` gives ``lora_ema.safetensors`` ...), each format that can
-    hold its type (see the module docstring); ``.skipped`` of the result says why a format was not written.
+    (``suffix`` before the extension: ``_ema`` gives ``lora_ema.safetensors`` ...), each of ``formats``
+    that can hold its type (see the module docstring); ``.skipped`` of the result says why a format
+    was not written. ``dtype`` (``trainer.save_dtype``): the files' tensors, float16 halves their size.
 
     Each write is atomic (temp file + rename). Every file carries type, rank, alpha, target modules,
     the UNet config and ``metadata`` (base_model_hash, dataset_hash, resolved config ...).
@@ -237,24 +256,17 @@ def save_lora(unet, folder, metadata: dict | None = None, adapter_name: str = "d
 
     folder = Path(folder)
     state = adapter_state(unet, adapter_name)
+    check_save_settings(dtype, formats)
+    state.state_dict = {k: v.to(to_torch_dtype(dtype)) for k, v in state.state_dict.items()}
     sd = state.state_dict
     # Short names of the modules that really carry the adapter (also right for adapters loaded with
     # exact module paths as targets).
     targets = sorted({short_target(m) for m in peft_modules(sd)})
     conv = bool(state.conv_modules(unet.config))
     skipped = skipped_exports(state.type, conv)
-    info = {
-        "format_version": FORMAT_VERSION,
-        "type": state.type,
-        "rank": state.rank,
-        "alpha": state.alpha,
-        "rank_pattern": state.rank_pattern,
-        "alpha_pattern": state.alpha_pattern,
-        "target_modules": targets,
-        "unet_config": clean_unet_config(unet.config),
-        "metadata": _jsonable(metadata),
-        "skipped": skipped,
-    }
+    info = {"format_version": FORMAT_VERSION, "type": state.type, "rank": state.rank, "alpha": state.alpha,
+            "rank_pattern": state.rank_pattern, "alpha_pattern": state.alpha_pattern, "target_modules": targets,
+            "unet_config": clean_unet_config(unet.config), "metadata": _jsonable(metadata), "skipped": skipped}
     # Convert everything first, so a conversion error leaves no file half-updated.
     index = arch_index(unet.config)
     diffsynth_sd = peft_to_diffsynth(sd, index) if "diffsynth" not in skipped else None
@@ -264,7 +276,8 @@ def save_lora(unet, folder, metadata: dict | None = None, adapter_name: str = "d
             "LoRA targets %s in DiffSynth names include modules outside the competition's load_lora() "
             "target_modules %s: those weights are ignored there", ds_targets, list(COMPETITION_TARGETS))
     kohya_sd = _kohya_tensors(state)
-    files = {fmt: folder / with_suffix(name, suffix) for fmt, name in FILE_NAMES.items() if fmt not in skipped}
+    files = {fmt: folder / with_suffix(name, suffix) for fmt, name in FILE_NAMES.items()
+             if fmt not in skipped and fmt in formats}
 
     def header(fmt: str, extra: dict) -> dict:
         return {"format": "pt", INFO_KEY: json.dumps({**info, "format": fmt}, ensure_ascii=False), **extra}
@@ -274,31 +287,12 @@ def save_lora(unet, folder, metadata: dict | None = None, adapter_name: str = "d
         with atomic_path(files["diffusers"]) as tmp:
             save_safetensors(peft_to_diffusers(sd), tmp, header(
                 "diffusers", {"lora_adapter_metadata": json.dumps(adapter_meta, indent=2, sort_keys=True)}))
-    with atomic_path(files["kohya"]) as tmp:
-        save_safetensors(kohya_sd, tmp, header("kohya", _kohya_header(state, conv)))
+    if "kohya" in files:
+        with atomic_path(files["kohya"]) as tmp:
+            save_safetensors(kohya_sd, tmp, header("kohya", _kohya_header(state, conv)))
     if "diffsynth" in files:
-        ckpt = dict(diffsynth_sd)
-        blob = json.dumps({**info, "format": "diffsynth", "diffsynth_target_modules": ds_targets},
-                          ensure_ascii=False).encode("utf-8")
-        ckpt[CKPT_META_PREFIX + "rank"] = torch.tensor(state.rank, dtype=torch.int64)
-        ckpt[CKPT_META_PREFIX + "alpha"] = torch.tensor(state.alpha, dtype=torch.float64)
-        ckpt[CKPT_META_PREFIX + "info"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()
         with atomic_path(files["diffsynth"]) as tmp:
-            torch.save(ckpt, tmp)
+            torch.save(_diffsynth_ckpt(diffsynth_sd, {**info, "diffsynth_target_modules": ds_targets}, state), tmp)
     for fmt, why in skipped.items():
         log.info("%s: no %s file (%s)", folder, fmt, why)
     return SavedFiles(files, skipped)
-
-
-def with_suffix(name: str, suffix: str) -> str:
-    """``lora_kohya.safetensors`` + ``_ema`` -> ``lora_kohya_ema.safetensors``."""
-    stem, dot, ext = name.partition(".")
-    return f"{stem}{suffix}{dot}{ext}"
-
-
-def checkpoint_lora_file(folder, suffix: str = "") -> Path:
-    """The file that stands for a checkpoint folder's adapter: ``lora.safetensors``, or the kohya file
-    for the types diffusers cannot hold (LoHa/LoKr). The path of the first when neither exists."""
-    folder = Path(folder)
-    candidates = [folder / with_suffix(FILE_NAMES[fmt], suffix) for fmt in ("diffusers", "kohya")]
-    return next((c for c in candidates if c.is_file()), candidates[0])

@@ -61,11 +61,13 @@ def _load_tensors(path: Path) -> tuple[dict, dict]:
             raise LoraFormatError(f"{path}: not a readable safetensors file ({e})") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception:  # noqa: BLE001 - torch's own text advises weights_only=False: never repeated here
         raise LoraFormatError(
-            f"{path}: cannot be read as a plain tensor checkpoint with torch.load(weights_only=True) ({e}). "
-            "Untrusted pickles are not executed; re-save the LoRA as a dict of tensors."
-        ) from e
+            f"{path}: not a plain tensor file: it holds pickled Python objects, which the safe loader "
+            "(torch.load with weights_only=True) refuses, and a file you did not write is never unpickled here. "
+            "If you trust it, convert it once on your own machine: load it in Python and save its tensors with "
+            "safetensors.torch.save_file(...) as a .safetensors file"
+        ) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]  # a full Lightning checkpoint
     if not isinstance(obj, Mapping):
@@ -211,7 +213,7 @@ def read_lora(path, unet_config=None, default_alpha: float | None = None) -> Lor
     DiffSynth names); default: the config recorded in the file, else the real Kolors UNet.
     ``default_alpha`` is used only when the file records no alpha (DiffSynth trainer checkpoints).
     """
-    from kolors_story.models.configs import KOLORS_UNET_CONFIG
+    from kolors_story.models.architectures import KOLORS_UNET_CONFIG
 
     path = Path(path)
     if not path.is_file():

@@ -1,4 +1,5 @@
 """Models: loading Kolors from either release layout (``loading``), prompt encoding shared by the
-cache and generation (``prompts``), the real and small configs (``configs``), the random tiny /
-bench / scorer models built offline in the real layouts (``random_init``) and the weights
-download (``download``)."""
+cache and generation (``prompts``), the real release's architecture dicts (``architectures``),
+random models of the real classes at any size (``random_init``), Kolors-IP-Adapter-Plus' files
+(``ip_adapter``), the data stage's captioners (``captioner``) and the weights download
+(``download``)."""

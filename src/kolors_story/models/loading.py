@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from kolors_story.config import ModelSettings
 from kolors_story.errors import SettingsError, UserError
-from kolors_story.settings import ModelSettings
+from kolors_story.models.quantization import check_text_encoder_quant, finish_quantized, loading_kwargs
 
 DOWNLOAD_HINT = "Download the weights with `python -m kolors_story.download` (or run with model=tiny)."
 
@@ -137,11 +138,15 @@ def load_tokenizer(layout: KolorsLayout):
     return ChatGLMTokenizer.from_pretrained(str(layout.tokenizer))
 
 
-def load_text_encoder(layout: KolorsLayout, dtype: torch.dtype):
+def load_text_encoder(layout: KolorsLayout, dtype: torch.dtype, quant: str = "none", device=None):
+    """ChatGLM3 in ``dtype``, its weights quantized by ``quant`` (``models.quantization``; a scheme
+    that cannot run on ``device`` is refused before any weight is read)."""
     from diffusers.pipelines.kolors import ChatGLMModel
 
+    check_text_encoder_quant(quant, str(device or "cpu"))
     # Loaded straight into the target dtype (no fp32 upcast copy: that is where peak memory goes).
-    return ChatGLMModel.from_pretrained(str(layout.text_encoder), dtype=dtype)
+    model = ChatGLMModel.from_pretrained(str(layout.text_encoder), dtype=dtype, **loading_kwargs(quant, dtype, device))
+    return model if quant == "none" else finish_quantized(model)
 
 
 def load_unet(layout: KolorsLayout, dtype: torch.dtype):
@@ -177,19 +182,26 @@ def load_pipeline(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     text_encoder: bool = True,
+    text_encoder_quant: str = "none",
+    quantize_on: str | torch.device | None = None,
 ):
     """Build a ``KolorsPipeline`` from a Kolors folder (either layout) and an optional separate VAE.
 
     ``text_encoder=False`` leaves the ChatGLM encoder out (it is the largest part; training from
     cached embeddings never needs it): the pipeline then only accepts precomputed embeddings.
+    ``text_encoder_quant``: ChatGLM3's weights in int8 or nf4 (``models.quantization``), quantized
+    on ``quantize_on`` (default ``device``; the GPU when the pipeline is loaded on the CPU to offload).
     """
     from diffusers import KolorsPipeline
 
     layout = resolve_layout(path, vae_path)
     torch_dtype = to_dtype(dtype)
+    quantize_on = quantize_on or device
+    if text_encoder:
+        check_text_encoder_quant(text_encoder_quant, str(quantize_on))  # before the VAE loads
     pipe = KolorsPipeline(
         vae=load_vae(layout, torch_dtype),
-        text_encoder=load_text_encoder(layout, torch_dtype) if text_encoder else None,
+        text_encoder=load_text_encoder(layout, torch_dtype, text_encoder_quant, quantize_on) if text_encoder else None,
         tokenizer=load_tokenizer(layout),
         unet=load_unet(layout, torch_dtype),
         scheduler=load_scheduler(layout),
@@ -248,7 +260,7 @@ def read_json(path: Path) -> dict:
 
 
 def model_configs(model: ModelSettings) -> dict[str, dict]:
-    """The UNet and VAE ``config.json`` of ``model`` (the tiny model is built first): what checks
+    """The UNet and VAE ``config.json`` of ``model`` (a stand-in is built first): what checks
     need before any weight is loaded. A missing or partial folder raises :class:`ModelLoadError`."""
     layout = resolve_layout(ensure_model(model), model.vae_path)
     vae = layout.vae / "config.json"
@@ -258,19 +270,10 @@ def model_configs(model: ModelSettings) -> dict[str, dict]:
 
 
 def ensure_model(model: ModelSettings) -> Path:
-    """The model folder of ``model``: for ``model=tiny`` the tiny model is built there first."""
-    path = Path(str(model.path)).expanduser()
-    if model.tiny is not None:
-        from kolors_story.models.random_init import ensure_tiny_model
+    """The model folder of ``model``; a stand-in (``model=tiny``) is built there first."""
+    from kolors_story import tiny
 
-        ensure_tiny_model(path, seed=int(model.tiny.seed), layout=str(model.tiny.layout),
-                          weights=str(getattr(model.tiny, "weights", "random")))
-    return path
-
-
-def is_tiny(model: ModelSettings, path: str | Path | None = None) -> bool:
-    """A tiny model, random or pre-trained (``model=tiny``, or a folder the tiny builder wrote)."""
-    return model.tiny is not None or (path is not None and (Path(path) / "TINY_MODEL.txt").exists())
+    return tiny.provide_model(model)
 
 
 def run_device(pipe) -> torch.device:

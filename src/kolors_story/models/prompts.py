@@ -23,27 +23,33 @@ MAX_SEQUENCE_LENGTH = 256  # KolorsPipeline.encode_prompt's default, what genera
 STORY_KEYS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 
-def text_pipeline(layout: KolorsLayout, dtype: torch.dtype, device) -> "KolorsPipeline":  # noqa: F821
+def text_pipeline(layout: KolorsLayout, dtype: torch.dtype, device, quant: str = "none") -> "KolorsPipeline":  # noqa: F821
     """A ``KolorsPipeline`` with only the tokenizer and text encoder: what ``encode_prompt`` needs
-    (the same construction as ``load_pipeline``, without the UNet and VAE)."""
+    (the same construction as ``load_pipeline``, without the UNet and VAE); ``quant``: ChatGLM3's
+    weights (``model.text_encoder_quant``)."""
     from diffusers import KolorsPipeline
 
-    text_encoder = load_text_encoder(layout, dtype).to(device)
+    text_encoder = load_text_encoder(layout, dtype, quant, device).to(device)
     return KolorsPipeline(vae=None, text_encoder=text_encoder, tokenizer=load_tokenizer(layout), unet=None,
                           scheduler=None, force_zeros_for_empty_prompt=False)
 
 
 @torch.no_grad()
 def encode_scenes(pipe, scenes: list[Scene], device=None) -> dict[str, torch.Tensor]:
-    """Prompt + negative embeddings of every scene (``STORY_KEYS``), in one encode_prompt call."""
+    """Prompt + negative embeddings of every scene (``STORY_KEYS``): the prompts, then the negatives,
+    each in its own encode_prompt call. The same tensors as one call with classifier-free guidance
+    (the negatives are tokenized and encoded the same way), but that call still holds the prompts'
+    every-layer hidden states while it encodes the negatives (about 1.1 GB more at 8 scenes)."""
     device = device or run_device(pipe)
-    embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
-        prompt=[s.prompt for s in scenes],
-        negative_prompt=[s.negative for s in scenes],
-        device=device,
-        num_images_per_prompt=1,
-        do_classifier_free_guidance=True,
-    )
+
+    def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=texts, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=MAX_SEQUENCE_LENGTH)
+        return embeds, pooled
+
+    embeds, pooled = encode([s.prompt for s in scenes])
+    neg, neg_pooled = encode([s.negative for s in scenes])
     return dict(zip(STORY_KEYS, (embeds, neg, pooled, neg_pooled)))
 
 
@@ -66,3 +72,23 @@ def encode_captions(pipe, captions: list[str], device, batch_size: int,
         if on_batch is not None:
             on_batch(len(part))
     return out
+
+
+def prompt_tokens(tokenizer, text: str) -> int:
+    """How many ChatGLM tokens ``text`` is, as ``encode_prompt`` tokenizes it (special tokens included)."""
+    return len(tokenizer(text, truncation=False)["input_ids"])
+
+
+def check_prompt_tokens(layout: KolorsLayout, scenes: list[Scene]) -> None:
+    """Every scene's prompt and negative fit Kolors' 256 tokens; a longer one would be cut without a
+    word, so it is refused naming the scene and by how much (before any weight is loaded)."""
+    from kolors_story.errors import SettingsError
+
+    tokenizer = load_tokenizer(layout)
+    for scene in scenes:
+        for what, text in (("prompt", scene.prompt), ("negative prompt", scene.negative)):
+            n = prompt_tokens(tokenizer, text)
+            if n > MAX_SEQUENCE_LENGTH:
+                raise SettingsError(
+                    f"scene {scene.index}: the {what} is {n} ChatGLM tokens, {n - MAX_SEQUENCE_LENGTH} over the "
+                    f"{MAX_SEQUENCE_LENGTH} Kolors reads; shorten it (the rest would be cut off silently)")

@@ -4,9 +4,11 @@ The budget is ``memory.budget_gb`` or the GPU's own memory, less a reserve (the 
 what the allocator keeps: 1 GB or 10 %, the larger). Candidates are tried fastest first: everything
 resident at the configured batch; then the text encoder released after the prompts (free); VAE
 slicing and tiling (cheap); smaller scene batches; model offload; sequential offload (slow, least
-memory). Training tries gradient checkpointing off first (faster), then on, with the largest cache
-and validation batches that fit. A setting the user gave explicitly is never changed; if nothing
-fits, the plan says which stage needs how much, and what to change.
+memory). With ``memory.allow_quantized_text_encoder`` the text encoder in int8, then nf4, is tried
+before each offload mode (sequential offload never quantizes). Training tries gradient checkpointing
+off first (faster), then on, with the largest cache and validation batches that fit (and, when
+allowed, a quantized encoder for the prompt cache). A setting the user gave explicitly is never
+changed; if nothing fits, the plan says which stage needs how much, and what to change.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from kolors_story.models.quantization import available_schemes
 from kolors_story.plan.stages import (
     GB,
     Sizes,
@@ -23,21 +26,31 @@ from kolors_story.plan.stages import (
     generate_stages,
     train_stages,
 )
+from kolors_story.records import PlanRecord, StagePlan
 
 RESERVE_GB = 1.0
 RESERVE_SHARE = 0.10
 
 # What to change when a stage cannot fit even at the most frugal settings.
 ADVICE = {
-    "encode prompts": "use a GPU with more memory (ChatGLM3 encodes the 8 prompts at once)",
+    "encode prompts": "use a GPU with more memory (ChatGLM3 encodes the 8 prompts at once), or allow a quantized "
+                      "ChatGLM3 (memory.allow_quantized_text_encoder=true)",
     "denoise": "lower sampler.height/width",
     "decode": "lower sampler.height/width",
     "hires": "lower sampler.hires.scale or turn hires off",
     "score": "lower scorer.batch_size or set scorer.device=cpu",
     "train step": "lower trainer.batch_size or dataset.resolution",
+    "cache: prompt": "lower cache.batch_size, or allow a quantized ChatGLM3 for the prompt cache "
+                     "(memory.allow_quantized_text_encoder=true)",
     "cache": "lower cache.batch_size or dataset.resolution",
     "validation": "lower sampler.height/width of the validation renders, or validate=false",
+    "character": "lower sampler.batch_size or sampler.height/width (the candidate renders), character.batch_size, "
+                 "or character=none",
 }
+
+
+def _gb(n: int | None) -> float | None:
+    return None if n is None else round(n / GB, 3)
 
 
 @dataclass
@@ -66,12 +79,12 @@ class Plan:
         name = self.worst.name
         return next((text for prefix, text in ADVICE.items() if name.startswith(prefix)), "use a GPU with more memory")
 
-    def as_json(self) -> dict:
-        gb = (lambda b: None if b is None else round(b / GB, 3))
-        return {"job": self.job, "device": self.device, "budget_gb": gb(self.budget), "usable_gb": gb(self.usable),
-                "fits": self.fits, "auto": self.auto, "chosen": self.chosen, "notes": self.notes,
-                "stages": [{"name": st.name, "peak_gb": gb(st.peak), "weights_gb": gb(st.weights),
-                            "work_gb": gb(st.work), **st.settings} for st in self.stages]}
+    def record(self) -> PlanRecord:
+        """``plan.json``: the plan in GB."""
+        return PlanRecord(job=self.job, device=self.device, budget_gb=_gb(self.budget), usable_gb=_gb(self.usable),
+                          fits=self.fits, auto=self.auto, chosen=self.chosen, notes=self.notes,
+                          stages=[StagePlan(name=st.name, peak_gb=_gb(st.peak), weights_gb=_gb(st.weights),
+                                            work_gb=_gb(st.work), **st.settings) for st in self.stages])
 
 
 def budget_bytes(budget_gb: float | None, device: str) -> int | None:
@@ -120,22 +133,32 @@ def _halvings(n: int) -> list[int]:
     return out or [1]
 
 
+def text_encoder_schemes(job) -> tuple[str, ...]:
+    """ChatGLM3's weights auto may use: as configured, and int8/nf4 only when the user allows it
+    (their quality on the real weights is unmeasured) and the scheme can run here."""
+    allowed = available_schemes(job.model.device) if job.memory.allow_quantized_text_encoder else ()
+    return tuple(dict.fromkeys(("none", *allowed, job.model.text_encoder_quant)))
+
+
 def generate_candidates(job) -> Iterator[dict]:
-    for offload in ("none", "model", "sequential"):
+    schemes = text_encoder_schemes(job)
+    for offload, quant in [(o, q) for o in ("none", "model") for q in schemes] + [("sequential", "none")]:
         for b in _halvings(job.sampler.batch_size):
             for release, slicing, tiling in ((False, False, False), (True, False, False), (False, True, False),
                                              (True, True, False), (False, True, True), (True, True, True)):
                 yield {"sampler.batch_size": b, "memory.offload": offload, "memory.release_text_encoder": release,
-                       "memory.vae_slicing": slicing, "memory.vae_tiling": tiling}
+                       "memory.vae_slicing": slicing, "memory.vae_tiling": tiling, "model.text_encoder_quant": quant}
 
 
 def train_candidates(job) -> Iterator[dict]:
-    for ckpt in (False, True):
-        for cache_b in _halvings(job.cache.batch_size):
-            for val_b in _halvings(job.sampler.batch_size):
-                for slicing in (False, True):
-                    yield {"trainer.gradient_checkpointing": ckpt, "cache.batch_size": cache_b,
-                           "sampler.batch_size": val_b, "memory.vae_slicing": slicing}
+    for quant in text_encoder_schemes(job):  # only the prompt cache's stage depends on it
+        for ckpt in (False, True):
+            for cache_b in _halvings(job.cache.batch_size):
+                for val_b in _halvings(job.sampler.batch_size):
+                    for slicing in (False, True):
+                        yield {"trainer.gradient_checkpointing": ckpt, "cache.batch_size": cache_b,
+                               "sampler.batch_size": val_b, "memory.vae_slicing": slicing,
+                               "model.text_encoder_quant": quant}
 
 
 STAGES = {"generate": generate_stages, "train": train_stages, "evaluate": evaluate_stages}

@@ -10,7 +10,9 @@ import json
 import math
 from pathlib import Path
 
-from kolors_story.models import configs as real
+from kolors_story import tiny
+from kolors_story.config import CoherenceSettings, SamplerSettings
+from kolors_story.models import architectures as real
 from kolors_story.models.ip_adapter import (
     ENCODER_FOLDER,
     adapter_shapes,
@@ -18,18 +20,15 @@ from kolors_story.models.ip_adapter import (
     file_shapes,
 )
 from kolors_story.plan import count
-from kolors_story.settings import CoherenceSettings, SamplerSettings
 
 VAE_FACTOR = 8  # latent pixels per image pixel side (Kolors' SDXL VAE)
 
 
 def _encoder_config(coherence: CoherenceSettings) -> dict:
     ref = coherence.reference
+    tiny.provide_ip_adapter(ref)  # a stand-in adapter is read from its folder like the real one
     file = Path(str(ref.path)).expanduser() / ENCODER_FOLDER / "config.json"
-    if file.is_file():
-        config = json.loads(file.read_text())
-    else:
-        config = real.tiny_ip_encoder_config() if ref.tiny is not None else dict(real.REAL_IP_ENCODER_CONFIG)
+    config = json.loads(file.read_text()) if file.is_file() else dict(real.REAL_IP_ENCODER_CONFIG)
     keep = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "image_size",
             "patch_size", "projection_dim", "hidden_act", "num_channels")
     return {k: v for k, v in config.items() if k in keep}
@@ -45,8 +44,7 @@ def adapter_bytes(coherence: CoherenceSettings | None, unet_config: dict, dtype:
     if weight.is_file() and weight.suffix == ".safetensors":
         shapes = file_shapes(weight)
     else:
-        resampler = real.TINY_IP_RESAMPLER if ref.tiny is not None else real.REAL_IP_RESAMPLER
-        shapes = adapter_shapes(unet_config, int(encoder["hidden_size"]), resampler)
+        shapes = adapter_shapes(unet_config, int(encoder["hidden_size"]), real.REAL_IP_RESAMPLER)
     adapter = sum(math.prod(s) for s in shapes.values()) * count.DTYPE_BYTES[dtype]
     return adapter + count.param_bytes("ip_encoder", count.key(encoder), dtype)
 

@@ -124,6 +124,32 @@ def largest_module_bytes(kind: str, config_json: str, dtype: str) -> int:
     return max(sizes) * DTYPE_BYTES[dtype]
 
 
+@lru_cache(maxsize=16)
+def quantized_text_encoder_bytes(config_json: str, dtype: str, scheme: str) -> int:
+    """ChatGLM3's weights as ``models.quantization`` loads them: the Linear layers of its blocks at
+    the scheme's bytes (codes + scales), the embedding, norms and biases in ``dtype``, no LM head."""
+    from kolors_story.models.quantization import linear_bytes
+
+    total = 0
+    for name, module in meta_model("text_encoder", config_json, dtype).named_modules():
+        if name == "output_layer" or name.startswith("output_layer."):
+            continue  # dropped after loading: prompt encoding never reads logits
+        own = dict(module.named_parameters(recurse=False))
+        if isinstance(module, torch.nn.Linear):
+            total += linear_bytes(scheme, module.out_features, module.in_features)
+            own.pop("weight")
+        total += sum(p.numel() for p in own.values()) * DTYPE_BYTES[dtype]
+    return total
+
+
+@lru_cache(maxsize=16)
+def dequantized_layer_bytes(config_json: str, dtype: str) -> int:
+    """The transient of a quantized encoder's matmul: its largest Linear weight dequantized to ``dtype``."""
+    model = meta_model("text_encoder", config_json, dtype)
+    return max(m.weight.numel() for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n != "output_layer") * DTYPE_BYTES[dtype]
+
+
 def _set_attention(model, attention: str, slice_size="auto") -> None:
     from diffusers.models.attention_processor import (
         AttnProcessor,
@@ -197,6 +223,23 @@ def train_step(config_json: str, batch: int, height: int, width: int, dtype: str
 
 
 @lru_cache(maxsize=64)
+def train_forward_held(config_json: str, batch: int, height: int, width: int, dtype: str, checkpointing: bool,
+                       rank: int, targets: tuple[str, ...], tokens: int = 256, adapter: tuple = ("lora", None)) -> int:
+    """Bytes a training step's forward keeps for its backward (what stays alive while ``reward=aesthetic``
+    renders, as the two losses are summed before one backward)."""
+    unet = meta_lora_unet(config_json, _dtype(dtype), rank, targets, adapter)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    x, t, enc, added = unet_inputs(unet, batch, height, width, tokens, _dtype(dtype))
+    with counting("sdpa") as mem:
+        loss = unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added, return_dict=False)[0].float().square().mean()
+        held = mem.current
+    del loss
+    return held
+
+
+@lru_cache(maxsize=64)
 def lora_params(config_json: str, rank: int, targets: tuple[str, ...], adapter: tuple = ("lora", None)) -> int:
     unet = meta_lora_unet(config_json, torch.float16, rank, targets, adapter)
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
@@ -223,14 +266,15 @@ def vae_encode(config_json: str, batch: int, height: int, width: int, dtype: str
     vae = meta_model("vae", config_json, dtype)
     x = torch.empty(batch, 3, height, width, device="meta", dtype=_dtype(dtype))
     with torch.no_grad(), counting() as mem:
-        vae.encode(x).latent_dist.mean
+        _ = vae.encode(x).latent_dist.mean  # the posterior's mean: what the cache stores
     return mem.peak
 
 
 @lru_cache(maxsize=64)
 def text_encode(config_json: str, batch: int, dtype: str, tokens: int = 256) -> int:
     """Peak bytes of ChatGLM on ``batch`` prompts of ``tokens`` (as encode_prompt calls it; the
-    attention mask is left out: ChatGLM branches on its values, which the meta device has not)."""
+    attention mask is left out: ChatGLM branches on its values, which the meta device has not).
+    One call: the story's negatives are encoded in a call of their own (``encode_scenes``)."""
     te = meta_model("text_encoder", config_json, dtype)
     ids = torch.zeros(batch, tokens, dtype=torch.long, device="meta")
     with torch.no_grad(), counting() as mem:

@@ -6,11 +6,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kolors_story.files import atomic_write_json
 from kolors_story.plan.auto import Plan
 from kolors_story.plan.stages import GB
-
-PLAN_FILE = "plan.json"
+from kolors_story.records import PLAN_FILE
 
 
 def _gb(n: int | None) -> str:
@@ -39,7 +37,12 @@ def print_plan(plan: Plan) -> None:
 
 
 def write_plan(plan: Plan, folder: str | Path) -> Path:
-    return atomic_write_json(Path(folder) / PLAN_FILE, plan.as_json())
+    return plan.record().write(Path(folder) / PLAN_FILE)
+
+
+def _sentence(text: str) -> str:
+    """``text`` with a capital first letter (``str.capitalize`` would lower ``ChatGLM3``)."""
+    return text[:1].upper() + text[1:]
 
 
 def no_fit_message(plan: Plan) -> str:
@@ -47,5 +50,5 @@ def no_fit_message(plan: Plan) -> str:
     tried = "even at the most frugal settings memory=auto can pick" if plan.auto else "with these settings"
     return (f"the run does not fit the GPU: stage '{st.name}' needs {_gb(st.peak)} ({_gb(st.weights)} weights + "
             f"{_gb(st.work)} work) {tried}, and {_gb(plan.usable)} of {_gb(plan.budget)} is usable. "
-            f"{plan.advice().capitalize()}" + ("" if plan.auto else ", or let memory.auto=true choose the settings")
+            f"{_sentence(plan.advice())}" + ("" if plan.auto else ", or let memory.auto=true choose the settings")
             + ". (Nothing was loaded; memory.budget_gb=<GB> plans for another GPU.)")

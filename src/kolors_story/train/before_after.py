@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kolors_story import tiny
 from kolors_story.evaluate.style import style_shift
 from kolors_story.files import atomic_save_image, atomic_write_json
 from kolors_story.generate.panel import labelled_rows
-from kolors_story.records import TINY_NOTE
 
 BEFORE_AFTER_IMAGE = "before_after.png"
 BEFORE_AFTER_FILE = "before_after.json"
@@ -26,7 +26,7 @@ def before_after(job, status: str, validator, style_images, run_dir, step: int, 
     """``job.before_after`` of a finished run that rendered its story (rank 0), else None."""
     if status != "finished" or validator is None or not job.before_after or not style_images:
         return None
-    return render_before_after(validator, list(style_images), run_dir, tiny=job.model.tiny is not None,
+    return render_before_after(validator, list(style_images), run_dir, title=tiny.PANEL_NOTE if tiny.note(job.model) else None,
                                after=_final_story(checkpoints, step, Path(run_dir)))
 
 
@@ -36,19 +36,19 @@ def _final_story(checkpoints: list, step: int, run_dir: Path) -> list | None:
     from PIL import Image
 
     last = checkpoints[-1] if checkpoints else None
-    if not last or last.get("step") != step or not last.get("images"):
+    if last is None or last.step != step or not last.images:
         return None
     images = []
-    for rel in last["images"]:
+    for rel in last.images:
         with Image.open(run_dir / rel) as im:
             images.append(im.convert("RGB"))
     return images
 
 
-def render_before_after(validator, style_images: list[Path], run_dir: str | Path, tiny: bool,
+def render_before_after(validator, style_images: list[Path], run_dir: str | Path, title: str | None = None,
                         after: list | None = None) -> dict:
     """Render both rows (``after``: the scale-1 story already rendered), write the image and the
-    measure into ``run_dir``; returns the measure."""
+    measure into ``run_dir`` (``title``: the sheet's, e.g. a stand-in model's note); returns the measure."""
     unet = validator.pipe.unet
     unet.disable_adapters()
     try:
@@ -63,7 +63,6 @@ def render_before_after(validator, style_images: list[Path], run_dir: str | Path
              f"{shift['distance_before']:.3f}", before),
             (f"LoRA scale 1 (trained): saturation {a['saturation']:.2f}, distance to the style set "
              f"{shift['distance_after']:.3f}", after)]
-    title = f"{TINY_NOTE} (64x64)" if tiny else None
     atomic_save_image(labelled_rows(rows, tile=128, title=title), run_dir / BEFORE_AFTER_IMAGE)
     atomic_write_json(run_dir / BEFORE_AFTER_FILE, shift)
     return {**shift, "image": str(run_dir / BEFORE_AFTER_IMAGE)}

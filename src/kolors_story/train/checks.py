@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+from kolors_story import tiny
+from kolors_story.config import OptimSettings, TrainerSettings, TrainSettings
 from kolors_story.data.buckets import make_buckets
 from kolors_story.data.cache_shards import shard_devices
 from kolors_story.data.crop import CROP_POLICIES, target_size
@@ -21,11 +23,14 @@ from kolors_story.generate.sampler import (
     warn_if_guidance_off,
 )
 from kolors_story.lora.adapter import check_lora, check_targets
+from kolors_story.lora.files import check_save_settings
 from kolors_story.lora.variants import check_type, conv_patterns
-from kolors_story.models.configs import KOLORS_SCHEDULER_CONFIG
-from kolors_story.models.loading import model_configs
-from kolors_story.settings import OptimSettings, TrainConfig, TrainerSettings
+from kolors_story.models.architectures import KOLORS_SCHEDULER_CONFIG
+from kolors_story.models.loading import ensure_model, model_configs, resolve_layout
+from kolors_story.models.prompts import check_prompt_tokens
+from kolors_story.models.quantization import check_text_encoder_quant
 from kolors_story.story import story_scenes
+from kolors_story.train.character_parts import check_character
 from kolors_story.train.devices import cache_processes
 from kolors_story.train.module import check_loss, timestep_range
 from kolors_story.train.optimizers import check_optimizer
@@ -75,7 +80,7 @@ def check_optim(o: OptimSettings, device: str = "cpu") -> None:
         raise SettingsError(f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
 
 
-def check_train(job: TrainConfig) -> None:
+def check_train(job: TrainSettings) -> None:
     """All of a training job's settings and inputs that can be checked without loading weights
     or touching the data: raises SettingsError (or ModelLoadError for a missing model) on the first."""
     if job.stage not in STAGES:
@@ -102,9 +107,13 @@ def check_train(job: TrainConfig) -> None:
     if job.dataset.on_bad_file not in POLICIES:
         raise SettingsError(f"dataset.on_bad_file={job.dataset.on_bad_file!r}: use skip or fail")
     _positive("cache.batch_size", job.cache.batch_size)
+    check_text_encoder_quant(job.model.text_encoder_quant, job.model.device)  # the cache build's ChatGLM3
+    check_save_settings(job.trainer.save_dtype, job.trainer.save_formats)
+    if job.trainer.keep_last_n is not None:
+        _positive("trainer.keep_last_n", job.trainer.keep_last_n)
     shard_devices(job.model.device, cache_processes(job.cache.devices, job.model.device, job.trainer))
     check_data_settings(job.dataset, job.filter)
-    configs = model_configs(job.model)  # the model folder is complete (the tiny one is built)
+    configs = model_configs(job.model)  # the model folder is complete (a stand-in is built)
     check_targets(targets, configs["unet"])
     factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
     if any(v % factor for v in target_size(job.dataset.resolution)):
@@ -114,9 +123,10 @@ def check_train(job: TrainConfig) -> None:
         check_sampler(job.sampler)
         check_size_for(configs["unet"], configs["vae"], job.sampler)
         warn_if_guidance_off(job.sampler)
-        if job.scorer.tiny is None:
+        if not tiny.provides(job.scorer):  # a stand-in scorer is built, not downloaded
             check_scorer_folder(job.scorer.path)
             if job.scorer.alignment:
                 check_clip_folder(job.scorer.clip_path)
         check_coherence(job.coherence, story_scenes(job.story, job.sampler))
-    story_scenes(job.story, job.sampler)
+    check_prompt_tokens(resolve_layout(ensure_model(job.model), job.model.vae_path), story_scenes(job.story, job.sampler))
+    check_character(job)  # character=auto: its keys, the phrasings' tokens, the sampler and scorer it renders with

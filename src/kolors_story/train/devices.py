@@ -8,8 +8,8 @@ import warnings
 
 import torch
 
+from kolors_story.config import TrainerSettings
 from kolors_story.errors import SettingsError, TrainingError
-from kolors_story.settings import TrainerSettings
 
 
 def cuda_like_available() -> bool:

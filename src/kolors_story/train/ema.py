@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import lightning as L
 
-from kolors_story.settings import EmaSettings
+from kolors_story.config import EmaSettings
 
 
 class EmaCallback(L.Callback):

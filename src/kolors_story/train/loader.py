@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kolors_story.config import TrainerSettings
 from kolors_story.data.cache_files import ITEM_KEYS, load_cached_item
 from kolors_story.errors import TrainingError
-from kolors_story.settings import TrainerSettings
 
 
 class CachedItems(torch.utils.data.Dataset):

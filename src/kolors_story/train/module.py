@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kolors_story.config import LossSettings, OptimSettings
 from kolors_story.errors import SettingsError
-from kolors_story.settings import LossSettings, OptimSettings
 from kolors_story.train.optimizers import build_optimizer, build_schedule
 
 NAN_HINT = (

@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from kolors_story.config import OptimSettings
 from kolors_story.errors import SettingsError
-from kolors_story.settings import OptimSettings
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 SCHEDULES = ("constant", "cosine", "linear", "polynomial", "cosine_with_restarts")

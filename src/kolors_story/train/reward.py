@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
-from kolors_story.errors import SettingsError
+from kolors_story.config import RewardSettings, TrainSettings
+from kolors_story.errors import SettingsError, TrainingError
+from kolors_story.evaluate.differentiable import DifferentiableAestheticScore
+from kolors_story.evaluate.scorer import AestheticScorer
 from kolors_story.lora.variants import PARAM_NAMES
-from kolors_story.settings import RewardSettings
 
 STEP_SALT = 0x2E3A  # the reward's generator per step: the batch's noise seed XOR this
 HELD_OUT_SEED = 20240  # held-out renders: this + scene index
@@ -172,3 +174,19 @@ def init_adapter_from(unet, source: str | Path, adapter_name: str = "default") -
     if missing or getattr(result, "unexpected_keys", None):
         raise mismatch
     return path
+
+
+def reward_objective(job: TrainSettings, pipe, story_embeds: dict | None, validator) -> RewardObjective | None:
+    """The reward phase's objective (reward=aesthetic), with the LoRA started from reward.init_from."""
+    if job.reward.name == "none":
+        return None
+    if story_embeds is None:
+        raise TrainingError("reward=aesthetic renders the story's scenes: their embeddings are missing from the cache")
+    check_reward(job.reward, int(story_embeds["prompt_embeds"].shape[0]))
+    scorer = validator.scorer if validator is not None else AestheticScorer.from_settings(job.scorer)
+    if job.trainer.gradient_checkpointing:
+        pipe.vae.enable_gradient_checkpointing()  # the decoder's backward (draft, refl)
+    if job.reward.init_from:
+        print(f"reward: refining the LoRA of {init_adapter_from(pipe.unet, job.reward.init_from)}")
+    return RewardObjective(job.reward, pipe.vae, DifferentiableAestheticScore.from_scorer(scorer),
+                           dict(pipe.scheduler.config), story_embeds)

@@ -8,14 +8,15 @@ and scores them with the competition's aesthetic predictor (plus CLIP-T against 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from kolors_story.config import CoherenceSettings, SamplerSettings, ScorerSettings
 from kolors_story.evaluate.alignment import PromptAligner
 from kolors_story.evaluate.scorer import AestheticScorer
 from kolors_story.evaluate.summary import score_story
-from kolors_story.files import atomic_write_json
 from kolors_story.generate.coherence import (
     StoryCoherence,
     coherence_on,
@@ -25,16 +26,26 @@ from kolors_story.generate.outputs import save_story
 from kolors_story.generate.reference import unload_adapter
 from kolors_story.generate.render import render_scenes
 from kolors_story.generate.schedulers import build_scheduler
-from kolors_story.records import SCORES_FILE, CheckpointScores
-from kolors_story.settings import CoherenceSettings, SamplerSettings, ScorerSettings
+from kolors_story.records import SCORES_FILE, CheckpointScores, SceneScore
 from kolors_story.story import Scene
+from kolors_story.train.character_parts import stacked_lora
+
+
+@dataclass
+class CheckpointStory:
+    """What a checkpoint's validation render left: its scores (``scores.json``) and its files."""
+
+    scores: CheckpointScores
+    images: list[str]  # file names in the checkpoint folder
+    panel: str
 
 
 class StoryValidator:
     """Renders ``scenes`` from precomputed ``embeds`` with ``pipe`` (whose UNet is the one being trained)."""
 
     def __init__(self, pipe, scenes: list[Scene], embeds: dict[str, torch.Tensor], sampler: SamplerSettings,
-                 scorer: ScorerSettings, title: str = "story", coherence: CoherenceSettings | None = None):
+                 scorer: ScorerSettings, title: str = "story", coherence: CoherenceSettings | None = None,
+                 character: tuple[Path, float] | None = None):
         self.pipe = pipe
         self.scenes = list(scenes)
         n = embeds["prompt_embeds"].shape[0]
@@ -48,6 +59,7 @@ class StoryValidator:
         self.scorer_settings = scorer
         self.title = title
         self.coherence = coherence if coherence_on(coherence) else None  # the same coherence as the final render
+        self.character = character  # (file, scale): the character LoRA, stacked for each render as generate.py run= does
         self._scorer = None
         self._aligner = None
         # The sampler the final render will use (the training schedule is not touched).
@@ -73,7 +85,7 @@ class StoryValidator:
         s = self.sampler
         retries: list[dict] = []
         # Own RNG scope: rendering must not shift the training run's random streams.
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), stacked_lora(self.pipe, *(self.character or (None, 0))):
             unet.eval()
             try:
                 images = self._render_coherent(embeds, retries)
@@ -101,20 +113,20 @@ class StoryValidator:
             if adapter is not None:
                 unload_adapter(self.pipe)
 
-    def run(self, out_dir: str | Path, run_dir: str | Path, step: int) -> dict:
-        """Render, save and score into ``out_dir``; the result adds the image and panel file names."""
+    def run(self, out_dir: str | Path, run_dir: str | Path, step: int) -> CheckpointStory:
+        """Render, save and score into ``out_dir`` (its ``scores.json``); returns the scores and the files."""
         out_dir = Path(out_dir)
         images = self.render()
         saved = save_story(images, self.scenes, out_dir, title=f"{self.title} | step {step}")
         summary = score_story(self.scorer, self.aligner, images, [s.prompt_en for s in self.scenes],
                               self.scorer_settings)
         result = CheckpointScores(
-            step=int(step), **summary,
-            scenes=[{"index": sc.index, "seed": sc.seed, "description": sc.description, "prompt": sc.prompt,
-                     "prompt_en": sc.prompt_en, "score": float(score), "image": Path(p).name}
-                    for sc, score, p in zip(self.scenes, summary["scores"], saved["images"])],
+            step=int(step), **summary.to_json(),
+            scenes=[SceneScore(index=sc.index, seed=sc.seed, description=sc.description, prompt=sc.prompt,
+                               prompt_en=sc.prompt_en, score=float(score), image=Path(p).name)
+                    for sc, score, p in zip(self.scenes, summary.scores, saved["images"])],
             sampler={k: getattr(self.sampler, k) for k in ("scheduler", "steps", "cfg", "height", "width")},
-            tiny_scorer=bool(self.scorer.tiny),
+            tiny_scorer=self.scorer.note is not None,
         )
-        atomic_write_json(out_dir / SCORES_FILE, result)
-        return {**result, "images": [Path(p).name for p in saved["images"]], "panel": Path(saved["panel"]).name}
+        result.write(out_dir / SCORES_FILE)
+        return CheckpointStory(result, [Path(p).name for p in saved["images"]], Path(saved["panel"]).name)
