@@ -248,7 +248,7 @@ def _story(folder: Path, story: str, name: str, lora: Path | None, k: int) -> di
 @pytest.mark.parametrize("story", ["ink_dream"])  # the three stories' numbers: the compare tool, in the docs
 def test_the_character_lora_on_each_probe_story(story, tmp_path, monkeypatch):
     """Measured (tiny defaults: 2 rounds of 32 renders, 200 LoRA steps), per seed set; see
-    docs/coherence.md#keeping-characters-consistent for the numbers. What holds for every story: the
+    docs/coherence.md#character-lora-character for the numbers. What holds for every story: the
     copy-paste score does not rise, CLIP-T stays within its seed-to-seed noise, and the chosen cluster
     is tighter than a random one. What does not: the panel similarity rises with the character LoRA
     for ink_dream and warrior_dragon in every set, but falls for idol_diary in 2 of 3 (its LoRA learns
