@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from kolors_story.generate.comfyui import API_FILE, UI_FILE, StoryWorkflow, comfyui_sampler, model_files
-from kolors_story.records import Manifest, StoryScores
+from kolors_story.records import CharacterMade, Manifest, RecordError, StoryScores
 
 
 @dataclass
@@ -95,24 +95,26 @@ def _character_section(lora_rows: list[BundleFile]) -> list[str]:
     """How a character LoRA (``character=auto``) was made, from its own metadata."""
     lines = []
     for row in lora_rows:
-        made = (row.details.metadata if row.details else {}).get("character")
-        made = json.loads(made) if isinstance(made, str) else made
-        if not isinstance(made, dict):
+        raw = (row.details.metadata if row.details else {}).get("character")
+        if raw is None:
+            continue
+        try:
+            made = CharacterMade.from_json(json.loads(raw) if isinstance(raw, str) else raw, source=f"{row.file} metadata")
+        except (RecordError, json.JSONDecodeError) as exc:  # another tool's key of that name: say so, do not guess
+            lines += ["", "## Character LoRA", "", f"`{row.file}`: its `character` metadata is unreadable ({exc})."]
             continue
         lines += ["", "## Character LoRA", "",
-                  f"`{row.file}` (scale {row.scale}) is an entity LoRA of **{_md(made.get('prompt'))}**, made "
+                  f"`{row.file}` (scale {row.scale}) is an entity LoRA of **{_md(made.prompt)}**, made "
                   "automatically before the style LoRA (`character=auto`) after The Chosen One (Avrahami et al., "
                   f"SIGGRAPH 2024): in each round the model (from round 2 with the previous round's LoRA) rendered "
-                  f"{made.get('candidates')} images of the character from the phrasings below, their CLIP embeddings "
-                  f"were clustered, and a rank-{made.get('rank')} LoRA was trained for {made.get('steps')} steps "
-                  f"(lr {made.get('lr')}) on the tightest cluster of at least {made.get('min_cluster')} renders.", "",
+                  f"{made.candidates} images of the character from the phrasings below, their CLIP embeddings "
+                  f"were clustered, and a rank-{made.rank} LoRA was trained for {made.steps} steps "
+                  f"(lr {made.lr}) on the tightest cluster of at least {made.min_cluster} renders.", "",
                   "| round | renders | chosen | cluster similarity | all renders' similarity | trained |",
                   "|---|---|---|---|---|---|"]
-        for r in made.get("rounds") or []:
-            lines.append(f"| {r.get('round')} | {r.get('candidates')} | {r.get('cluster_size')} | "
-                         f"{r.get('cluster_similarity', 0):.4f} | {r.get('candidates_similarity', 0):.4f} | "
-                         f"{'yes' if r.get('trained') else 'no'} |")
-        lines += ["", "Phrasings: " + "; ".join(f"`{_md(p)}`" for p in made.get("phrasings") or [])]
+        lines += [f"| {r.round} | {r.candidates} | {r.cluster_size} | {r.cluster_similarity:.4f} | "
+                  f"{r.candidates_similarity:.4f} | {'yes' if r.trained else 'no'} |" for r in made.rounds]
+        lines += ["", "Phrasings: " + "; ".join(f"`{_md(p)}`" for p in made.phrasings)]
     return lines
 
 

@@ -205,17 +205,23 @@ def meta_lora_unet(config_json: str, dtype: torch.dtype, rank: int, targets: tup
     return unet
 
 
+def _training_unet(config_json, batch, height, width, dtype, checkpointing, rank, targets, tokens, adapter):
+    """The meta LoRA UNet in train mode as the trainer runs it, and a batch of its inputs."""
+    unet = meta_lora_unet(config_json, _dtype(dtype), rank, targets, adapter)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return unet, unet_inputs(unet, batch, height, width, tokens, _dtype(dtype))
+
+
 @lru_cache(maxsize=64)
 def train_step(config_json: str, batch: int, height: int, width: int, dtype: str, checkpointing: bool,
                rank: int, targets: tuple[str, ...], tokens: int = 256, adapter: tuple = ("lora", None)) -> int:
     """Peak bytes of a LoRA training step (forward, MSE loss, backward) with the LoRA in float32,
     as the trainer builds it; without the optimizer state (that is resident, counted apart).
     ``adapter``: (lora.type, lora.conv_rank); DoRA's weight norms and LoHa/LoKr's rebuilt weights count."""
-    unet = meta_lora_unet(config_json, _dtype(dtype), rank, targets, adapter)
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    x, t, enc, added = unet_inputs(unet, batch, height, width, tokens, _dtype(dtype))
+    unet, (x, t, enc, added) = _training_unet(config_json, batch, height, width, dtype, checkpointing, rank, targets,
+                                              tokens, adapter)
     with counting("sdpa") as mem:
         out = unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added, return_dict=False)[0]
         out.float().square().mean().backward()
@@ -227,11 +233,8 @@ def train_forward_held(config_json: str, batch: int, height: int, width: int, dt
                        rank: int, targets: tuple[str, ...], tokens: int = 256, adapter: tuple = ("lora", None)) -> int:
     """Bytes a training step's forward keeps for its backward (what stays alive while ``reward=aesthetic``
     renders, as the two losses are summed before one backward)."""
-    unet = meta_lora_unet(config_json, _dtype(dtype), rank, targets, adapter)
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    x, t, enc, added = unet_inputs(unet, batch, height, width, tokens, _dtype(dtype))
+    unet, (x, t, enc, added) = _training_unet(config_json, batch, height, width, dtype, checkpointing, rank, targets,
+                                              tokens, adapter)
     with counting("sdpa") as mem:
         loss = unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added, return_dict=False)[0].float().square().mean()
         held = mem.current

@@ -104,6 +104,21 @@ class CharacterLine(Record):
     seconds: float | None = None
 
 
+class CharacterMade(Record):
+    """How a character LoRA was made: the ``character`` key of its files' metadata (train.character),
+    read back by the bundle's model card."""
+
+    prompt: str  # the character as the phrasings named it
+    method: str = ""
+    phrasings: list[str] = []  # the candidates' prompts, the character put in
+    candidates: int  # renders per round
+    min_cluster: int
+    rank: int
+    steps: int  # LoRA steps per round
+    lr: float
+    rounds: list[CharacterLine] = []
+
+
 class MetricsWriter:
     """Appends records to ``<run>/metrics.jsonl`` (appending: a resumed run continues the file).
     Each line is written and flushed whole, so a killed job leaves at most one torn last line."""
@@ -200,5 +215,5 @@ def record_failure(run_dir: Path, exc: BaseException) -> None:
                                             error=f"{type(exc).__name__}: {exc}"))
 
 
-__all__ = ["CharacterLine", "CheckpointLine", "EmaNumbers", "MetricsWriter", "RunMetrics", "StatusLine", "StoryNumbers", "TrainLine",
+__all__ = ["CharacterLine", "CharacterMade", "CheckpointLine", "EmaNumbers", "MetricsWriter", "RunMetrics", "StatusLine", "StoryNumbers", "TrainLine",
            "read_metrics", "record_failure"]

@@ -43,7 +43,7 @@ from kolors_story.generate.sampler import check_sampler
 from kolors_story.generate.schedulers import build_scheduler
 from kolors_story.lora import load_lora_into_pipeline
 from kolors_story.models.loading import ensure_model, load_pipeline
-from kolors_story.records import CHARACTER_DIR, FILE_NAMES, CharacterLine, RunMetrics
+from kolors_story.records import CHARACTER_DIR, FILE_NAMES, CharacterLine, CharacterMade, RunMetrics
 from kolors_story.train.character_parts import (
     CHARACTER_ADAPTER,
     candidates_sheet,
@@ -150,10 +150,10 @@ def entity_job(job: TrainSettings, out_dir: Path, number: int) -> TrainSettings:
 def _metadata(job: TrainSettings, rounds: list[CharacterLine]) -> dict:
     """What the character LoRA's files say about how it was made (the bundle's model card shows it)."""
     c = job.character
-    return {"character": {"prompt": character_text(job), "method": METHOD,
-                          "phrasings": [s.prompt for s in phrasing_scenes(job)], "candidates": c.candidates,
-                          "min_cluster": c.min_cluster, "rank": c.rank, "steps": c.steps, "lr": c.lr,
-                          "rounds": [r.to_json() for r in rounds]}}
+    made = CharacterMade(prompt=character_text(job), method=METHOD, phrasings=[s.prompt for s in phrasing_scenes(job)],
+                         candidates=c.candidates, min_cluster=c.min_cluster, rank=c.rank, steps=c.steps, lr=c.lr,
+                         rounds=rounds)
+    return {"character": made.to_json()}
 
 
 def _train(job: TrainSettings, fit: Callable, folder: Path, run_dir: Path, found: _Round,
