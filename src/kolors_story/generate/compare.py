@@ -1,9 +1,10 @@
 """``python -m kolors_story.generate.compare [overrides ...] [--out coherence.png] [--seed-sets N]
 [--character-lora <run>/character/lora.safetensors]``: the same story rendered four ways (no
 coherence / attention sharing / reference image / both), and a fifth with a character LoRA
-(``train.py character=auto``) stacked when one is given, on one sheet, one row each, with each row's similarity between panels: CLIP-I from the aesthetic
-scorer's embeddings and a pixel measure (1 - mean absolute difference of 64x64 thumbnails, over
-all panel pairs).
+(``train.py character=auto``) stacked when one is given, on one sheet, one row each, with each
+row's similarity between panels: CLIP-I from the aesthetic scorer's embeddings and a pixel measure
+(1 - mean absolute difference of 64x64 thumbnails, over all panel pairs). ``story.file`` is read
+as generate.py reads it.
 
 One set of seeds can mislead: on the tiny model, a setting's effect on similarity changes sign
 from one seed set to the next. ``--seed-sets N`` renders every variant with N seed sets (set 0:
