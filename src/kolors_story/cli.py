@@ -8,36 +8,16 @@ lists it with its error. A single run still raises, so the user sees the full er
 
 from __future__ import annotations
 
-import errno
-import os
 import sys
 import traceback
 from pathlib import Path
 
 from kolors_story.config.compose import explicit_keys, in_multirun, run_identity, task_overrides, to_settings
-from kolors_story.errors import SettingsError, UserError
+from kolors_story.errors import SettingsError, print_user_error, user_error_message
 from kolors_story.records import record_failure
 from kolors_story.story.files import apply_story_file
 
 FAILED_OBJECTIVE = float("-inf")  # what Optuna sees for a failed trial: worse than any score
-
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-_NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
-
-
-def user_error_message(exc: BaseException) -> str | None:
-    """The message to show for an error the user can fix (a setting, a file, the disk), or None
-    for anything else (a bug: it keeps its traceback)."""
-    if isinstance(exc, UserError):
-        return str(exc)
-    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-        where = f" writing {exc.filename}" if exc.filename else ""
-        return (f"no space left on the device{where}: free some space or choose another output folder; "
-                "results written before were left as they were")
-    if isinstance(exc, OSError) and exc.errno in _NOT_ALLOWED + (errno.ENOENT,):
-        return f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc)
-    return None
 
 
 def exit_on_user_error(fn, cfg):
@@ -46,10 +26,8 @@ def exit_on_user_error(fn, cfg):
     try:
         return fn(cfg)
     except Exception as exc:
-        message = user_error_message(exc)
-        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if not print_user_error(exc):
             raise
-        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kolors_story.errors import UserError
+from kolors_story.errors import one_line_errors
 
 
 def _checkpoint(source: Path) -> Path:
@@ -21,6 +21,7 @@ def _checkpoint(source: Path) -> Path:
     return last if last is not None else resolve_checkpoint(source, "last").checkpoint  # a best.yaml
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     from kolors_story.generate.export import export_checkpoint
 
@@ -31,11 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("export"), help="where the <name>/ folder goes (default export/)")
     parser.add_argument("--force", action="store_true", help="replace an existing folder of that name")
     args = parser.parse_args(argv)
-    try:
-        folder = export_checkpoint(_checkpoint(args.source), args.name, args.out, overwrite=args.force)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    folder = export_checkpoint(_checkpoint(args.source), args.name, args.out, overwrite=args.force)
     print(f"wrote {folder}: upload its files to https://modelscope.cn/models/create (name {args.name})")
     return 0
 

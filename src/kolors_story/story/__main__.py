@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kolors_story.errors import UserError
+from kolors_story.errors import one_line_errors
 from kolors_story.story.template import write_template
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kolors_story.story", description=__doc__.split(":")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -16,11 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     new.add_argument("path", help="the story file to write, e.g. my_story.yaml")
     new.add_argument("--force", action="store_true", help="replace an existing file")
     args = parser.parse_args(argv)
-    try:
-        path = write_template(args.path, overwrite=args.force)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    path = write_template(args.path, overwrite=args.force)
     print(f"wrote {path}: edit the 8 scenes, then python generate.py story.file={path}")
     return 0
 
