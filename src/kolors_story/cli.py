@@ -68,7 +68,11 @@ def planned(kind: str, job, cfg, folder=None, **extra):
     from kolors_story.plan.auto import budget_bytes
 
     if not (job.plan_only or budget_bytes(job.memory.budget_gb, job.model.device)):
-        return job  # no GPU to plan for (the tiny model on a CPU)
+        if kind == "generate" and str(job.model.device) == "cpu":
+            from kolors_story.plan.auto import cpu_generation_defaults
+
+            return cpu_generation_defaults(job, explicit_keys(cfg))
+        return job  # no GPU to plan for
     from kolors_story.plan.auto import make_plan
     from kolors_story.plan.report import no_fit_message, print_plan, write_plan
     from kolors_story.plan.stages import planning_sizes

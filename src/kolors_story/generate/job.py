@@ -12,6 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from kolors_story import tiny
 from kolors_story.config import GenerateSettings
 from kolors_story.evaluate.alignment import PromptAligner
@@ -41,6 +43,7 @@ from kolors_story.generate.memory import (
     apply_memory_modes,
     load_device,
     memory_modes,
+    release_text_encoder,
 )
 from kolors_story.generate.outputs import (
     panel_title,
@@ -56,9 +59,11 @@ from kolors_story.models.loading import (
     ensure_model,
     load_pipeline,
     model_hash,
+    resolve_layout,
     run_device,
+    to_dtype,
 )
-from kolors_story.models.prompts import encode_scenes
+from kolors_story.models.prompts import encode_scenes, text_pipeline
 from kolors_story.records import (
     CANDIDATES_FILE,
     MANIFEST_FILE,
@@ -85,14 +90,14 @@ class GenerationResult:
     workflow: StoryWorkflow | None = None  # the ComfyUI workflow (comfyui.enabled)
 
 
-def _load(job: GenerateSettings, loras: list[LoraSpec]):
-    """The pipeline with the job's sampler, LoRAs and memory modes; its model identity and the
-    memory record."""
+def _load(job: GenerateSettings, loras: list[LoraSpec], text_encoder: bool = True):
+    """The pipeline with the job's sampler, LoRAs and memory modes (``text_encoder=False``: without
+    ChatGLM3, for prompts already encoded); its model identity and the memory record."""
     model_path = ensure_model(job.model)
     memory = memory_modes(job.memory)
     pipe = load_pipeline(model_path, vae_path=job.model.vae_path, dtype=job.model.dtype,
-                         device=load_device(job.model.device, memory), text_encoder_quant=job.model.text_encoder_quant,
-                         quantize_on=job.model.device)
+                         device=load_device(job.model.device, memory), text_encoder=text_encoder,
+                         text_encoder_quant=job.model.text_encoder_quant, quantize_on=job.model.device)
     pipe.scheduler = build_scheduler(job.sampler.scheduler, pipe.scheduler.config, **job.sampler.scheduler_kwargs)
     load_loras(pipe, loras)  # before offload hooks wrap the UNet
     adapter: dict = {}
@@ -106,6 +111,22 @@ def _load(job: GenerateSettings, loras: list[LoraSpec]):
     info = ModelInfo(path=Path(model_path), hash=model_hash(model_path, job.model.vae_path),
                      note=tiny.note(job.model) or tiny.note(model_path))
     return pipe, info, memory_record
+
+
+def encodes_alone(job: GenerateSettings) -> bool:
+    """On a CPU with the text encoder released after encoding, ChatGLM3 encodes the prompts alone and
+    the UNet and VAE load afterwards: the weights are never all in memory together. (On a GPU the
+    memory plan decides, and counts them resident together while the prompts encode.)"""
+    modes = memory_modes(job.memory)
+    return modes.release_text_encoder and modes.offload == "none" and torch.device(job.model.device).type == "cpu"
+
+
+def _encode_alone(job: GenerateSettings, scenes: list[Scene]) -> tuple[dict[str, torch.Tensor], int]:
+    """The scenes' embeddings from ChatGLM3 loaded on its own, and the bytes it held (released)."""
+    layout = resolve_layout(ensure_model(job.model), job.model.vae_path)
+    text = text_pipeline(layout, to_dtype(job.model.dtype), job.model.device, job.model.text_encoder_quant)
+    embeds = encode_scenes(text, scenes, device=job.model.device)
+    return embeds, release_text_encoder(text)
 
 
 def _score(job: GenerateSettings, scorer: AestheticScorer, aligner: PromptAligner | None, render: StoryRender,
@@ -160,11 +181,16 @@ def generate(job: GenerateSettings, *, out_dir: str | Path | None = None, loras:
     scorer = AestheticScorer.from_settings(job.scorer) if (wants_scores(job) or picking) else None
     aligner = PromptAligner.from_settings(job.scorer) if wants_alignment(job, reproducing=choices is not None) else None
     picker = picker_for(job.sampler.best_of, scorer, aligner, [s.prompt_en for s in scenes], job.scorer) if picking else None
-    # 2. The pipeline, with sampler, LoRAs and memory modes.
-    pipe, info, memory_record = _load(job, loras)
-    # 3. The prompts, encoded once; the text encoder may go afterwards.
-    embeds = encode_scenes(pipe, scenes, device=run_device(pipe))
-    memory_record["text_encoder_released_bytes"] = after_prompt_encoding(pipe, job.memory)
+    # 2-3. The pipeline, with sampler, LoRAs and memory modes; the prompts, encoded once, and the text
+    # encoder may go afterwards (on a CPU it encodes alone, before the rest loads).
+    if encodes_alone(job):
+        embeds, released = _encode_alone(job, scenes)
+        pipe, info, memory_record = _load(job, loras, text_encoder=False)
+    else:
+        pipe, info, memory_record = _load(job, loras)
+        embeds = encode_scenes(pipe, scenes, device=run_device(pipe))
+        released = after_prompt_encoding(pipe, job.memory)
+    memory_record["text_encoder_released_bytes"] = released
     # 4. The images (best-of: chosen per scene or as a story, or the recorded picks), coherent when asked.
     coherence = StoryCoherence(pipe, scenes, job.coherence) if coherence_on(job.coherence) else None
     try:
