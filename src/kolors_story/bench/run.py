@@ -21,6 +21,7 @@ from kolors_story.bench.coherence import section_coherence
 from kolors_story.bench.data import section_data
 from kolors_story.bench.flops import section_flops
 from kolors_story.bench.generate import section_generate
+from kolors_story.bench.peers import section_peers
 from kolors_story.bench.plan import section_plan
 from kolors_story.bench.score import section_score
 from kolors_story.bench.select import section_select
@@ -31,11 +32,12 @@ from kolors_story.bench.train import section_train
 from kolors_story.files import atomic_write_json
 
 SECTIONS = ("flops", "train", "generate", "score", "select", "coherence", "data", "plan", "text_encoder")
+OPT_IN = ("peers",)  # run only when named (--only peers): ~15 minutes and a 7 GB model folder
 GPU = "gpu"  # the GPU check: not a section of the default run (it needs a GPU, or --device cpu)
 BENCH_FORMAT = 1
 RUNNERS = {"flops": section_flops, "train": section_train, "generate": section_generate,
            "score": section_score, "select": section_select, "coherence": section_coherence, "data": section_data, "plan": section_plan,
-           "text_encoder": section_text_encoder}
+           "text_encoder": section_text_encoder, "peers": section_peers}
 
 
 def _machine() -> dict:
@@ -53,9 +55,9 @@ def run_bench(sections=SECTIONS, *, quick: bool = False, repeats: int | None = N
               model_cache: str | Path | None = None, log: Callable[[str], None] = print,
               overrides: list[str] | None = None) -> dict:
     """Run the sections, merge them into ``out`` (other sections already there are kept), return the result."""
-    unknown = [s for s in sections if s not in SECTIONS]
+    unknown = [s for s in sections if s not in RUNNERS]
     if unknown:
-        raise BenchError(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+        raise BenchError(f"unknown section(s) {unknown}; choose from {list(RUNNERS)}")
     out = Path(out)
     repeats = int(repeats if repeats is not None else (1 if quick else 3))
     if repeats < 1:
@@ -98,9 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kolors_story.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="tiny model, 1 repeat (seconds; for tests); with --only gpu: the short GPU check")
-    parser.add_argument("--only", action="append", choices=(*SECTIONS, GPU), metavar="SECTION",
-                        help=f"run only this section (repeatable): {', '.join(SECTIONS)}; or {GPU} (alone): "
-                             "the memory plan measured on a GPU")
+    parser.add_argument("--only", action="append", choices=(*SECTIONS, *OPT_IN, GPU), metavar="SECTION",
+                        help=f"run only this section (repeatable): {', '.join(SECTIONS)}; {', '.join(OPT_IN)} (only "
+                             f"when named: this project against DiffSynth's trainer and the seeds' loop); or {GPU} "
+                             "(alone): the memory plan measured on a GPU")
     parser.add_argument("--repeats", type=int, default=None, help="A/B pairs per comparison after one warm-up pair (default 3, quick 1)")
     parser.add_argument("--out", default=None, help="result file (default: bench.json; gpu.json with --only gpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -147,4 +150,14 @@ def main(argv: list[str] | None = None) -> int:
                       "absolute times are inflated; the A/B ratios are measured under the same load.[/yellow]")
     console.print(f"wrote {Path(args.out or 'bench.json').resolve()} in {result['seconds']:.0f} s")
     failed = [k for k, v in result["sections"].items() if isinstance(v, dict) and "error" in v]
-    return 1 if failed else 0
+    missed = missed_goals(result)
+    for line in missed:
+        console.print(f"[red]goal missed:[/red] {line}")
+    return 1 if failed or missed else 0
+
+
+def missed_goals(result: dict) -> list[str]:
+    """The ratios past their goal (the ``peers`` section's), one line each."""
+    return [f"{sec_name}: {g['row']} {g['measure']} ratio {g['ratio']:.2f}x > goal {g['goal']:.2f}x"
+            for sec_name, sec in result.get("sections", {}).items() if isinstance(sec, dict)
+            for g in sec.get("goals", []) if not g["met"]]

@@ -142,6 +142,21 @@ def _text_encoder_rows(table, sec: dict) -> None:
             table.add_row("text_encoder", f"{name}: {scheme} not run here", why.split(": use")[0][:90], "", "")
 
 
+def _peers_rows(table, sec: dict) -> None:
+    for r in sec["rows"]:
+        per = "median step" if r["name"] == "training step" else "whole process"
+        mark = {k: "" if r["met"][k] else " MISSED" for k in ("time", "memory")}
+        table.add_row("peers", f"{r['name']} ({per}): {r['peer']} / this project", _fmt_s(r["peer_seconds"]),
+                      _fmt_s(r["seconds"]), f"{r['ratios']['time']:.2f}x (goal {r['goals']['time']:.2f}x){mark['time']}")
+        table.add_row("peers", f"{r['name']}: peak anonymous memory", f"{r['peer_peak_anon_gib']:.1f} GiB",
+                      f"{r['peak_anon_gib']:.1f} GiB",
+                      f"{r['ratios']['memory']:.2f}x (goal {r['goals']['memory']:.2f}x){mark['memory']}")
+    per_scene = sec.get("scene_batch_seconds_per_scene")
+    if per_scene:
+        table.add_row("peers", f"UNet call with CFG per scene, scene batch {' / '.join(per_scene)}",
+                      " / ".join(f"{v:.2f}" for v in per_scene.values()) + " s", "", "")
+
+
 def render_table(result: dict):
     """The rich table of a bench result."""
     from rich.table import Table
@@ -171,6 +186,8 @@ def render_table(result: dict):
         _plan_rows(table, ok["plan"])
     if "text_encoder" in ok:
         _text_encoder_rows(table, ok["text_encoder"])
+    if "peers" in ok:
+        _peers_rows(table, ok["peers"])
     for name, sec in s.items():
         if isinstance(sec, dict) and "error" in sec:
             table.add_row(name, "FAILED", sec["error"][:80], "", "")

@@ -144,17 +144,19 @@ def resolution(size: str = "tiny") -> int:
 
 
 def build_model(folder: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """A random stand-in Kolors folder (``size``: tiny or bench), built once per seed."""
-    from kolors_story.tiny.kolors import ensure_bench_model, ensure_tiny_model
+    """A random stand-in Kolors folder, built once per seed. ``size``: tiny, bench, or peers (the real
+    UNet and VAE with a 2-layer ChatGLM3 of the real width, fp16 files: the bench's peers section)."""
+    from kolors_story.tiny.kolors import ensure_bench_model, ensure_peers_model, ensure_tiny_model
 
-    return ensure_tiny_model(folder, seed=seed) if size == "tiny" else ensure_bench_model(folder, seed=seed)
+    builders = {"tiny": ensure_tiny_model, "bench": ensure_bench_model, "peers": ensure_peers_model}
+    return builders[size](folder, seed=seed)
 
 
 def model_version(size: str = "tiny") -> int:
     """The version of a stand-in's architecture (bumped when it changes, so cached copies are rebuilt)."""
-    from kolors_story.tiny.kolors import BENCH_VERSION, TINY_VERSION
+    from kolors_story.tiny.kolors import BENCH_VERSION, PEERS_VERSION, TINY_VERSION
 
-    return TINY_VERSION if size == "tiny" else BENCH_VERSION
+    return {"tiny": TINY_VERSION, "bench": BENCH_VERSION, "peers": PEERS_VERSION}[size]
 
 
 def draw_demo_image(index: int, width: int, height: int, seed: int = 0):

@@ -148,3 +148,15 @@ def bench_vae_config() -> dict:
     cfg = dict(SDXL_VAE_CONFIG)
     cfg.update(block_out_channels=[16, 32, 64, 64], norm_num_groups=16, sample_size=BENCH_RESOLUTION)
     return cfg
+
+
+# ------------------------------------------------------------------------------------ the peers model
+# What the bench's ``peers`` section runs this project and its peers (DiffSynth's trainer, the seeds'
+# diffusers loop) on: Kolors' real UNet and VAE, and ChatGLM3 at its real width with 2 of its 28
+# layers (the prompt-encoding share of a step stays visible without 12.5 GB of encoder).
+
+PEERS_TEXT_LAYERS = 2
+
+
+def peers_text_encoder_config() -> dict:
+    return {**KOLORS_TEXT_ENCODER_CONFIG, "num_layers": PEERS_TEXT_LAYERS}

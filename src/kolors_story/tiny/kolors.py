@@ -12,11 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kolors_story.errors import SettingsError
+from kolors_story.models.architectures import KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG
 from kolors_story.models.random_init import build_components, chatglm_tokenizer_dir
 from kolors_story.tiny.architectures import (
     bench_text_encoder_config,
     bench_unet_config,
     bench_vae_config,
+    peers_text_encoder_config,
     pretrained_unet_config,
     pretrained_vae_config,
     tiny_text_encoder_config,
@@ -28,6 +30,7 @@ from kolors_story.tiny.folders import MODEL_NOTE_FILE, build_stamped_folder
 # Bump when an architecture below changes, so cached copies are rebuilt.
 TINY_VERSION = 1
 BENCH_VERSION = 1
+PEERS_VERSION = 1
 
 
 def build_tiny_components(seed: int = 0, text_encoder_config: dict | None = None,
@@ -148,3 +151,22 @@ def ensure_bench_model(folder: str | Path, seed: int = 0) -> Path:
     note = f"Bench-size randomly initialised Kolors (kolors-story bench v{BENCH_VERSION}): for timing only.\n"
     return build_model_folder(folder, {"version": BENCH_VERSION, "seed": seed}, "BENCH_MODEL.json",
                               lambda: build_bench_components(seed), "kolors", note=note)
+
+
+def build_peers_components(seed: int = 0) -> dict:
+    """Kolors' real UNet and VAE and a 2-layer ChatGLM3 of the real width, random, in float16 (as
+    the release ships its weights: every reader upcasts them the same way)."""
+    parts = build_components(peers_text_encoder_config(), dict(KOLORS_UNET_CONFIG), dict(SDXL_VAE_CONFIG), seed)
+    for name in ("text_encoder", "unet", "vae"):
+        parts[name].half()  # in place: the float32 copies go before the fp16 files are written
+    return parts
+
+
+def ensure_peers_model(folder: str | Path, seed: int = 0) -> Path:
+    """Build the peers model into ``folder`` (Kolors-diffusers layout, fp16 files: what diffusers'
+    ``KolorsPipeline.from_pretrained``, DiffSynth's ``ModelManager`` and this project all read)
+    unless it is there already. About 7 GB on disk; building it takes a few minutes and ~16 GB of RAM."""
+    note = (f"Full-size randomly initialised Kolors, ChatGLM3 cut to 2 of 28 layers (kolors-story peers "
+            f"v{PEERS_VERSION}): for the bench's peers section only.\n")
+    return build_model_folder(folder, {"version": PEERS_VERSION, "seed": seed}, "PEERS_MODEL.json",
+                              lambda: build_peers_components(seed), "diffusers", note=note)
