@@ -184,6 +184,7 @@ def load_pipeline(
     text_encoder: bool = True,
     text_encoder_quant: str = "none",
     quantize_on: str | torch.device | None = None,
+    vae: bool = True,
 ):
     """Build a ``KolorsPipeline`` from a Kolors folder (either layout) and an optional separate VAE.
 
@@ -191,6 +192,7 @@ def load_pipeline(
     cached embeddings never needs it): the pipeline then only accepts precomputed embeddings.
     ``text_encoder_quant``: ChatGLM3's weights in int8 or nf4 (``models.quantization``), quantized
     on ``quantize_on`` (default ``device``; the GPU when the pipeline is loaded on the CPU to offload).
+    ``vae=False`` leaves the VAE out (training that renders nothing).
     """
     from diffusers import KolorsPipeline
 
@@ -200,7 +202,7 @@ def load_pipeline(
     if text_encoder:
         check_text_encoder_quant(text_encoder_quant, str(quantize_on))  # before the VAE loads
     pipe = KolorsPipeline(
-        vae=load_vae(layout, torch_dtype),
+        vae=load_vae(layout, torch_dtype) if vae else None,
         text_encoder=load_text_encoder(layout, torch_dtype, text_encoder_quant, quantize_on) if text_encoder else None,
         tokenizer=load_tokenizer(layout),
         unet=load_unet(layout, torch_dtype),

@@ -93,12 +93,15 @@ def settings_dict(job: TrainSettings) -> dict:
 
 def _trainable_unet(job: TrainSettings):
     """The pipeline without its text encoder, on the CPU (Lightning moves the UNet to each rank's
-    device; only rank 0 moves the VAE, for the story renders), with the LoRA on the UNet."""
+    device; only rank 0 moves the VAE, for the story renders), with the LoRA on the UNet. Without
+    renders (validate=false, no reward) the VAE is left out too: the steps read cached latents."""
+    renders = job.validate or job.reward.name != "none"
     pipe = load_pipeline(ensure_model(job.model), vae_path=job.model.vae_path, dtype=job.model.dtype,
-                         device="cpu", text_encoder=False)
+                         device="cpu", text_encoder=False, vae=renders)
     unet = pipe.unet
     unet.requires_grad_(False)
-    pipe.vae.requires_grad_(False)
+    if pipe.vae is not None:
+        pipe.vae.requires_grad_(False)
     add_lora_from_settings(unet, job.lora)
     for p in unet.parameters():  # LoRA weights train in fp32 even when the base is fp16/bf16
         if p.requires_grad:
