@@ -228,7 +228,8 @@ def test_an_out_of_memory_batch_is_rendered_in_halves(tmp_path, tiny_model_dir, 
         return real_forward(self, sample, *a, **k)
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
-    forced = generate_from_config(compose("generate", ["model=tiny", "sampler.steps=2", f"output_dir={tmp_path / 'a'}"]))
+    forced = generate_from_config(compose("generate", ["model=tiny", "sampler.steps=2", "sampler.batch_size=8",
+                                                       f"output_dir={tmp_path / 'a'}"]))
     monkeypatch.setattr(UNet2DConditionModel, "forward", real_forward)
     assert raised and len(forced.images) == 8
     retries = forced.manifest.memory["oom_retries"]
@@ -237,3 +238,19 @@ def test_an_out_of_memory_batch_is_rendered_in_halves(tmp_path, tiny_model_dir, 
                                                       f"output_dir={tmp_path / 'b'}"]))
     assert plain.manifest.memory["oom_retries"] == []
     assert all(np.array_equal(a, b) for a, b in zip(_pixels(tmp_path / "a"), _pixels(tmp_path / "b")))
+
+
+def test_the_plan_counts_chatglm_after_diffsynth_turned_on_the_cpu_fuser():
+    """Importing DiffSynth's Kolors text encoder turns on TorchScript's CPU fuser for the whole
+    process; ChatGLM's scripted rotary embedding then asked that fuser for the meta device and the
+    plan failed ("Unknown device for graph fuser") in any process that had loaded DiffSynth."""
+    import json
+
+    import diffsynth.models.kolors_text_encoder  # noqa: F401 - the import is the point
+
+    from kolors_story.models.architectures import KOLORS_TEXT_ENCODER_CONFIG
+    from kolors_story.plan import count
+
+    config = count.key({**KOLORS_TEXT_ENCODER_CONFIG, "num_layers": 2})
+    assert json.loads(config)["num_layers"] == 2
+    assert count.text_encode(config, 3, "float16") > 2 * 256 * 4096 * 2

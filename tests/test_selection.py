@@ -324,12 +324,14 @@ def test_scene_selection_keeps_each_scenes_highest_scored_candidate(tmp_path_fac
     """select=scene (the default) is the behaviour before story selection: render every candidate
     set on its own, score it, keep each scene's highest (ties: the lower candidate); the images
     are those, pixel for pixel."""
-    from kolors_story.config.compose import to_settings
+    from kolors_story.config.compose import explicit_keys, to_settings
     from kolors_story.evaluate.scorer import AestheticScorer
     from kolors_story.generate.job import generate
+    from kolors_story.plan.auto import cpu_generation_defaults
 
     made = shared_hires_best(tmp_path_factory)  # best_of.n=2, select left at its default
-    job = to_settings(made["cfg"], "generate")
+    # the settings generate.py ran with: on a CPU it picks the scene batch the command line left open
+    job = cpu_generation_defaults(to_settings(made["cfg"], "generate"), explicit_keys(made["cfg"]))
     assert job.sampler.best_of.select == "scene"
     scorer = AestheticScorer.from_settings(job.scorer)
     sets = []

@@ -129,6 +129,20 @@ def _encode_alone(job: GenerateSettings, scenes: list[Scene]) -> tuple[dict[str,
     return embeds, release_text_encoder(text)
 
 
+def _pipeline_and_embeddings(job: GenerateSettings, loras: list[LoraSpec], scenes: list[Scene]):
+    """``_load``'s pipeline, identity and memory record, and the scenes' embeddings; the text encoder
+    may go once they are encoded (on a CPU it encodes alone, before the rest loads)."""
+    if encodes_alone(job):
+        embeds, released = _encode_alone(job, scenes)
+        pipe, info, memory_record = _load(job, loras, text_encoder=False)
+    else:
+        pipe, info, memory_record = _load(job, loras)
+        embeds = encode_scenes(pipe, scenes, device=run_device(pipe))
+        released = after_prompt_encoding(pipe, job.memory)
+    memory_record["text_encoder_released_bytes"] = released
+    return pipe, info, memory_record, embeds
+
+
 def _score(job: GenerateSettings, scorer: AestheticScorer, aligner: PromptAligner | None, render: StoryRender,
            scenes: list[Scene], model_note: str | None) -> StoryScores:
     summary = score_story(scorer, aligner, render.images, [s.prompt_en for s in scenes], job.scorer)
@@ -181,16 +195,8 @@ def generate(job: GenerateSettings, *, out_dir: str | Path | None = None, loras:
     scorer = AestheticScorer.from_settings(job.scorer) if (wants_scores(job) or picking) else None
     aligner = PromptAligner.from_settings(job.scorer) if wants_alignment(job, reproducing=choices is not None) else None
     picker = picker_for(job.sampler.best_of, scorer, aligner, [s.prompt_en for s in scenes], job.scorer) if picking else None
-    # 2-3. The pipeline, with sampler, LoRAs and memory modes; the prompts, encoded once, and the text
-    # encoder may go afterwards (on a CPU it encodes alone, before the rest loads).
-    if encodes_alone(job):
-        embeds, released = _encode_alone(job, scenes)
-        pipe, info, memory_record = _load(job, loras, text_encoder=False)
-    else:
-        pipe, info, memory_record = _load(job, loras)
-        embeds = encode_scenes(pipe, scenes, device=run_device(pipe))
-        released = after_prompt_encoding(pipe, job.memory)
-    memory_record["text_encoder_released_bytes"] = released
+    # 2-3. The pipeline, with sampler, LoRAs and memory modes; the prompts, encoded once.
+    pipe, info, memory_record, embeds = _pipeline_and_embeddings(job, loras, scenes)
     # 4. The images (best-of: chosen per scene or as a story, or the recorded picks), coherent when asked.
     coherence = StoryCoherence(pipe, scenes, job.coherence) if coherence_on(job.coherence) else None
     try:
