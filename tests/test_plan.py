@@ -254,3 +254,6 @@ def test_the_plan_counts_chatglm_after_diffsynth_turned_on_the_cpu_fuser():
     config = count.key({**KOLORS_TEXT_ENCODER_CONFIG, "num_layers": 2})
     assert json.loads(config)["num_layers"] == 2
     assert count.text_encode(config, 3, "float16") > 2 * 256 * 4096 * 2
+    from kolors_story.bench.flops import count_text_encoder
+
+    assert count_text_encoder(json.loads(config), 16) > 0  # the bench's and the GPU check's FLOP count
