@@ -14,7 +14,7 @@ from kolors_story import tiny
 from kolors_story.accounting import FlopCount, PeakTensorMemory
 from kolors_story.bench.timing import GB, TFLOP, BenchContext
 from kolors_story.models import architectures as configs
-from kolors_story.plan.count import build_on, unet_inputs
+from kolors_story.plan.count import build_on, scripted_on_meta, unet_inputs
 
 
 def count_unet_step(unet, resolution: int, tokens: int, gradient_checkpointing: bool) -> dict:
@@ -47,9 +47,8 @@ def count_text_encoder(config: dict, tokens: int, device: str = "meta") -> int:
     te = build_on(device, lambda: ChatGLMModel(ChatGLMConfig(**config), empty_init=False))
     ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
     # No attention mask: ChatGLM branches on ``mask.all()``, which needs data the meta device does
-    # not have; the FLOP counter counts attention over all positions either way. TorchScript runs
-    # unoptimized, as in plan.count.counting: its CPU fuser (on once DiffSynth is imported) fails on meta.
-    with torch.no_grad(), torch.jit.optimized_execution(False), FlopCounterMode(display=False) as flops:
+    # not have; the FLOP counter counts attention over all positions either way.
+    with torch.no_grad(), scripted_on_meta(), FlopCounterMode(display=False) as flops:
         te(input_ids=ids, position_ids=torch.arange(tokens, device=device)[None], output_hidden_states=True)
     return flops.get_total_flops()
 

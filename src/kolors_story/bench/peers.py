@@ -247,9 +247,9 @@ def _alternated(pairs: int, peer, ours) -> tuple[list[dict], list[dict]]:
     return peer_runs, our_runs
 
 
-def compare_training(ctx: BenchContext, model: Path, root: Path, env: dict) -> dict:
+def compare_training(ctx: BenchContext, model: Path, scenes: list, root: Path, env: dict) -> dict:
+    """Training steps on a dataset of the story's scene prompts (one image each)."""
     work = ctx.workdir / "peers-train"
-    scenes = _story_scenes()
     dataset = write_dataset(work / "dataset", [s.prompt for s in scenes])
     ctx.log("peers: this project's data stage and cache (once, not timed) ...")
     prep = run_process([sys.executable, "train.py", *train_overrides(model, dataset, work, "data", work / "run-data")],
@@ -284,11 +284,10 @@ def _story_scenes():
     return story_scenes(job.story, job.sampler)
 
 
-def compare_story(ctx: BenchContext, model: Path, root: Path, env: dict) -> dict:
+def compare_story(ctx: BenchContext, model: Path, scenes: list, root: Path, env: dict) -> dict:
     work = ctx.workdir / "peers-story"
     work.mkdir(parents=True, exist_ok=True)
     scenes_file = work / "scenes.json"
-    scenes = _story_scenes()
     scenes_file.write_text(json.dumps([{"prompt": s.prompt, "negative": s.negative, "seed": s.seed} for s in scenes],
                                       ensure_ascii=False), encoding="utf-8")
     dirs = {}
@@ -350,7 +349,8 @@ def section_peers(ctx: BenchContext) -> dict:
     model = tiny.build_model(folder, "peers")
     _warm_page_cache(model)
     env = _env(ctx.workdir)
-    rows = [compare_training(ctx, model, root, env), compare_story(ctx, model, root, env)]
+    scenes = _story_scenes()
+    rows = [compare_training(ctx, model, scenes, root, env), compare_story(ctx, model, scenes, root, env)]
     per_scene = scene_batches(ctx, model, root, env)
     goals = [{"row": r["name"], "measure": k, "ratio": r["ratios"][k], "goal": r["goals"][k], "met": r["met"][k]}
              for r in rows for k in ("time", "memory")]

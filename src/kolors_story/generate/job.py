@@ -90,10 +90,9 @@ class GenerationResult:
     workflow: StoryWorkflow | None = None  # the ComfyUI workflow (comfyui.enabled)
 
 
-def _load(job: GenerateSettings, loras: list[LoraSpec], text_encoder: bool = True):
-    """The pipeline with the job's sampler, LoRAs and memory modes (``text_encoder=False``: without
-    ChatGLM3, for prompts already encoded); its model identity and the memory record."""
-    model_path = ensure_model(job.model)
+def _load(job: GenerateSettings, model_path: Path, loras: list[LoraSpec], text_encoder: bool = True):
+    """The pipeline of ``model_path`` with the job's sampler, LoRAs and memory modes (``text_encoder=False``:
+    without ChatGLM3, for prompts already encoded); its model identity and the memory record."""
     memory = memory_modes(job.memory)
     pipe = load_pipeline(model_path, vae_path=job.model.vae_path, dtype=job.model.dtype,
                          device=load_device(job.model.device, memory), text_encoder=text_encoder,
@@ -121,9 +120,9 @@ def encodes_alone(job: GenerateSettings) -> bool:
     return modes.release_text_encoder and modes.offload == "none" and torch.device(job.model.device).type == "cpu"
 
 
-def _encode_alone(job: GenerateSettings, scenes: list[Scene]) -> tuple[dict[str, torch.Tensor], int]:
+def _encode_alone(job: GenerateSettings, model_path: Path, scenes: list[Scene]) -> tuple[dict[str, torch.Tensor], int]:
     """The scenes' embeddings from ChatGLM3 loaded on its own, and the bytes it held (released)."""
-    layout = resolve_layout(ensure_model(job.model), job.model.vae_path)
+    layout = resolve_layout(model_path, job.model.vae_path)
     text = text_pipeline(layout, to_dtype(job.model.dtype), job.model.device, job.model.text_encoder_quant)
     embeds = encode_scenes(text, scenes, device=job.model.device)
     return embeds, release_text_encoder(text)
@@ -132,11 +131,12 @@ def _encode_alone(job: GenerateSettings, scenes: list[Scene]) -> tuple[dict[str,
 def _pipeline_and_embeddings(job: GenerateSettings, loras: list[LoraSpec], scenes: list[Scene]):
     """``_load``'s pipeline, identity and memory record, and the scenes' embeddings; the text encoder
     may go once they are encoded (on a CPU it encodes alone, before the rest loads)."""
+    model_path = Path(ensure_model(job.model))
     if encodes_alone(job):
-        embeds, released = _encode_alone(job, scenes)
-        pipe, info, memory_record = _load(job, loras, text_encoder=False)
+        embeds, released = _encode_alone(job, model_path, scenes)
+        pipe, info, memory_record = _load(job, model_path, loras, text_encoder=False)
     else:
-        pipe, info, memory_record = _load(job, loras)
+        pipe, info, memory_record = _load(job, model_path, loras)
         embeds = encode_scenes(pipe, scenes, device=run_device(pipe))
         released = after_prompt_encoding(pipe, job.memory)
     memory_record["text_encoder_released_bytes"] = released

@@ -46,14 +46,19 @@ def fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     return _FusedAttention.apply(query, key, value)
 
 
+def scripted_on_meta():
+    """TorchScript unoptimized, for running models on meta tensors: ChatGLM's scripted rotary
+    embedding, profiled on meta tensors (or on CPU tensors and then called on meta ones), would ask
+    its CPU fuser (on once DiffSynth is imported) for the meta device and fail."""
+    return torch.jit.optimized_execution(False)
+
+
 @contextmanager
 def counting(attention: str = "sdpa"):
-    """Count allocations inside the block, SDPA as the fused kernels allocate it (``attention=sdpa``).
-    TorchScript runs unoptimized here: ChatGLM's scripted rotary embedding, profiled on meta tensors
-    (or on CPU tensors and then called on meta ones), would ask its fuser for the meta device and fail."""
+    """Count allocations inside the block, SDPA as the fused kernels allocate it (``attention=sdpa``)."""
     patch = (mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", fused_sdpa)
              if attention == "sdpa" else nullcontext())
-    with patch, torch.jit.optimized_execution(False), PeakTensorMemory() as mem:
+    with patch, scripted_on_meta(), PeakTensorMemory() as mem:
         yield mem
 
 
