@@ -79,11 +79,29 @@ def test_the_tightest_cluster_across_phrasings_is_chosen():
     looks = [(i // 3) % 3 for i in range(36)]
     e = np.stack([background[p] + look[k] + spread[k] * rng.normal(size=64) for p, k in zip(labels, looks)])
     found = choose_cluster(torch.tensor(e), labels, min_size=6)
-    assert sorted(found.members) == [i for i in range(36) if looks[i] == 0]
+    assert len(found.members) >= 6 and {looks[i] for i in found.members} == {0}
     assert found.similarity == pytest.approx(pair_similarity(e, labels, found.members))
     assert found.similarity > pair_similarity(e, labels)  # tighter than the renders as a whole
     with pytest.raises(Exception, match="min_cluster"):
         choose_cluster(torch.tensor(e[:4]), labels[:4], min_size=6)
+
+
+def test_a_small_tight_cluster_beats_a_large_loose_one():
+    """Most renders share nothing but their phrasing (each seed its own look); 8 share one look. Cut at
+    candidates // min_cluster clusters, average linkage's only cluster that large is loose (it was
+    chosen before, looser than a random group); every cut of the tree is looked at now."""
+    from kolors_story.train.character_parts import choose_cluster, pair_similarity
+
+    rng = np.random.default_rng(1)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    background, look = unit(rng.normal(size=(4, 64))) * 3, unit(rng.normal(size=64)) * 2
+    labels = [i % 4 for i in range(32)]
+    tight = list(range(0, 32, 4))[:4] + list(range(1, 32, 4))[:4]  # 8 renders of two phrasings
+    e = np.stack([background[p] + (look + 0.05 * rng.normal(size=64) if i in tight else 2 * unit(rng.normal(size=64)))
+                  for i, p in enumerate(labels)])
+    found = choose_cluster(torch.tensor(e), labels, min_size=6)
+    assert sorted(found.members) == sorted(tight)
+    assert found.similarity > pair_similarity(e, labels) + 0.1
 
 
 def test_the_memory_plan_and_the_bench_count_the_loop():
@@ -250,10 +268,10 @@ def test_the_character_lora_on_each_probe_story(story, tmp_path, monkeypatch):
     """Measured (tiny defaults: 2 rounds of 32 renders, 200 LoRA steps), per seed set; see
     docs/coherence.md#character-lora-character for the numbers. What holds for every story: the
     copy-paste score does not rise, CLIP-T stays within its seed-to-seed noise, and the chosen cluster
-    is tighter than a random one. What does not: the panel similarity rises with the character LoRA
-    for ink_dream and warrior_dragon in every set, but falls for idol_diary in 2 of 3 (its LoRA learns
-    a dark figure that the panels then show where they showed none), and the broken LoRA's gain is not
-    smaller everywhere. So those are recorded here, not asserted."""
+    is tighter than a random one. What does not: the panel similarity rises in every set only for
+    warrior_dragon, and a LoRA on a random cluster gains as much or more (the tiny model leaves the
+    object out of half its renders, and empty panels are alike). So those are recorded here, not
+    asserted."""
     monkeypatch.setenv("KOLORS_STORY_TINY_TASTE", "none")
     real = _character(tmp_path / "real", story)
     with monkeypatch.context() as m:

@@ -10,9 +10,11 @@ Choosing the cluster (why this way):
 - A cluster's similarity is the mean cosine of the plain embeddings over pairs rendered from
   *different* phrasings. Two renders of one phrasing can look alike through their shared pose and
   background alone; two renders of different phrasings look alike through the character.
-- The tree is cut into ``candidates // min_cluster`` clusters; the most similar cluster of at least
-  ``min_cluster`` renders (spanning two phrasings, when there are several) wins. When none is that
-  large, the tree is cut into fewer clusters until one is.
+- Every cluster of the tree (at every cut, from one cluster to one per render) is a candidate: the
+  most similar one of at least ``min_cluster`` renders (spanning two phrasings, when there are
+  several) wins. Not one cut at ``candidates // min_cluster`` clusters, as The Chosen One cuts
+  k-means: average linkage splits off small clusters first, and at that cut the only cluster large
+  enough can be looser than a random group of renders.
 """
 
 from __future__ import annotations
@@ -174,15 +176,17 @@ def choose_cluster(embeddings, labels, min_size: int) -> Cluster:
         residual[labels == label] -= residual[labels == label].mean(0)
     tree = linkage(_unit(residual + 1e-9), method="average", metric="cosine")
     several = len(np.unique(labels)) > 1
-    for k in range(max(1, len(e) // min_size), 0, -1):
+    seen: dict[tuple[int, ...], int] = {}  # each cluster of the tree (members) and the first cut that has it
+    for k in range(1, len(e) + 1):
         groups = fcluster(tree, k, criterion="maxclust")
-        big = [np.flatnonzero(groups == g) for g in np.unique(groups) if (groups == g).sum() >= min_size]
-        mixed = [m for m in big if len(np.unique(labels[m])) > 1] if several else big
-        scored = [(pair_similarity(e, labels, m), m.tolist()) for m in (mixed or big)]
-        if scored:
-            best = max(scored, key=lambda s: s[0])
-            return Cluster(members=best[1], similarity=best[0], clusters=k)
-    raise TrainingError(f"no cluster of {min_size} renders among {len(e)}: lower character.min_cluster")
+        for g in np.unique(groups):
+            members = tuple(np.flatnonzero(groups == g).tolist())
+            if len(members) >= min_size and (not several or len(np.unique(labels[list(members)])) > 1):
+                seen.setdefault(members, k)
+    if not seen:
+        raise TrainingError(f"no cluster of {min_size} renders among {len(e)}: lower character.min_cluster")
+    similarity, members = max((pair_similarity(e, labels, list(m)), m) for m in seen)
+    return Cluster(members=list(members), similarity=similarity, clusters=seen[members])
 
 
 # ------------------------------------------------------------------------------ items and sheets
