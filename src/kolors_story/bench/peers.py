@@ -32,7 +32,7 @@ from pathlib import Path
 
 from kolors_story import tiny
 from kolors_story.bench.peers_run import PARTS
-from kolors_story.bench.timing import BenchContext, BenchError, compose_settings
+from kolors_story.bench.timing import BenchContext, BenchError, compose_settings, proc_status
 
 GIB = 2**30
 SIZE = 256
@@ -66,18 +66,6 @@ class ProcessRun:
             raise BenchError(f"peers: {what} exited with {self.returncode}; its log: {self.log}")
 
 
-def _status_kb(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "VmHWM"):
-                out[key] = int(value.split()[0])
-    except (OSError, ValueError):
-        pass
-    return out
-
-
 def run_process(cmd: list[str], log: Path, cwd: Path | None = None, env: dict | None = None) -> ProcessRun:
     """Run ``cmd`` to its end, sampling its memory every 50 ms."""
     peaks = {"RssAnon": 0, "VmHWM": 0}
@@ -87,16 +75,16 @@ def run_process(cmd: list[str], log: Path, cwd: Path | None = None, env: dict | 
 
         def sample() -> None:
             while proc.poll() is None:
-                for key, kb in _status_kb(proc.pid).items():
-                    peaks[key] = max(peaks[key], kb)
+                for key, value in proc_status(tuple(peaks), proc.pid).items():
+                    peaks[key] = max(peaks[key], value)
                 time.sleep(SAMPLE_S)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         returncode = proc.wait()
         sampler.join()
-    return ProcessRun(seconds=time.perf_counter() - t0, peak_anon_gib=peaks["RssAnon"] * 1024 / GIB,
-                      peak_rss_gib=peaks["VmHWM"] * 1024 / GIB, returncode=returncode, log=str(log))
+    return ProcessRun(seconds=time.perf_counter() - t0, peak_anon_gib=peaks["RssAnon"] / GIB,
+                      peak_rss_gib=peaks["VmHWM"] / GIB, returncode=returncode, log=str(log))
 
 
 def _env(workdir: Path) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from kolors_story.bench.timing import GB, BenchContext, compose_settings
+from kolors_story.bench.timing import GB, BenchContext, compose_settings, proc_status
 
 STORIES = ("ink_dream", "warrior_dragon", "idol_diary")  # conf/story/*.yaml
 ENCODE_BATCH = 8  # prompts per encode_prompt call: one story
@@ -97,17 +97,6 @@ def bench_models(ctx: BenchContext, overrides: list[str]) -> list[dict]:
 # --------------------------------------------------------------------------- in the fresh process
 
 
-def _status(key: str) -> int | None:
-    """A ``/proc/self/status`` value in bytes (VmRSS, VmHWM, ...), None where there is none."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _reset_peak() -> bool:
     """Start a new peak-RSS window (Linux: VmHWM back to the current RSS)."""
     try:
@@ -130,18 +119,19 @@ def measure_scheme(job: dict) -> dict:
     from diffusers import KolorsPipeline  # noqa: F401 - imported before the baseline, as every scheme needs it
     from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer  # noqa: F401
 
-    base = _status("VmRSS")
+    base = proc_status(("VmRSS",)).get("VmRSS")
     t0 = time.perf_counter()
     pipe = text_pipeline(layout, to_dtype(job["dtype"]), job["device"], job["scheme"])
     load_s = time.perf_counter() - t0
-    load_peak, resident = _status("VmHWM"), _status("VmRSS")
+    loaded = proc_status(("VmHWM", "VmRSS"))
+    load_peak, resident = loaded.get("VmHWM"), loaded.get("VmRSS")
     windowed = _reset_peak()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     embeds = encode_captions(pipe, job["prompts"], job["device"], ENCODE_BATCH)
     encode_s = time.perf_counter() - t0
-    encode_peak = _status("VmHWM") if windowed else None
+    encode_peak = proc_status(("VmHWM",)).get("VmHWM") if windowed else None
     tensors = {}
     for i, prompt in enumerate(job["prompts"]):
         tensors[f"{i}/prompt_embeds"], tensors[f"{i}/pooled"] = (t.contiguous() for t in embeds[prompt])

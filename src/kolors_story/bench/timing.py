@@ -26,6 +26,20 @@ class BenchError(RuntimeError):
     """A benchmark's A and B disagree (images or scores differ) or a section cannot run."""
 
 
+def proc_status(keys: tuple[str, ...], pid: int | str = "self") -> dict[str, int]:
+    """Values of ``/proc/<pid>/status`` in bytes (VmRSS, VmHWM, RssAnon, ...): those of ``keys`` found,
+    none where there is no such file (not Linux, or the process has ended)."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in keys:
+                out[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 

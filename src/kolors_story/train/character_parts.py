@@ -175,18 +175,18 @@ def choose_cluster(embeddings, labels, min_size: int) -> Cluster:
     for label in np.unique(labels):  # what the phrasing fixed is removed; what the seed changed is left
         residual[labels == label] -= residual[labels == label].mean(0)
     tree = linkage(_unit(residual + 1e-9), method="average", metric="cosine")
-    several = len(np.unique(labels)) > 1
-    seen: dict[tuple[int, ...], int] = {}  # each cluster of the tree (members) and the first cut that has it
+    big: dict[tuple[int, ...], int] = {}  # each cluster of the tree that is large enough, and the first cut with it
     for k in range(1, len(e) + 1):
         groups = fcluster(tree, k, criterion="maxclust")
         for g in np.unique(groups):
             members = tuple(np.flatnonzero(groups == g).tolist())
-            if len(members) >= min_size and (not several or len(np.unique(labels[list(members)])) > 1):
-                seen.setdefault(members, k)
-    if not seen:
+            if len(members) >= min_size:
+                big.setdefault(members, k)
+    if not big:
         raise TrainingError(f"no cluster of {min_size} renders among {len(e)}: lower character.min_cluster")
-    similarity, members = max((pair_similarity(e, labels, list(m)), m) for m in seen)
-    return Cluster(members=list(members), similarity=similarity, clusters=seen[members])
+    mixed = [m for m in big if len(np.unique(labels[list(m)])) > 1] if len(np.unique(labels)) > 1 else []
+    similarity, members = max((pair_similarity(e, labels, list(m)), m) for m in (mixed or big))
+    return Cluster(members=list(members), similarity=similarity, clusters=big[members])
 
 
 # ------------------------------------------------------------------------------ items and sheets
