@@ -24,7 +24,7 @@ class ModelSettings:
     dtype: str = "float16"  # dtype the weights are loaded in: float16, bfloat16 or float32
     device: str = "cuda"  # device the pipeline runs on: cuda, cuda:1, cpu
     resolution: int = 1024  # native training/sampling size; sampler and dataset default to it
-    text_encoder_quant: str = "none"  # ChatGLM3's weights: none (model.dtype, 12.5 GB fp16), int8 (torchao, CPU+CUDA, 6.2 GB) or nf4 (bitsandbytes, CUDA, 3.5 GB)
+    text_encoder_quant: str = "none"  # ChatGLM3's weights: none (model.dtype, 12.0 GB fp16), int8 (torchao, CPU+CUDA, 6.2 GB) or nf4 (bitsandbytes, CUDA, 3.5 GB)
     tiny: Optional[TinyModelSpec] = None  # only for model=tiny: the tiny Kolors (pre-trained or random) built into `path`
 
 

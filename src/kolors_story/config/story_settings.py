@@ -62,7 +62,7 @@ class MemorySettings:
     offload_device: Optional[str] = None  # device to offload to; null -> model.device (skipped with a warning when there is no GPU)
     vae_tiling: bool = False  # VAE in overlapping tiles above its native 1024² (hires 2048²); a no-op when the image fits one tile
     vae_slicing: bool = False  # VAE decodes a batch one image at a time: peak VAE memory of a single image (generate.py on a CPU: on unless set)
-    release_text_encoder: bool = False  # drop ChatGLM3 (12.5 GB fp16) once the story's prompts are encoded (generate.py on a CPU: on unless set)
+    release_text_encoder: bool = False  # drop ChatGLM3 (12.0 GB fp16) once the story's prompts are encoded (generate.py on a CPU: on unless set)
     allow_quantized_text_encoder: bool = False  # memory=auto may quantize ChatGLM3 (int8, then nf4) before offloading; off: its quality on the real weights is unmeasured
     attention: str = "sdpa"  # sdpa (torch scaled_dot_product_attention) | eager (plain matmul+softmax) | sliced (attention slicing)
     attention_slice_size: Any = "auto"  # with attention=sliced: auto (half the heads at a time), max (one head) or a number of heads

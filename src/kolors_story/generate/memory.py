@@ -8,7 +8,7 @@ tiling is exact whenever the image fits in one tile, which holds at Kolors' nati
   accelerate hooks; the pipeline must be loaded on the CPU first (see :func:`load_device`), or it
   would be fully resident on the GPU before offloading starts.
 - ``vae_tiling`` / ``vae_slicing``: decode in overlapping tiles / one image of the batch at a time.
-- ``release_text_encoder``: drop ChatGLM3 (6.2 B parameters, 12.5 GB in fp16) once the prompts are
+- ``release_text_encoder``: drop ChatGLM3 (6.0 B parameters loaded, 12.0 GB in fp16) once the prompts are
   encoded (:func:`after_prompt_encoding`); generation then runs from the embeddings.
 - ``attention``: ``sdpa`` (torch's scaled_dot_product_attention, the default), ``eager`` (plain
   matmul + softmax: the reference to compare against), ``sliced`` (attention slicing).

@@ -145,8 +145,16 @@ def load_text_encoder(layout: KolorsLayout, dtype: torch.dtype, quant: str = "no
 
     check_text_encoder_quant(quant, str(device or "cpu"))
     # Loaded straight into the target dtype (no fp32 upcast copy: that is where peak memory goes).
-    model = ChatGLMModel.from_pretrained(str(layout.text_encoder), dtype=dtype, **loading_kwargs(quant, dtype, device))
+    model = without_lm_head(ChatGLMModel.from_pretrained(str(layout.text_encoder), dtype=dtype,
+                                                         **loading_kwargs(quant, dtype, device)))
     return model if quant == "none" else finish_quantized(model)
+
+
+def without_lm_head(model):
+    """ChatGLM3 without its language-model head (``output_layer``, 0.53 GB in fp16): prompt encoding
+    reads hidden states, never logits, so the head would only take memory (the plan counts it out too)."""
+    model.output_layer = None
+    return model
 
 
 def load_unet(layout: KolorsLayout, dtype: torch.dtype):

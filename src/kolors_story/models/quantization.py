@@ -1,7 +1,7 @@
 """ChatGLM3 with quantized weights (``model.text_encoder_quant``): which library runs each scheme,
 where it can run, the one-line refusal before anything loads, and what its weights cost.
 
-- ``none``: the release's weights in ``model.dtype`` (12.5 GB for ChatGLM3-6B in fp16).
+- ``none``: the release's weights in ``model.dtype`` (12.0 GB for ChatGLM3-6B in fp16, without its LM head).
 - ``int8``: torchao's int8 weight-only quantization (``Int8WeightOnlyConfig``: one float32 scale per
   output row) through transformers' ``quantization_config``; CPU and CUDA. About 6.2 GB.
 - ``nf4``: bitsandbytes 4-bit NormalFloat (blocks of 64, double-quantized absmax, QLoRA's recipe)
@@ -9,8 +9,8 @@ where it can run, the one-line refusal before anything loads, and what its weigh
 
 Both libraries quantize the Linear layers of the 28 transformer blocks; the token embedding and the
 norms stay in ``model.dtype``, and each matmul runs in ``model.dtype`` on a dequantized copy of its
-weight (one layer at a time: the plan counts it). ChatGLM's language-model head (``output_layer``,
-which transformers leaves unquantized) is dropped: prompt encoding reads hidden states, never logits.
+weight (one layer at a time: the plan counts it). ChatGLM's language-model head is dropped whatever
+the scheme (``models.loading.load_text_encoder``).
 The same prompts give slightly different embeddings than ``none``, so the cache keys and the
 manifest carry the scheme.
 """
@@ -86,11 +86,9 @@ def _gpu_index(device) -> int:
 
 
 def finish_quantized(model: torch.nn.Module) -> torch.nn.Module:
-    """The loaded quantized encoder, ready to encode: without its unused language-model head, and
-    owning its full-precision tensors. On the CPU those (norms, biases, the embedding table) are
+    """The loaded quantized encoder, ready to encode: owning its full-precision tensors. On the CPU those (norms, biases, the embedding table) are
     views into the memory-mapped checkpoint shards and would keep every shard mapped, all of its
     pages resident: at real size 16.8 GB of RSS for an int8 encoder of 6.2 GB."""
-    model.output_layer = None
     for module in model.modules():
         for tensors in (module._parameters, module._buffers):
             for t in tensors.values():

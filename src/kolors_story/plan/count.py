@@ -94,7 +94,9 @@ def meta_model(kind: str, config_json: str, dtype: str) -> torch.nn.Module:
         from diffusers.pipelines.kolors import ChatGLMModel
         from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
 
-        make = lambda: ChatGLMModel(ChatGLMConfig(**config), empty_init=False)  # noqa: E731
+        from kolors_story.models.loading import without_lm_head
+
+        make = lambda: without_lm_head(ChatGLMModel(ChatGLMConfig(**config), empty_init=False))  # noqa: E731 (as loaded)
     elif kind == "clip":
         from transformers import CLIPConfig, CLIPModel
 
@@ -134,13 +136,12 @@ def largest_module_bytes(kind: str, config_json: str, dtype: str) -> int:
 @lru_cache(maxsize=16)
 def quantized_text_encoder_bytes(config_json: str, dtype: str, scheme: str) -> int:
     """ChatGLM3's weights as ``models.quantization`` loads them: the Linear layers of its blocks at
-    the scheme's bytes (codes + scales), the embedding, norms and biases in ``dtype``, no LM head."""
+    the scheme's bytes (codes + scales), the embedding, norms and biases in ``dtype`` (no LM head, as
+    ``meta_model`` builds it)."""
     from kolors_story.models.quantization import linear_bytes
 
     total = 0
-    for name, module in meta_model("text_encoder", config_json, dtype).named_modules():
-        if name == "output_layer" or name.startswith("output_layer."):
-            continue  # dropped after loading: prompt encoding never reads logits
+    for module in meta_model("text_encoder", config_json, dtype).modules():
         own = dict(module.named_parameters(recurse=False))
         if isinstance(module, torch.nn.Linear):
             total += linear_bytes(scheme, module.out_features, module.in_features)
@@ -153,8 +154,7 @@ def quantized_text_encoder_bytes(config_json: str, dtype: str, scheme: str) -> i
 def dequantized_layer_bytes(config_json: str, dtype: str) -> int:
     """The transient of a quantized encoder's matmul: its largest Linear weight dequantized to ``dtype``."""
     model = meta_model("text_encoder", config_json, dtype)
-    return max(m.weight.numel() for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and n != "output_layer") * DTYPE_BYTES[dtype]
+    return max(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) * DTYPE_BYTES[dtype]
 
 
 def _set_attention(model, attention: str, slice_size="auto") -> None:
