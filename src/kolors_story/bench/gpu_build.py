@@ -116,10 +116,10 @@ def _maker(kind: str, config: dict) -> Callable[[], torch.nn.Module]:
         from diffusers.pipelines.kolors import ChatGLMModel
         from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
 
-        from kolors_story.models.loading import without_lm_head
+        from kolors_story.models.loading import as_prompt_encoder
 
         # real tensors, not skip_init's; without the LM head, as the project loads ChatGLM3
-        return lambda: without_lm_head(ChatGLMModel(ChatGLMConfig(**config), empty_init=False))
+        return lambda: as_prompt_encoder(ChatGLMModel(ChatGLMConfig(**config), empty_init=False))
     if kind == "predictor":
         from aesthetics_predictor import AestheticsPredictorV2Linear
         from transformers import CLIPVisionConfig

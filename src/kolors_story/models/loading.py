@@ -145,15 +145,53 @@ def load_text_encoder(layout: KolorsLayout, dtype: torch.dtype, quant: str = "no
 
     check_text_encoder_quant(quant, str(device or "cpu"))
     # Loaded straight into the target dtype (no fp32 upcast copy: that is where peak memory goes).
-    model = without_lm_head(ChatGLMModel.from_pretrained(str(layout.text_encoder), dtype=dtype,
+    model = as_prompt_encoder(ChatGLMModel.from_pretrained(str(layout.text_encoder), dtype=dtype,
                                                          **loading_kwargs(quant, dtype, device)))
     return model if quant == "none" else finish_quantized(model)
 
 
-def without_lm_head(model):
-    """ChatGLM3 without its language-model head (``output_layer``, 0.53 GB in fp16): prompt encoding
-    reads hidden states, never logits, so the head would only take memory (the plan counts it out too)."""
+def as_prompt_encoder(model):
+    """ChatGLM3 as prompt encoding uses it, every output unchanged:
+
+    - without its language-model head (``output_layer``, 0.53 GB in fp16): ``encode_prompt`` reads
+      hidden states, never logits;
+    - keeping only the two hidden states ``encode_prompt`` reads (the last block's input and output)
+      when it asks for all of them: the other 27 would be held to the end of the call, 0.45 GB in
+      fp16 for 8 prompts of 256 tokens, and no KV cache is built.
+
+    The plan counts the same model (``plan.count.meta_model``)."""
     model.output_layer = None
+    last = model.encoder.layers[-1]
+    kept: dict[str, torch.Tensor] = {}
+
+    def ask_for_less(module, args, kwargs):
+        if kwargs.get("output_hidden_states"):
+            kept["wanted"] = True
+            return args, {**kwargs, "output_hidden_states": False, "use_cache": False}
+        return None
+
+    def keep_input(module, args, kwargs):
+        if kept.get("wanted"):
+            kept["penultimate"] = args[0] if args else kwargs["hidden_states"]
+
+    def keep_output(module, args, output):
+        if kept.get("wanted"):
+            kept["last"] = output[0]
+
+    def hand_back(module, args, kwargs, output):
+        if not kept.pop("wanted", False):
+            return None
+        # encode_prompt indexes [-2] and [-1]; the other places stay None (a read of them fails loudly)
+        states = (None,) * (len(model.encoder.layers) - 1) + (kept.pop("penultimate"), kept.pop("last"))
+        if isinstance(output, tuple):  # return_dict=False: (last_hidden_state, all_hidden_states)
+            return (output[0], states)
+        output.hidden_states = states
+        return output
+
+    model.register_forward_pre_hook(ask_for_less, with_kwargs=True)
+    model.register_forward_hook(hand_back, with_kwargs=True)
+    last.register_forward_pre_hook(keep_input, with_kwargs=True)
+    last.register_forward_hook(keep_output)
     return model
 
 

@@ -38,8 +38,8 @@ def text_pipeline(layout: KolorsLayout, dtype: torch.dtype, device, quant: str =
 def encode_scenes(pipe, scenes: list[Scene], device=None) -> dict[str, torch.Tensor]:
     """Prompt + negative embeddings of every scene (``STORY_KEYS``): the prompts, then the negatives,
     each in its own encode_prompt call. The same tensors as one call with classifier-free guidance
-    (the negatives are tokenized and encoded the same way), but that call still holds the prompts'
-    every-layer hidden states while it encodes the negatives (about 1.1 GB more at 8 scenes)."""
+    (the negatives are tokenized and encoded the same way), but that call would hold the prompts'
+    states while it encodes the negatives: one call's peak is what the plan counts."""
     device = device or run_device(pipe)
 
     def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,9 +94,9 @@ def meta_model(kind: str, config_json: str, dtype: str) -> torch.nn.Module:
         from diffusers.pipelines.kolors import ChatGLMModel
         from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
 
-        from kolors_story.models.loading import without_lm_head
+        from kolors_story.models.loading import as_prompt_encoder
 
-        make = lambda: without_lm_head(ChatGLMModel(ChatGLMConfig(**config), empty_init=False))  # noqa: E731 (as loaded)
+        make = lambda: as_prompt_encoder(ChatGLMModel(ChatGLMConfig(**config), empty_init=False))  # noqa: E731 (as loaded)
     elif kind == "clip":
         from transformers import CLIPConfig, CLIPModel
 
