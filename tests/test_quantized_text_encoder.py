@@ -7,6 +7,7 @@ before anything loads; the bench reports its cost (quick: tiny sizes)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -96,6 +97,36 @@ def test_int8_loads_through_transformers_quantization_config_and_the_plan_counts
     assert not torch.equal(a, b) and cosine > 0.999
     config = json.loads((tiny_model_dir / "text_encoder" / "config.json").read_text())
     assert count.quantized_text_encoder_bytes(count.key(config), "float32", "int8") == quantization.stored_bytes(int8)
+
+
+@needs_torchao
+def test_int8_on_the_cpu_reads_its_embedding_rows_from_a_fresh_mapping_of_the_checkpoint(tiny_model_dir):
+    """The full-precision tensors of an int8 encoder stay file-backed (the embedding table is 0.53 GB at
+    real size, and a prompt reads a few hundred of its 65,024 rows) but leave the loader's mappings,
+    whose every page the quantizer read: one fresh mapping per shard, the same values, nothing copied."""
+    layout = resolve_layout(tiny_model_dir)
+    full = load_text_encoder(layout, torch.float32)
+    int8 = load_text_encoder(layout, torch.float32, "int8")
+    table = int8.embedding.word_embeddings.weight
+    path, _ = quantization.mapped_file(table)
+    assert Path(path).parent == layout.text_encoder
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # encodes through the new mapping, which holds only the pages read
+        assert torch.isfinite(int8(input_ids=ids, output_hidden_states=True).hidden_states[-2]).all()
+    assert _resident_bytes(table) < 0.5 * table.nbytes  # 32 rows of 65,024 read (2 MB pages here), not all
+    assert torch.equal(table, full.embedding.word_embeddings.weight)
+
+
+def _resident_bytes(t: torch.Tensor) -> int:
+    """Resident bytes of the mapping that holds ``t`` (Linux /proc/self/smaps)."""
+    ptr, inside = t.data_ptr(), False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(" ")[0] and not line.startswith(("Rss", "Size")):
+            start, end = (int(x, 16) for x in line.split(" ")[0].split("-"))
+            inside = start <= ptr < end
+        elif inside and line.startswith("Rss:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("not mapped")
 
 
 @needs_torchao
