@@ -150,8 +150,10 @@ def free_device_cache(device: torch.device) -> None:
 
 
 def _tensor_bytes(objects) -> int:
-    """Bytes of the distinct storages of these modules (parameters, buffers, gradients) and optimizers."""
-    seen: dict[int, int] = {}
+    """Bytes of these modules (parameters, buffers, gradients) and optimizers: each storage counted once,
+    and of a storage only what its tensors cover (a view into a mapped checkpoint file, as a
+    quantized encoder's embedding table on the CPU is, holds that table, not the whole file)."""
+    spans: dict[int, list[tuple[int, int]]] = {}
 
     def add(t):
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
@@ -160,7 +162,10 @@ def _tensor_bytes(objects) -> int:
             for name in t.__tensor_flatten__()[0]:
                 add(getattr(t, name))
             return
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.numel():
+            start = t.storage_offset() * t.element_size()
+            extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) + 1
+            spans.setdefault(t.untyped_storage().data_ptr(), []).append((start, start + extent * t.element_size()))
 
     for obj in objects:
         if isinstance(obj, torch.nn.Module):
@@ -173,7 +178,16 @@ def _tensor_bytes(objects) -> int:
             for state in obj.state.values():
                 for t in state.values():
                     add(t)
-    return sum(seen.values())
+    return sum(_union_length(ranges) for ranges in spans.values())
+
+
+def _union_length(ranges: list[tuple[int, int]]) -> int:
+    total, reach = 0, 0
+    for start, end in sorted(ranges):
+        start = max(start, reach)
+        if end > start:
+            total, reach = total + end - start, end
+    return total
 
 
 @dataclass
