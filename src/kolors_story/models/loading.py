@@ -165,6 +165,7 @@ def as_prompt_encoder(model):
     kept: dict[str, torch.Tensor] = {}
 
     def ask_for_less(module, args, kwargs):
+        kept.clear()  # nothing left from a call that raised
         if kwargs.get("output_hidden_states"):
             kept["wanted"] = True
             return args, {**kwargs, "output_hidden_states": False, "use_cache": False}
