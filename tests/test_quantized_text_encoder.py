@@ -20,6 +20,7 @@ from kolors_story.models import architectures, quantization
 from kolors_story.models.loading import load_text_encoder, resolve_layout
 from kolors_story.plan import count
 from kolors_story.plan.auto import make_plan
+from kolors_story.plan.report import no_fit_message
 from kolors_story.plan.stages import GB, planning_sizes
 from kolors_story.story import story_scenes
 from tests.helpers import compose, settings
@@ -202,6 +203,10 @@ def test_not_allowed_the_plan_is_unchanged(budget, chosen, peak_gb):
 def test_training_on_12_gb_fits_with_a_quantized_prompt_cache_only_when_allowed():
     _, plan = _plan("train", ["model=kolors", "memory.budget_gb=12"])
     assert not plan.fits and plan.worst.name == "cache: prompt embeddings"
+    # ChatGLM3's 12.0 GB alone is over the 10.8 GB usable: the advice is quantization, not a smaller batch
+    message = no_fit_message(plan)
+    assert "weights alone" in message and "allow_quantized_text_encoder=true" in message
+    assert "cache.batch_size" not in message
     job, plan = _plan("train", ["model=kolors", "memory.budget_gb=12", "memory.allow_quantized_text_encoder=true"])
     assert plan.fits and job.model.text_encoder_quant == "int8"
     nf4 = count.quantized_text_encoder_bytes(planning_sizes(job.model, job.scorer).text_encoder, "float16", "nf4")

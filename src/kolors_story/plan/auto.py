@@ -48,6 +48,11 @@ ADVICE = {
                  "or character=none",
 }
 
+# What to change when a stage's weights alone are more than the usable memory.
+_QUANTIZE = ("allow a quantized ChatGLM3 (memory.allow_quantized_text_encoder=true), or use a GPU with more "
+             "memory")
+WEIGHTS_ADVICE = {"encode prompts": _QUANTIZE, "cache: prompt": _QUANTIZE, "character: prompt": _QUANTIZE}
+
 
 def _gb(n: int | None) -> float | None:
     return None if n is None else round(n / GB, 3)
@@ -76,8 +81,13 @@ class Plan:
         return max(self.stages, key=lambda st: st.peak)
 
     def advice(self) -> str:
-        name = self.worst.name
-        return next((text for prefix, text in ADVICE.items() if name.startswith(prefix)), "use a GPU with more memory")
+        worst = self.worst
+        if self.usable is not None and worst.weights > self.usable:  # no batch or size setting helps then
+            lighter = next((text for prefix, text in WEIGHTS_ADVICE.items() if worst.name.startswith(prefix)),
+                           "use a GPU with more memory")
+            return f"its weights alone are more than the usable memory: {lighter}"
+        return next((text for prefix, text in ADVICE.items() if worst.name.startswith(prefix)),
+                    "use a GPU with more memory")
 
     def record(self) -> PlanRecord:
         """``plan.json``: the plan in GB."""
