@@ -162,7 +162,7 @@ def as_prompt_encoder(model):
     The plan counts the same model (``plan.count.meta_model``)."""
     model.output_layer = None
     last = model.encoder.layers[-1]
-    kept: dict[str, torch.Tensor] = {}
+    kept: dict = {}  # this call's: whether all states were asked for, and the two kept
 
     def ask_for_less(module, args, kwargs):
         kept.clear()  # nothing left from a call that raised

@@ -48,10 +48,9 @@ ADVICE = {
                  "or character=none",
 }
 
-# What to change when a stage's weights alone are more than the usable memory.
-_QUANTIZE = ("allow a quantized ChatGLM3 (memory.allow_quantized_text_encoder=true), or use a GPU with more "
-             "memory")
-WEIGHTS_ADVICE = {"encode prompts": _QUANTIZE, "cache: prompt": _QUANTIZE, "character: prompt": _QUANTIZE}
+# The stages whose weights are ChatGLM3: when those alone are more than the usable memory, only a
+# quantized encoder (or a larger GPU) helps, not a smaller batch.
+TEXT_ENCODER_STAGES = ("encode prompts", "cache: prompt", "character: prompt")
 
 
 def _gb(n: int | None) -> float | None:
@@ -83,8 +82,8 @@ class Plan:
     def advice(self) -> str:
         worst = self.worst
         if self.usable is not None and worst.weights > self.usable:  # no batch or size setting helps then
-            lighter = next((text for prefix, text in WEIGHTS_ADVICE.items() if worst.name.startswith(prefix)),
-                           "use a GPU with more memory")
+            lighter = ("allow a quantized ChatGLM3 (memory.allow_quantized_text_encoder=true), or use a GPU with "
+                       "more memory" if worst.name.startswith(TEXT_ENCODER_STAGES) else "use a GPU with more memory")
             return f"its weights alone are more than the usable memory: {lighter}"
         return next((text for prefix, text in ADVICE.items() if worst.name.startswith(prefix)),
                     "use a GPU with more memory")
