@@ -162,6 +162,7 @@ def _check_counts(pipe, size: int):
     """Denoise, VAE decode and a LoRA training step: the meta-device count against the same code on
     real CPU tensors (where SDPA runs its fused kernel, as on a GPU)."""
     from kolors_story.lora import add_lora
+    from kolors_story.models.checkpointing import set_gradient_checkpointing
 
     unet, vae = pipe.unet, pipe.vae
     ukey, vkey = count.key(dict(unet.config)), count.key(dict(vae.config))
@@ -185,9 +186,13 @@ def _check_counts(pipe, size: int):
                    added_cond_kwargs={k: v[:1] for k, v in added.items()}, return_dict=False)[0]
         out.float().square().mean().backward()
 
-    measured = _measure(step)
-    predicted = count.train_step(ukey, 1, size, size, "float32", False, 4, ("to_q", "to_k", "to_v", "to_out.0"))
-    assert _within(predicted, measured), f"train step: {predicted} vs {measured}"
+    for checkpointing in (False, True):  # with it, the kept prompt projections count too
+        set_gradient_checkpointing(unet, checkpointing)
+        measured = _measure(step)
+        predicted = count.train_step(ukey, 1, size, size, "float32", checkpointing, 4,
+                                     ("to_q", "to_k", "to_v", "to_out.0"))
+        assert _within(predicted, measured), f"train step, checkpointing={checkpointing}: {predicted} vs {measured}"
+    set_gradient_checkpointing(unet, False)
 
 
 def test_count_matches_measurement_on_the_tiny_model(tiny_pipe):

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from kolors_story.config import OptimSettings
+from kolors_story.models.checkpointing import set_gradient_checkpointing
 from kolors_story.records import last_checkpoint, read_metrics
 from kolors_story.train.devices import resolve_precision
 from kolors_story.train.job import run_training
@@ -59,7 +60,7 @@ def test_overfit_fixed_batch_lora_changes_base_frozen(tiny_model_dir, tiny_batch
     unet = pipe.unet
     unet.requires_grad_(False)
     add_lora(unet, rank=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    unet.enable_gradient_checkpointing()
+    set_gradient_checkpointing(unet, True)
     unet.train()
     module = KolorsLoraModule(unet, dict(pipe.scheduler.config), OptimSettings(lr=2e-2, weight_decay=0.0))
     assert module.noise_scheduler.config.num_train_timesteps == 1100
@@ -82,6 +83,49 @@ def test_overfit_fixed_batch_lora_changes_base_frozen(tiny_model_dir, tiny_batch
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all("lora_" in k for k in changed)
     assert set(changed) == {k for k in before if "lora_B" in k or "lora_A" in k}
+
+
+def test_checkpointing_keeps_the_prompt_projections_same_gradients_less_recompute(tiny_model_dir):
+    """The backward redoes every checkpointed matmul except the cross-attention's products over the
+    prompt (to_k / to_v: the base layer and the LoRA's down-projection), and the gradients do not change."""
+    from kolors_story.accounting import FlopCount
+    from kolors_story.lora import add_lora
+    from kolors_story.models.loading import load_pipeline
+    from kolors_story.plan.count import unet_inputs
+
+    torch.manual_seed(0)
+    unet = load_pipeline(tiny_model_dir, text_encoder=False).unet.requires_grad_(False)
+    rank = 4
+    add_lora(unet, rank=rank, alpha=rank)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)  # a trained LoRA: gradients reach lora_A too
+    unet.train()
+    batch, tokens = 2, 256
+    x, t, enc, added = unet_inputs(unet, batch, 64, 64, tokens, torch.float32, "cpu")
+    for v in (x, enc, *added.values()):
+        v.normal_()
+
+    def step():
+        unet.zero_grad(set_to_none=True)
+        with FlopCount() as flops:
+            unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added, return_dict=False)[0].square().mean().backward()
+        return [p.grad.clone() for p in unet.parameters() if p.requires_grad], flops.total
+
+    unet.enable_gradient_checkpointing()  # diffusers' own: recomputes everything
+    plain_grads, plain_flops = step()
+    set_gradient_checkpointing(unet, True)
+    kept_grads, kept_flops = step()
+    set_gradient_checkpointing(unet, False)
+    _, no_checkpointing_flops = step()
+
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, kept_grads))
+    projections = [getattr(m, n) for m in unet.modules() if getattr(m, "is_cross_attention", False) for n in ("to_k", "to_v")]
+    assert len(projections) == 2 * sum(1 for m in unet.modules() if getattr(m, "is_cross_attention", False)) > 0
+    not_redone = sum(2 * batch * tokens * p.in_features * (p.out_features + rank) for p in projections)
+    assert plain_flops - kept_flops == not_redone
+    assert no_checkpointing_flops < kept_flops
+    assert not unet._prompt_projection_hooks  # off: nothing left behind
 
 
 def test_min_snr_noise_offset_and_schedule(tiny_model_dir, tiny_batches):

@@ -14,16 +14,14 @@ from kolors_story import tiny
 from kolors_story.accounting import FlopCount, PeakTensorMemory
 from kolors_story.bench.timing import GB, TFLOP, BenchContext
 from kolors_story.models import architectures as configs
+from kolors_story.models.checkpointing import set_gradient_checkpointing
 from kolors_story.plan.count import build_on, scripted_on_meta, unet_inputs
 
 
 def count_unet_step(unet, resolution: int, tokens: int, gradient_checkpointing: bool) -> dict:
     """FLOPs of a LoRA training step's UNet forward and forward+backward, and its peak activation
     bytes (on the meta device: shapes only, so real sizes cost no memory)."""
-    if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    else:
-        unet.disable_gradient_checkpointing()
+    set_gradient_checkpointing(unet, gradient_checkpointing)
     unet.train()
     p = next(unet.parameters())
     x, t, enc, added = unet_inputs(unet, 1, resolution, resolution, tokens, p.dtype, p.device)

@@ -16,6 +16,7 @@ import torch
 from kolors_story.bench.gpu_build import Check, Reading, Scale, free_device_cache
 from kolors_story.bench.gpu_stages import scorer_of, story_of
 from kolors_story.models.architectures import KOLORS_SCHEDULER_CONFIG
+from kolors_story.models.checkpointing import set_gradient_checkpointing
 
 
 def _autocast(precision: str, device: torch.device):
@@ -118,10 +119,7 @@ def measure_train(c: Check, job) -> dict[str, Reading]:
     """LoRA steps with gradient checkpointing as ``job`` sets it: warm-ups, then the measured steps."""
     c.wb.place(*_train_residents(job))
     s = _stepper(c, job)
-    if job.trainer.gradient_checkpointing:
-        s.module.unet.enable_gradient_checkpointing()
-    else:
-        s.module.unet.disable_gradient_checkpointing()
+    set_gradient_checkpointing(s.module.unet, job.trainer.gradient_checkpointing)
     return _measure_steps(c, s.step, c.scale.warmup, c.scale.measured)
 
 
@@ -129,7 +127,7 @@ def measure_dora(c: Check, job) -> dict[str, Reading]:
     """One DoRA step (a new adapter in place of the LoRA, its optimizer state made in the step)."""
     c.wb.place(*_train_residents(job))
     s = _stepper(c, job)
-    s.module.unet.enable_gradient_checkpointing()
+    set_gradient_checkpointing(s.module.unet, True)
     return _measure_steps(c, s.step, 0, 1)
 
 
@@ -151,7 +149,7 @@ def measure_reward(c: Check, job) -> dict[str, Reading]:
     c.wb.place(*sorted({*_train_residents(job), "vae", "predictor"}))
     s = _stepper(c, job)
     unet, vae = s.module.unet, c.wb.get("vae")
-    unet.enable_gradient_checkpointing()
+    set_gradient_checkpointing(unet, True)
     pipe = SimpleNamespace(unet=unet, vae=vae, scheduler=SimpleNamespace(config=dict(KOLORS_SCHEDULER_CONFIG)))
     validator = SimpleNamespace(scorer=scorer_of(c, int(job.scorer.batch_size)))
     s.module.reward = reward_objective(job, pipe, _story_embeds(c.scale, len(story_of(job))), validator)

@@ -65,7 +65,9 @@ class _Trainer:
         self.seed = 0
 
     def checkpointing(self, on: bool) -> None:
-        (self.pipe.unet.enable_gradient_checkpointing if on else self.pipe.unet.disable_gradient_checkpointing)()
+        from kolors_story.models.checkpointing import set_gradient_checkpointing
+
+        set_gradient_checkpointing(self.pipe.unet, on)
 
     def step(self, batch: dict) -> float:
         self.seed += 1

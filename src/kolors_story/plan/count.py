@@ -22,6 +22,7 @@ from unittest import mock
 import torch
 
 from kolors_story.accounting import PeakTensorMemory
+from kolors_story.models.checkpointing import set_gradient_checkpointing
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -215,8 +216,7 @@ def meta_lora_unet(config_json: str, dtype: torch.dtype, rank: int, targets: tup
 def _training_unet(config_json, batch, height, width, dtype, checkpointing, rank, targets, tokens, adapter):
     """The meta LoRA UNet in train mode as the trainer runs it, and a batch of its inputs."""
     unet = meta_lora_unet(config_json, _dtype(dtype), rank, targets, adapter)
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
+    set_gradient_checkpointing(unet, checkpointing)
     unet.train()
     return unet, unet_inputs(unet, batch, height, width, tokens, _dtype(dtype))
 
@@ -354,8 +354,8 @@ def reward_step(unet_json: str, vae_json: str, scorer_json: str, batch: int, siz
 
     unet = meta_lora_unet(unet_json, _dtype(dtype), rank, targets, adapter)
     vae = build_on("meta", lambda: AutoencoderKL(**json.loads(vae_json)), _dtype(dtype)).requires_grad_(False)
+    set_gradient_checkpointing(unet, checkpointing)
     if checkpointing:
-        unet.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
     scorer = meta_model("scorer", scorer_json, "float32")
     n = batch * (2 if guided else 1)

@@ -28,6 +28,7 @@ from kolors_story.data.cache_files import load_empty_prompt, load_story_embeddin
 from kolors_story.data.tag_shuffle import caption_variants
 from kolors_story.errors import TrainingError
 from kolors_story.lora import add_lora_from_settings
+from kolors_story.models.checkpointing import set_gradient_checkpointing
 from kolors_story.models.loading import ensure_model, load_pipeline, model_hash
 from kolors_story.records import CheckpointLine, last_checkpoint
 from kolors_story.story import Scene, story_scenes
@@ -106,8 +107,7 @@ def _trainable_unet(job: TrainSettings):
     for p in unet.parameters():  # LoRA weights train in fp32 even when the base is fp16/bf16
         if p.requires_grad:
             p.data = p.data.float()
-    if job.trainer.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    set_gradient_checkpointing(unet, job.trainer.gradient_checkpointing)
     unet.train()
     return pipe
 
