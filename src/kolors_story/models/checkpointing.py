@@ -1,71 +1,95 @@
-"""Gradient checkpointing for the UNet that keeps the cross-attention's prompt projections.
+"""Gradient checkpointing for the UNet that does not recompute the prompt's keys and values.
 
-Checkpointing recomputes each block's forward during the backward. The keys and values a
-cross-attention makes from the prompt (Kolors: 256 tokens of 2048) are the same size at every image
-size, yet at small ones they are a large share of the work: at 256² they are 174 of the UNet
-forward's 559 GFLOP. So they are kept instead of recomputed, with torch's selective checkpointing:
-inside each cross-attention's ``to_k`` / ``to_v`` the matmuls over the prompt's features are saved,
-everything else is recomputed as before. Gradients are bit-identical to plain checkpointing; the
-cost is those projections' outputs (Kolors fp16: 85 MB per sample), which the memory plan counts
-because it enables checkpointing through this module too.
+Checkpointing recomputes each block's forward during the backward. A cross-attention's key and value
+projections of the prompt (Kolors: 256 tokens of 2048) are frozen and depend on the prompt alone:
+their output is the same size at every image size (85 MB a sample in fp16 for Kolors' 70 blocks),
+yet at small sizes they are a large share of the work (at 256², 174 of the forward's 559 GFLOP).
+So each block with a cross-attention has them computed once, before its checkpoint, without
+gradient; while the block runs (its forward, then its recompute) the frozen layers hand back those
+outputs. A LoRA on ``to_k`` / ``to_v`` still runs inside the block (only its frozen base is kept),
+so the gradients are the same bits as plain checkpointing. The memory plan counts what is kept,
+because it enables checkpointing through this module too. (torch's selective checkpointing could
+keep them as well, but its dispatch mode costs Python time on every op of every block.)
 """
 from __future__ import annotations
 
-import threading
+import inspect
 from functools import partial
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
-
-# The width of the prompt features the projection being run reads (0: none runs), per thread: on a
-# GPU the backward, and so the recompute, runs in autograd's device thread.
-_projection = threading.local()
-_MATMULS = {torch.ops.aten.mm.default: 0, torch.ops.aten.addmm.default: 1}  # op -> which argument is the input
+from torch.utils.checkpoint import checkpoint
 
 
-def _keep_prompt_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    # Only products over the prompt's features (the base layer; a LoRA's down-projection): a LoRA's
-    # up-projection has the rank as its inner dimension and is cheaper to redo than to hold.
-    width = getattr(_projection, "width", 0)
-    index = _MATMULS.get(op)
-    if width and index is not None and args[index].shape[-1] == width:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+def _frozen_prompt_linears(block) -> list[torch.nn.Linear]:
+    """The frozen linears of ``block``'s cross-attention keys and values (peft's base layer when
+    an adapter wraps them); empty when something in them trains."""
+    linears = []
+    for attn in (m for m in block.modules() if getattr(m, "is_cross_attention", False)):
+        for proj in (attn.to_k, attn.to_v):
+            linear = getattr(proj, "base_layer", proj)
+            if not isinstance(linear, torch.nn.Linear) or any(p.requires_grad for p in linear.parameters()):
+                return []
+            linears.append(linear)
+    return linears
 
 
-def _checkpoint_block(keeps: set[int], module, *args):
-    if id(module) not in keeps:  # a ResNet block: nothing to keep, and no dispatch overhead
+def _serve_kept(linear: torch.nn.Linear) -> None:
+    """Make ``linear`` hand back its kept output when called on the very tensor it was kept for."""
+    compute = linear.forward
+
+    def forward(x, *args, **kwargs):
+        kept = linear._kept_output
+        if kept is not None and kept[0] is x:
+            return kept[1]
+        return compute(x, *args, **kwargs)
+
+    linear._kept_output = None
+    linear.forward = forward
+
+
+def _stop_serving(linear: torch.nn.Linear) -> None:
+    for name in ("forward", "_kept_output"):
+        linear.__dict__.pop(name, None)
+
+
+def _run_with_kept(block, linears, prompt, outputs):
+    def run(*args):
+        for linear, out in zip(linears, outputs):
+            linear._kept_output = (prompt, out)
+        try:
+            return block(*args)
+        finally:
+            for linear in linears:
+                linear._kept_output = None
+    return run
+
+
+def _checkpoint_block(blocks: dict[int, tuple[int, list]], module, *args):
+    index, linears = blocks.get(id(module), (None, []))
+    prompt = args[index] if index is not None and index < len(args) else None
+    if not isinstance(prompt, torch.Tensor) or prompt.requires_grad:  # a ResNet block, or nothing to keep
         return checkpoint(module.__call__, *args, use_reentrant=False)
-    return checkpoint(module.__call__, *args, use_reentrant=False,
-                      context_fn=partial(create_selective_checkpoint_contexts, _keep_prompt_matmuls))
-
-
-def _prompt_projections(unet) -> list[torch.nn.Module]:
-    """Each cross-attention's key and value projections (diffusers' ``Attention``)."""
-    return [getattr(m, name) for m in unet.modules() if getattr(m, "is_cross_attention", False)
-            for name in ("to_k", "to_v")]
-
-
-def _enter(module, args) -> None:
-    _projection.width = int(args[0].shape[-1])
-
-
-def _leave(module, args, output) -> None:
-    _projection.width = 0
+    with torch.no_grad():  # frozen layers on a prompt without gradient: autograd needs nothing from them
+        outputs = [linear(prompt) for linear in linears]
+    return checkpoint(_run_with_kept(module, linears, prompt, outputs), *args, use_reentrant=False)
 
 
 def set_gradient_checkpointing(unet, on: bool) -> None:
-    """Turn the UNet's gradient checkpointing on (keeping the prompt projections) or off.
-    Call it after the adapters are added, so the hooks sit on the layers that run."""
-    for handle in getattr(unet, "_prompt_projection_hooks", ()):
-        handle.remove()
-    unet._prompt_projection_hooks = []
+    """Turn the UNet's gradient checkpointing on (keeping the prompt projections) or off. Call it
+    after the adapters are added (before works too: the served layer is then the adapter's base)."""
+    for linear in getattr(unet, "_kept_prompt_linears", ()):
+        _stop_serving(linear)
+    unet._kept_prompt_linears = []
     if not on:
         unet.disable_gradient_checkpointing()
         return
-    projections = _prompt_projections(unet)
-    for p in projections:
-        unet._prompt_projection_hooks += [p.register_forward_pre_hook(_enter), p.register_forward_hook(_leave)]
-    inside = {id(p) for p in projections}
-    keeps = {id(block) for block in unet.modules() if any(id(m) in inside for m in block.modules())}
-    unet.enable_gradient_checkpointing(partial(_checkpoint_block, keeps))
+    blocks = {}
+    for block in unet.modules():  # diffusers checkpoints a BasicTransformerBlock (or a ResNet)
+        params = list(inspect.signature(type(block).forward).parameters)
+        linears = _frozen_prompt_linears(block) if "encoder_hidden_states" in params else []
+        if linears:
+            blocks[id(block)] = (params.index("encoder_hidden_states") - 1, linears)  # args have no self
+    for linear in {id(lin): lin for _, linears in blocks.values() for lin in linears}.values():
+        _serve_kept(linear)
+        unet._kept_prompt_linears.append(linear)
+    unet.enable_gradient_checkpointing(partial(_checkpoint_block, blocks))
