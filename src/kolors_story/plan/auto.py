@@ -170,7 +170,7 @@ def train_candidates(job) -> Iterator[dict]:
                                "model.text_encoder_quant": quant}
 
 
-# Scenes denoised together where no plan applies (a CPU): as fast as 8 with half the activations
+# Scenes denoised together where no plan applies (a CPU): near 8's speed with half its activations
 # (measured by the bench's peers section: docs/generating.md). The images are the same at any batch.
 CPU_SCENE_BATCH = 4
 
