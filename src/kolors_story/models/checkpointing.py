@@ -44,12 +44,16 @@ def _serve_kept(linear: torch.nn.Linear) -> None:
         return compute(x, *args, **kwargs)
 
     linear._kept_output = None
+    linear._forward_before_kept = linear.__dict__.get("forward")  # e.g. an accelerate hook's
     linear.forward = forward
 
 
 def _stop_serving(linear: torch.nn.Linear) -> None:
-    for name in ("forward", "_kept_output"):
-        linear.__dict__.pop(name, None)
+    before = linear.__dict__.pop("_forward_before_kept", None)
+    linear.__dict__.pop("_kept_output", None)
+    linear.__dict__.pop("forward", None)
+    if before is not None:
+        linear.forward = before
 
 
 def _run_with_kept(block, linears, prompt, outputs):
