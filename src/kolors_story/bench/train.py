@@ -25,6 +25,7 @@ from kolors_story.bench.timing import (
 )
 from kolors_story.config import ModelSettings, OptimSettings, TrainerSettings
 from kolors_story.files import file_sha256
+from kolors_story.models.checkpointing import set_gradient_checkpointing
 
 
 def _draw_training_set(folder: Path, n: int, resolution: int) -> Path:
@@ -65,8 +66,6 @@ class _Trainer:
         self.seed = 0
 
     def checkpointing(self, on: bool) -> None:
-        from kolors_story.models.checkpointing import set_gradient_checkpointing
-
         set_gradient_checkpointing(self.pipe.unet, on)
 
     def step(self, batch: dict) -> float:

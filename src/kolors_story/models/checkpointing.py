@@ -20,11 +20,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def _frozen_prompt_linears(block) -> list[torch.nn.Linear]:
-    """The frozen linears of ``block``'s cross-attention keys and values (peft's base layer when
-    an adapter wraps them); empty when something in them trains."""
+def _frozen_prompt_linears(attentions) -> list[torch.nn.Linear]:
+    """The frozen linears of these cross-attentions' keys and values (peft's base layer when an
+    adapter wraps them); empty when something in them trains."""
     linears = []
-    for attn in (m for m in block.modules() if getattr(m, "is_cross_attention", False)):
+    for attn in attentions:
         for proj in (attn.to_k, attn.to_v):
             linear = getattr(proj, "base_layer", proj)
             if not isinstance(linear, torch.nn.Linear) or any(p.requires_grad for p in linear.parameters()):
@@ -88,12 +88,13 @@ def set_gradient_checkpointing(unet, on: bool) -> None:
         unet.disable_gradient_checkpointing()
         return
     blocks = {}
-    for block in unet.modules():  # diffusers checkpoints a BasicTransformerBlock (or a ResNet)
-        params = list(inspect.signature(type(block).forward).parameters)
-        linears = _frozen_prompt_linears(block) if "encoder_hidden_states" in params else []
+    for block in unet.modules():  # the parent of a cross-attention: what diffusers checkpoints (BasicTransformerBlock)
+        attentions = [m for m in block.children() if getattr(m, "is_cross_attention", False)]
+        params = list(inspect.signature(type(block).forward).parameters) if attentions else []
+        linears = _frozen_prompt_linears(attentions) if "encoder_hidden_states" in params else []
         if linears:
             blocks[id(block)] = (params.index("encoder_hidden_states") - 1, linears)  # args have no self
-    for linear in {id(lin): lin for _, linears in blocks.values() for lin in linears}.values():
-        _serve_kept(linear)
-        unet._kept_prompt_linears.append(linear)
+            for linear in linears:
+                _serve_kept(linear)
+            unet._kept_prompt_linears += linears
     unet.enable_gradient_checkpointing(partial(_checkpoint_block, blocks))
