@@ -201,3 +201,73 @@ def test_story_prompts_encode_as_one_cfg_call_would_without_holding_both(tiny_mo
     for key, tensor in zip(STORY_KEYS, want):
         assert torch.equal(got[key], tensor), key
     assert separate.peak < paired.peak
+
+
+def _projection_flops(pipe, images: int, steps: int, cfg: bool) -> int:
+    """What computing the prompt's projections once saves: every step after the first, the text
+    projection and each cross-attention's keys and values of the prompt (2·rows·in·out each)."""
+    from kolors_story.models.prompt_projections import prompt_layers
+    from kolors_story.models.prompts import MAX_SEQUENCE_LENGTH
+
+    rows = images * (2 if cfg else 1) * MAX_SEQUENCE_LENGTH
+    return (steps - 1) * sum(2 * rows * m.in_features * m.out_features for m in prompt_layers(pipe.unet))
+
+
+def test_kept_prompt_projections_same_images_less_work(tiny_pipe, default_images):
+    """memory.keep_prompt_projections (the default): the same bits as computing them every step, with
+    exactly their FLOPs saved on the steps after the first, and nothing kept after the render."""
+    from kolors_story.accounting import FlopCount
+    from kolors_story.models.prompt_projections import KEPT_LAYERS
+
+    flops, held_while_decoding = {}, []
+    decode = tiny_pipe.vae.decode
+
+    def watched_decode(*args, **kwargs):  # the last step let go of them: the VAE has the memory
+        held_while_decoding.extend(layer._kept_output for layer in getattr(tiny_pipe.unet, KEPT_LAYERS))
+        return decode(*args, **kwargs)
+
+    tiny_pipe.vae.decode = watched_decode
+    for keep in (False, True):
+        with FlopCount() as counted:
+            images = _render(tiny_pipe, {"keep_prompt_projections": keep})
+        assert _max_diff(images, default_images) == 0, f"keep_prompt_projections={keep}"
+        flops[keep] = counted.total
+    kept = getattr(tiny_pipe.unet, KEPT_LAYERS)
+    assert len(kept) == 1 + 2 * sum(1 for m in tiny_pipe.unet.modules() if getattr(m, "is_cross_attention", False))
+    assert flops[False] - flops[True] == _projection_flops(tiny_pipe, len(SCENES), steps=2, cfg=True)
+    assert all(layer._kept_output is None for layer in kept)  # outside a render nothing is held
+    assert held_while_decoding and all(held == () for held in held_while_decoding)
+
+
+def test_kept_prompt_projections_never_outlive_the_render(tiny_pipe):
+    """Training validation renders the same prompts after the LoRA (or any weight) changed: what one
+    render kept is never served in the next, nor for a prompt changed in place."""
+    from kolors_story.models.prompt_projections import keep_across_steps, kept_across_steps, prompt_layers
+    from kolors_story.plan import count
+
+    unet = tiny_pipe.unet
+    torch.manual_seed(0)
+    x, t, enc, added = count.unet_inputs(unet, 2, 64, 64, 256, torch.float32, device="cpu")
+    for v in (x, enc, *added.values()):
+        v.normal_()
+
+    def step():
+        return unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+
+    with torch.no_grad():
+        keep_across_steps(unet, False)
+        plain = step()
+        enc.mul_(0.5)
+        plain_halved = step()
+        enc.mul_(2.0)  # exact: back to the same values
+        keep_across_steps(unet)
+        with kept_across_steps(unet):
+            assert torch.equal(step(), plain) and torch.equal(step(), plain)  # the second one served
+            enc.mul_(0.5)  # the same tensor, changed in place: computed again
+            assert torch.equal(step(), plain_halved)
+        for layer in prompt_layers(unet)[1:]:
+            layer.weight.mul_(1.5)
+        with kept_across_steps(unet):
+            later = step()
+        keep_across_steps(unet, False)
+        assert torch.equal(later, step()) and not torch.equal(later, plain_halved)

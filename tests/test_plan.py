@@ -163,6 +163,7 @@ def _check_counts(pipe, size: int):
     real CPU tensors (where SDPA runs its fused kernel, as on a GPU)."""
     from kolors_story.lora import add_lora
     from kolors_story.models.checkpointing import set_gradient_checkpointing
+    from kolors_story.models.prompt_projections import keep_across_steps, kept_across_steps
 
     unet, vae = pipe.unet, pipe.vae
     ukey, vkey = count.key(dict(unet.config)), count.key(dict(vae.config))
@@ -170,6 +171,11 @@ def _check_counts(pipe, size: int):
     with torch.no_grad():
         measured = _measure(lambda: unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added))
     assert _within(count.unet_call(ukey, 4, size, size, "float32"), measured), "denoise"
+    keep_across_steps(unet)  # a later step, with the first step's prompt projections held
+    with torch.no_grad(), kept_across_steps(unet):
+        later = _measure(lambda: [unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added) for _ in range(2)])
+    keep_across_steps(unet, False)
+    assert later > measured and _within(count.unet_call(ukey, 4, size, size, "float32", keep=True), later), "kept"
     z = torch.randn(2, 4, size // 8, size // 8)
     with torch.no_grad():
         measured = _measure(lambda: vae.decode(z))

@@ -55,13 +55,18 @@ def _counted(fn) -> int:
     return flops.total
 
 
-def _unet_call(sizes, resolution: int) -> int:
-    """One UNet forward of one image without gradient (a denoising step is two: CFG)."""
+def _unet_call(sizes, resolution: int, kept: bool = False) -> int:
+    """One UNet forward of one image without gradient (a denoising step is two: CFG); ``kept``: a
+    later step's, served the prompt projections of the first (memory.keep_prompt_projections)."""
+    from kolors_story.models.prompt_projections import keep_across_steps, kept_across_steps
     from kolors_story.plan import count
 
     unet = count.meta_model("unet", sizes.unet, sizes.dtype)
+    keep_across_steps(unet, kept)
     x, t, enc, added = count.unet_inputs(unet, 1, resolution, resolution, 256, next(unet.parameters()).dtype)
-    with torch.no_grad():
+    with torch.no_grad(), kept_across_steps(unet):
+        if kept:
+            unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added)
         return _counted(lambda: unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added))
 
 
@@ -93,6 +98,7 @@ def count_flops(scale: Scale) -> dict[str, float]:
     res = scale.resolution
     return {
         "unet_call": _unet_call(sizes, res),
+        "unet_call_kept": _unet_call(sizes, res, kept=True),
         "unet_call_reward": _unet_call(sizes, scale.reward_resolution),
         "train_step_ckpt": count_unet_step(lora_unet, res, 256, gradient_checkpointing=True)["forward_backward"],
         "train_step": count_unet_step(lora_unet, res, 256, gradient_checkpointing=False)["forward_backward"],
@@ -120,8 +126,9 @@ def _story_costs(f: dict, p: Prediction, weights: dict[str, int], scenes: int = 
     halves = 2 if s.cfg > 1 else 1
     batches = -(-scenes // int(s.batch_size))
     host = sum(weights.values()) * (1 + 2 * batches) if m.offload != "none" else 0
+    later = f["unet_call_kept"] if m.keep_prompt_projections else f["unet_call"]  # a step after the first
     phases = {"encode prompts": Cost(2 * scenes * f["text_encoder"]),
-              "denoise": Cost(scenes * s.steps * halves * f["unet_call"]),
+              "denoise": Cost(scenes * halves * (f["unet_call"] + (s.steps - 1) * later)),
               "decode": Cost(scenes * f["vae_decode"])}
     phases["story"] = Cost(sum(c.flops for c in phases.values()), host)
     return phases

@@ -12,6 +12,8 @@ tiling is exact whenever the image fits in one tile, which holds at Kolors' nati
   encoded (:func:`after_prompt_encoding`); generation then runs from the embeddings.
 - ``attention``: ``sdpa`` (torch's scaled_dot_product_attention, the default), ``eager`` (plain
   matmul + softmax: the reference to compare against), ``sliced`` (attention slicing).
+- ``keep_prompt_projections``: the prompt's text projection and cross-attention keys/values computed
+  once a render batch and served at its later steps (``models.prompt_projections``): the same bits.
 - ``channels_last``: convolutions in channels-last layout; ``compile``: ``torch.compile`` the UNet.
 """
 
@@ -26,6 +28,7 @@ import torch
 
 from kolors_story.config import MemorySettings
 from kolors_story.errors import UserError
+from kolors_story.models.prompt_projections import keep_across_steps
 from kolors_story.models.quantization import stored_bytes
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,7 @@ def memory_modes(values: MemorySettings | Mapping | None) -> MemorySettings:
         allow_quantized_text_encoder=flag("allow_quantized_text_encoder"),
         attention=choice("attention", ATTENTION_MODES),
         attention_slice_size=slice_size,
+        keep_prompt_projections=flag("keep_prompt_projections"),
         channels_last=flag("channels_last"),
         compile=flag("compile"),
         compile_mode=choice("compile_mode", COMPILE_MODES),
@@ -151,6 +155,8 @@ def apply_memory_modes(pipe, cfg, device: str | torch.device | None = None, befo
     applied.update(channels_last=modes.channels_last, vae_tiling=modes.vae_tiling, vae_slicing=modes.vae_slicing)
     if before_offload is not None:
         before_offload(pipe)
+    keep_across_steps(pipe.unet, modes.keep_prompt_projections)  # after LoRAs and the IP-Adapter: kept with them
+    applied["keep_prompt_projections"] = modes.keep_prompt_projections
 
     applied["offload"] = "none"
     if modes.offload != "none":

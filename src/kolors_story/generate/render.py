@@ -23,6 +23,7 @@ from kolors_story.generate.sampler import (
     sampler_settings,
 )
 from kolors_story.models.loading import run_device
+from kolors_story.models.prompt_projections import drop_kept, kept_across_steps
 from kolors_story.story import Scene
 
 
@@ -96,9 +97,11 @@ def img2img_pipeline(pipe):
 
 
 def _step_callback(bar):
-    def callback(_pipe, _i, _t, kwargs):
+    def callback(pipe, i, _t, kwargs):
         if bar is not None:
             bar.update(1)
+        if i + 1 >= pipe.num_timesteps:  # the last step: nothing kept while the VAE decodes
+            drop_kept(pipe.unet)
         return kwargs
 
     return callback
@@ -120,6 +123,11 @@ def _render_batch(pipe, refiner, batch: list[Job], embeds: dict[str, torch.Tenso
     extra = (lambda cfg: {}) if coherence is None else coherence.call_kwargs
     if coherence is not None:
         coherence.begin_batch(batch)
+    with kept_across_steps(pipe.unet):  # the prompt's projections once, not every step (memory.keep_prompt_projections)
+        return _denoise(pipe, refiner, e, latents, gens, s, step_bar, extra)
+
+
+def _denoise(pipe, refiner, e, latents, gens, s: SamplerSettings, step_bar, extra) -> list[Image.Image]:
     images = pipe(**e, num_inference_steps=s.steps, guidance_scale=s.cfg, height=s.height, width=s.width,
                   latents=latents, generator=list(gens), callback_on_step_end=_step_callback(step_bar),
                   **extra(s.cfg > 1)).images

@@ -19,6 +19,8 @@ from functools import partial
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from kolors_story.models.prompt_projections import override_forward, restore_forward
+
 
 def _frozen_prompt_linears(attentions) -> list[torch.nn.Linear]:
     """The frozen linears of these cross-attentions' keys and values (peft's base layer when an
@@ -33,38 +35,28 @@ def _frozen_prompt_linears(attentions) -> list[torch.nn.Linear]:
     return linears
 
 
-def _serve_kept(linear: torch.nn.Linear) -> None:
-    """Make ``linear`` hand back its kept output when called on the very tensor it was kept for."""
-    compute = linear.forward
+_BEFORE = "_forward_before_served"
 
+
+def _serving(linear: torch.nn.Linear, compute):
+    """``linear``'s forward that hands back its served output when called on the very tensor it is for."""
     def forward(x, *args, **kwargs):
-        kept = linear._kept_output
-        if kept is not None and kept[0] is x:
-            return kept[1]
+        served = linear._served_output
+        if served is not None and served[0] is x:
+            return served[1]
         return compute(x, *args, **kwargs)
-
-    linear._kept_output = None
-    linear._forward_before_kept = linear.__dict__.get("forward")  # e.g. an accelerate hook's
-    linear.forward = forward
-
-
-def _stop_serving(linear: torch.nn.Linear) -> None:
-    before = linear.__dict__.pop("_forward_before_kept", None)
-    linear.__dict__.pop("_kept_output", None)
-    linear.__dict__.pop("forward", None)
-    if before is not None:
-        linear.forward = before
+    return forward
 
 
 def _run_with_kept(block, linears, prompt, outputs):
     def run(*args):
         for linear, out in zip(linears, outputs):
-            linear._kept_output = (prompt, out)
+            linear._served_output = (prompt, out)
         try:
             return block(*args)
         finally:
             for linear in linears:
-                linear._kept_output = None
+                linear._served_output = None
     return run
 
 
@@ -82,7 +74,8 @@ def set_gradient_checkpointing(unet, on: bool) -> None:
     """Turn the UNet's gradient checkpointing on (keeping the prompt projections) or off. Call it
     after the adapters are added (before works too: the served layer is then the adapter's base)."""
     for linear in getattr(unet, "_kept_prompt_linears", ()):
-        _stop_serving(linear)
+        restore_forward(linear, _BEFORE)
+        linear.__dict__.pop("_served_output", None)
     unet._kept_prompt_linears = []
     if not on:
         unet.disable_gradient_checkpointing()
@@ -95,6 +88,7 @@ def set_gradient_checkpointing(unet, on: bool) -> None:
         if linears:
             blocks[id(block)] = (params.index("encoder_hidden_states") - 1, linears)  # args have no self
             for linear in linears:
-                _serve_kept(linear)
+                linear._served_output = None
+                override_forward(linear, partial(_serving, linear), _BEFORE)
             unet._kept_prompt_linears += linears
     unet.enable_gradient_checkpointing(partial(_checkpoint_block, blocks))

@@ -3,7 +3,8 @@
 The budget is ``memory.budget_gb`` or the GPU's own memory, less a reserve (the CUDA context and
 what the allocator keeps: 1 GB or 10 %, the larger). Candidates are tried fastest first: everything
 resident at the configured batch; then the text encoder released after the prompts (free); VAE
-slicing and tiling (cheap); smaller scene batches; model offload; sequential offload (slow, least
+slicing and tiling (cheap); the prompt projections computed every step again (a few % of the UNet's
+work); smaller scene batches; model offload; sequential offload (slow, least
 memory). With ``memory.allow_quantized_text_encoder`` the text encoder in int8, then nf4, is tried
 before each offload mode (sequential offload never quantizes). Training tries gradient checkpointing
 off first (faster), then on, with the largest cache and validation batches that fit (and, when
@@ -153,10 +154,12 @@ def generate_candidates(job) -> Iterator[dict]:
     schemes = text_encoder_schemes(job)
     for offload, quant in [(o, q) for o in ("none", "model") for q in schemes] + [("sequential", "none")]:
         for b in _halvings(job.sampler.batch_size):
-            for release, slicing, tiling in ((False, False, False), (True, False, False), (False, True, False),
-                                             (True, True, False), (False, True, True), (True, True, True)):
-                yield {"sampler.batch_size": b, "memory.offload": offload, "memory.release_text_encoder": release,
-                       "memory.vae_slicing": slicing, "memory.vae_tiling": tiling, "model.text_encoder_quant": quant}
+            for keep in (True, False):  # off: a few % more UNet work, less than a halved batch costs
+                for release, slicing, tiling in ((False, False, False), (True, False, False), (False, True, False),
+                                                 (True, True, False), (False, True, True), (True, True, True)):
+                    yield {"sampler.batch_size": b, "memory.offload": offload, "memory.release_text_encoder": release,
+                           "memory.vae_slicing": slicing, "memory.vae_tiling": tiling,
+                           "memory.keep_prompt_projections": keep, "model.text_encoder_quant": quant}
 
 
 def train_candidates(job) -> Iterator[dict]:

@@ -23,6 +23,7 @@ import torch
 
 from kolors_story.accounting import PeakTensorMemory
 from kolors_story.models.checkpointing import set_gradient_checkpointing
+from kolors_story.models.prompt_projections import keep_across_steps, kept_across_steps
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -190,13 +191,17 @@ def unet_inputs(unet, batch: int, height: int, width: int, tokens: int, dtype: t
 
 @lru_cache(maxsize=128)
 def unet_call(config_json: str, batch: int, height: int, width: int, dtype: str, attention: str = "sdpa",
-              tokens: int = 256) -> int:
-    """Peak bytes of one UNet forward without gradients (a denoising step; CFG doubles ``batch``)."""
+              tokens: int = 256, keep: bool = False) -> int:
+    """Peak bytes of a UNet forward without gradients (a denoising step; CFG doubles ``batch``).
+    ``keep``: with ``memory.keep_prompt_projections``, a later step's, the prompt projections held
+    from the first one (two steps are run)."""
     unet = meta_model("unet", config_json, dtype)
     _set_attention(unet, attention)
+    keep_across_steps(unet, keep)
     x, t, enc, added = unet_inputs(unet, batch, height, width, tokens, _dtype(dtype))
-    with torch.no_grad(), counting(attention) as mem:
-        unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added, return_dict=False)
+    with torch.no_grad(), counting(attention) as mem, kept_across_steps(unet):
+        for _ in range(2 if keep else 1):
+            unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added, return_dict=False)
     return mem.peak
 
 

@@ -164,8 +164,9 @@ def generate_stages(sizes: Sizes, job: GenerateSettings, lora_files=()) -> list[
         Stage("encode prompts", resident("encode", False), sizes.encode_work(n_scenes, quant),
               {**knobs, "prompts": n_scenes}),
         Stage("denoise", resident("unet", gone) + shared_here,
-              count.unet_call(sizes.unet, cfg_batch, s.height, s.width, sizes.dtype, m.attention),
-              {**knobs, "batch_size": b, **_shared_knob(job, shared)}),
+              count.unet_call(sizes.unet, cfg_batch, s.height, s.width, sizes.dtype, m.attention,
+                              keep=m.keep_prompt_projections),
+              {**knobs, "batch_size": b, **_keep_knob(m), **_shared_knob(job, shared)}),
         Stage("decode", resident("vae", gone) + upcast, count.vae_decode(sizes.vae, b, s.height, s.width, sizes.decode_dtype,
                                                                 m.vae_slicing, m.vae_tiling),
               {**knobs, "batch_size": b, "vae_slicing": m.vae_slicing, "vae_tiling": m.vae_tiling}),
@@ -174,7 +175,8 @@ def generate_stages(sizes: Sizes, job: GenerateSettings, lora_files=()) -> list[
         mult = sizes.size_multiple
         fh, fw = (max(mult, int(round(v * s.hires.scale / mult)) * mult) for v in (s.height, s.width))
         work = max(count.vae_encode(sizes.vae, b, fh, fw, sizes.dtype),
-                   count.unet_call(sizes.unet, cfg_batch, fh, fw, sizes.dtype, m.attention),
+                   count.unet_call(sizes.unet, cfg_batch, fh, fw, sizes.dtype, m.attention,
+                                   keep=m.keep_prompt_projections),
                    count.vae_decode(sizes.vae, b, fh, fw, sizes.decode_dtype, m.vae_slicing, m.vae_tiling))
         stages.append(Stage(f"hires refine ({fw}x{fh})", resident("unet", gone) + sizes.weights("vae", seq) + shared_here, work,
                             {**knobs, "batch_size": b, "vae_slicing": m.vae_slicing, "vae_tiling": m.vae_tiling}))
@@ -182,6 +184,11 @@ def generate_stages(sizes: Sizes, job: GenerateSettings, lora_files=()) -> list[
         stages.append(Stage("score", resident("score", gone), count.score_batch(sizes.scorer, job.scorer.batch_size),
                             {"batch_size": job.scorer.batch_size}))
     return stages
+
+
+def _keep_knob(m) -> dict:
+    """Kept prompt projections, in the plan's settings only when off (on is the default)."""
+    return {} if m.keep_prompt_projections else {"keep_prompt_projections": False}
 
 
 def _quant_knob(quant: str) -> dict:
