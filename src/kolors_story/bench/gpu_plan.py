@@ -129,9 +129,12 @@ class Prediction:
 
 
 def _per_scene_values(chosen: dict) -> dict:
-    """The 24 GB choice, one scene per pipeline call, the text encoder kept (each call encodes)."""
-    keep = {k: v for k, v in chosen.items() if k not in ("sampler.batch_size", "memory.release_text_encoder")}
-    return {"memory.auto": False, "sampler.batch_size": 1, "memory.release_text_encoder": False, **keep}
+    """The 24 GB choice, one scene per pipeline call, the text encoder kept (each call encodes), the
+    prompt's projections computed at every step (diffusers' loop)."""
+    drop = ("sampler.batch_size", "memory.release_text_encoder", "memory.keep_prompt_projections")
+    keep = {k: v for k, v in chosen.items() if k not in drop}
+    return {"memory.auto": False, "sampler.batch_size": 1, "memory.release_text_encoder": False,
+            "memory.keep_prompt_projections": False, **keep}
 
 
 def predict(scale: Scale, device: str, selected: tuple[Group, ...]) -> dict[str, Prediction]:
