@@ -46,6 +46,21 @@ def test_off_zero_strength_and_zero_scale_render_todays_images_byte_for_byte(tmp
     assert off["manifest"]["coherence"] is None
 
 
+def test_kept_prompt_projections_change_no_pixel_with_the_ip_adapter_sharing_loras_and_hires(tmp_path, tiny_model_dir):
+    """memory.keep_prompt_projections with everything that touches the prompt's path through the UNet:
+    the IP-Adapter (its text projection moves to ``text_encoder_hid_proj``), shared attention, a LoRA
+    on the keys and values, the hires refine (a second pipeline call in the same render batch)."""
+    sheet = tmp_path / "sheet.png"
+    Image.new("RGB", (96, 96), (200, 60, 120)).save(sheet)
+    style = make_lora(tmp_path / "style", tiny_model_dir, seed=3)["diffusers"]
+    common = ("coherence=both", f"coherence.reference.image={sheet}", f"lora_path={style}",
+              "sampler.hires.enabled=true", "sampler.hires.scale=1.5", "sampler.hires.steps=4")
+    kept, _ = run_generate(tmp_path, *common, name="kept")
+    run_generate(tmp_path, *common, "memory.keep_prompt_projections=false", name="every_step")
+    assert kept["manifest"]["memory"]["keep_prompt_projections"] is True
+    assert _png_bytes(tmp_path / "kept") == _png_bytes(tmp_path / "every_step")
+
+
 # ---------------------------------------------------------------------------- the mechanism
 
 
