@@ -161,8 +161,11 @@ def test_sequential_offload_on_gpu_gives_default_images(tiny_model_dir):
 def test_compile_gives_default_images(tiny_pipe, default_images):
     # aot_eager runs dynamo's graph capture + AOTAutograd, the parts that can change results,
     # without inductor's C++ codegen (10+ minutes on this 2-core CPU).
+    from kolors_story.models.prompt_projections import KEPT_LAYERS
+
     images = _render(tiny_pipe, {"compile": True, "compile_backend": "aot_eager"})
     assert _max_diff(images, default_images) <= PIXEL_TOL
+    assert getattr(tiny_pipe.unet, KEPT_LAYERS) == []  # the compiled graph computes the prompt projections
 
 
 @pytest.mark.parametrize(

@@ -126,7 +126,7 @@ def _story_costs(f: dict, p: Prediction, weights: dict[str, int], scenes: int = 
     halves = 2 if s.cfg > 1 else 1
     batches = -(-scenes // int(s.batch_size))
     host = sum(weights.values()) * (1 + 2 * batches) if m.offload != "none" else 0
-    later = f["unet_call_kept"] if m.keep_prompt_projections else f["unet_call"]  # a step after the first
+    later = f["unet_call_kept"] if m.keeps_prompt_projections() else f["unet_call"]  # a step after the first
     phases = {"encode prompts": Cost(2 * scenes * f["text_encoder"]),
               "denoise": Cost(scenes * halves * (f["unet_call"] + (s.steps - 1) * later)),
               "decode": Cost(scenes * f["vae_decode"])}

@@ -66,11 +66,16 @@ class MemorySettings:
     allow_quantized_text_encoder: bool = False  # memory=auto may quantize ChatGLM3 (int8, then nf4) before offloading; off: its quality on the real weights is unmeasured
     attention: str = "sdpa"  # sdpa (torch scaled_dot_product_attention) | eager (plain matmul+softmax) | sliced (attention slicing)
     attention_slice_size: Any = "auto"  # with attention=sliced: auto (half the heads at a time), max (one head) or a number of heads
-    keep_prompt_projections: bool = True  # the prompt's cross-attention keys/values computed once a render batch, not every step: same images, a third less work per step at 256², 3 % at 1024², for 85 MB per prompt (fp16; CFG: 2 per scene)
+    keep_prompt_projections: bool = True  # the prompt's cross-attention keys/values computed once a render batch, not every step: same images, a third less work per step at 256², 3 % at 1024², for 85 MB per prompt (fp16; CFG: 2 per scene); off with compile
     channels_last: bool = False  # UNet and VAE convolutions in channels-last memory layout (usually faster on recent GPUs)
     compile: bool = False  # torch.compile the UNet: a long first call (minutes on a CPU), faster afterwards on a GPU
     compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs
     compile_backend: str = "inductor"  # torch.compile backend: inductor (real speedup) or eager/aot_eager (only checks tracing)
+
+    def keeps_prompt_projections(self) -> bool:
+        """Kept prompt projections, where they apply: a compiled UNet computes them in its graph
+        (serving them would make it guard on which tensor is the prompt and recompile)."""
+        return bool(self.keep_prompt_projections) and not self.compile
 
 
 @dataclass

@@ -155,8 +155,8 @@ def apply_memory_modes(pipe, cfg, device: str | torch.device | None = None, befo
     applied.update(channels_last=modes.channels_last, vae_tiling=modes.vae_tiling, vae_slicing=modes.vae_slicing)
     if before_offload is not None:
         before_offload(pipe)
-    keep_across_steps(pipe.unet, modes.keep_prompt_projections)  # after LoRAs and the IP-Adapter: kept with them
-    applied["keep_prompt_projections"] = modes.keep_prompt_projections
+    keep_across_steps(pipe.unet, modes.keeps_prompt_projections())  # after LoRAs and the IP-Adapter: kept with them
+    applied["keep_prompt_projections"] = modes.keeps_prompt_projections()
 
     applied["offload"] = "none"
     if modes.offload != "none":

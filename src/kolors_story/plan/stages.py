@@ -165,7 +165,7 @@ def generate_stages(sizes: Sizes, job: GenerateSettings, lora_files=()) -> list[
               {**knobs, "prompts": n_scenes}),
         Stage("denoise", resident("unet", gone) + shared_here,
               count.unet_call(sizes.unet, cfg_batch, s.height, s.width, sizes.dtype, m.attention,
-                              keep=m.keep_prompt_projections),
+                              keep=m.keeps_prompt_projections()),
               {**knobs, "batch_size": b, **_keep_knob(m), **_shared_knob(job, shared)}),
         Stage("decode", resident("vae", gone) + upcast, count.vae_decode(sizes.vae, b, s.height, s.width, sizes.decode_dtype,
                                                                 m.vae_slicing, m.vae_tiling),
@@ -176,7 +176,7 @@ def generate_stages(sizes: Sizes, job: GenerateSettings, lora_files=()) -> list[
         fh, fw = (max(mult, int(round(v * s.hires.scale / mult)) * mult) for v in (s.height, s.width))
         work = max(count.vae_encode(sizes.vae, b, fh, fw, sizes.dtype),
                    count.unet_call(sizes.unet, cfg_batch, fh, fw, sizes.dtype, m.attention,
-                                   keep=m.keep_prompt_projections),
+                                   keep=m.keeps_prompt_projections()),
                    count.vae_decode(sizes.vae, b, fh, fw, sizes.decode_dtype, m.vae_slicing, m.vae_tiling))
         stages.append(Stage(f"hires refine ({fw}x{fh})", resident("unet", gone) + sizes.weights("vae", seq) + shared_here, work,
                             {**knobs, "batch_size": b, "vae_slicing": m.vae_slicing, "vae_tiling": m.vae_tiling}))
@@ -188,7 +188,7 @@ def generate_stages(sizes: Sizes, job: GenerateSettings, lora_files=()) -> list[
 
 def _keep_knob(m) -> dict:
     """Kept prompt projections, in the plan's settings only when off (on is the default)."""
-    return {} if m.keep_prompt_projections else {"keep_prompt_projections": False}
+    return {} if m.keeps_prompt_projections() else {"keep_prompt_projections": False}
 
 
 def _quant_knob(quant: str) -> dict:
