@@ -322,6 +322,8 @@ def test_a_failed_resume_leaves_the_run_byte_identical(finished_run, monkeypatch
     ("generate.py", ["model=tiny", "lora_path=/nope/style.safetensors"], "/nope/style.safetensors"),
     ("generate.py", ["reproduce=/nope/bundle"], "/nope/bundle"),
     ("evaluate.py", ["images=/nope"], "/nope"),
+    ("generate.py", ["model=tiny", "memory.keep_prompt_projections=maybe"], "memory.keep_prompt_projections=maybe"),
+    ("train.py", ["model=tiny", "memory.fooo=1"], "'memory.fooo'"),  # Hydra's composition errors too
 ])
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_model_dir, script, args, needle):
     out = subprocess.run([sys.executable, script, *args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO,

@@ -189,6 +189,33 @@ def quote_unicode_overrides(args: list[str]) -> list[str]:
     return out
 
 
+def config_errors_in_one_line() -> None:
+    """Make a config Hydra cannot compose (a mistyped value, an unknown key or group option) end
+    like every user error: one ``error: ...`` line and exit code 2, instead of Hydra's report and
+    exit 1. Hydra reports in ``run_and_report`` around composing and running; the entry points
+    call this once before ``hydra.main`` runs."""
+    import hydra._internal.utils as hydra_utils
+
+    from kolors_story.errors import print_user_error
+
+    report = hydra_utils.run_and_report
+    if getattr(report, "one_line", False):
+        return
+
+    def run_and_report(func):
+        def composed():
+            try:
+                return func()
+            except Exception as exc:
+                if print_user_error(exc):  # not a bug: the message names the key and the value
+                    raise SystemExit(2) from None
+                raise
+        return report(composed)
+
+    run_and_report.one_line = True
+    hydra_utils.run_and_report = run_and_report
+
+
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"  # the checkout's conf/ (pip install -e .)
 
 
