@@ -48,7 +48,7 @@ def _serving(linear: torch.nn.Linear, compute):
     return forward
 
 
-def _run_with_kept(block, linears, prompt, outputs):
+def _run_serving(block, linears, prompt, outputs):
     def run(*args):
         for linear, out in zip(linears, outputs):
             linear._served_output = (prompt, out)
@@ -67,7 +67,7 @@ def _checkpoint_block(blocks: dict[int, tuple[int, list]], module, *args):
         return checkpoint(module.__call__, *args, use_reentrant=False)
     with torch.no_grad():  # frozen layers on a prompt without gradient: autograd needs nothing from them
         outputs = [linear(prompt) for linear in linears]
-    return checkpoint(_run_with_kept(module, linears, prompt, outputs), *args, use_reentrant=False)
+    return checkpoint(_run_serving(module, linears, prompt, outputs), *args, use_reentrant=False)
 
 
 def set_gradient_checkpointing(unet, on: bool) -> None:

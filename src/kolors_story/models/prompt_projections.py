@@ -16,7 +16,7 @@ forward is kept and restored).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -40,18 +40,14 @@ def restore_forward(layer: torch.nn.Module, slot: str) -> None:
         layer.forward = before
 
 
-def cross_attentions(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """diffusers ``Attention`` modules attending to the prompt."""
-    return (m for m in module.modules() if getattr(m, "is_cross_attention", False))
-
-
 def prompt_layers(unet) -> list[torch.nn.Module]:
     """The layers whose output depends on the prompt alone: Kolors' text projection (when it is a
     Linear: with an IP-Adapter diffusers moves it to ``text_encoder_hid_proj``) and every
     cross-attention's ``to_k`` / ``to_v`` (a LoRA on them included: fixed during a render)."""
     text = [getattr(unet, name, None) for name in ("text_encoder_hid_proj", "encoder_hid_proj")]
     layers = [m for m in text if isinstance(m, torch.nn.Linear)]
-    return layers + [proj for attn in cross_attentions(unet) for proj in (attn.to_k, attn.to_v)]
+    attentions = [m for m in unet.modules() if getattr(m, "is_cross_attention", False)]  # diffusers' Attention
+    return layers + [proj for attn in attentions for proj in (attn.to_k, attn.to_v)]
 
 
 def _version(x: torch.Tensor):
