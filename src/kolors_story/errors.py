@@ -39,9 +39,6 @@ def user_error_message(exc: BaseException) -> str | None:
     for anything else (a bug: it keeps its traceback)."""
     if isinstance(exc, UserError):
         return str(exc)
-    if _is_config_error(exc):  # Hydra could not compose the command line's config
-        what = ": ".join(str(e).strip().splitlines()[0].rstrip(".") for e in (exc, exc.__cause__) if e is not None)
-        return f"{what} (--cfg job prints the config with every key and its value)"
     if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
         where = f" writing {exc.filename}" if exc.filename else ""
         return (f"no space left on the device{where}: free some space or choose another output folder; "
@@ -49,12 +46,6 @@ def user_error_message(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno in _NOT_ALLOWED + (errno.ENOENT,):
         return f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc)
     return None
-
-
-def _is_config_error(exc: BaseException) -> bool:
-    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-
-    return isinstance(exc, (ConfigCompositionException, MissingConfigException, OverrideParseException))
 
 
 def print_user_error(exc: BaseException) -> bool:

@@ -195,8 +195,9 @@ def config_errors_in_one_line() -> None:
     exit 1. Hydra reports in ``run_and_report`` around composing and running; the entry points
     call this once before ``hydra.main`` runs."""
     import hydra._internal.utils as hydra_utils
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
-    from kolors_story.errors import print_user_error
+    from kolors_story.errors import SettingsError, print_user_error
 
     report = hydra_utils.run_and_report
     if getattr(report, "one_line", False):
@@ -206,10 +207,11 @@ def config_errors_in_one_line() -> None:
         def composed():
             try:
                 return func()
-            except Exception as exc:
-                if print_user_error(exc):  # not a bug: the message names the key and the value
+            except (ConfigCompositionException, MissingConfigException, OverrideParseException) as exc:
+                what = ": ".join(str(e).strip().splitlines()[0].rstrip(".") for e in (exc, exc.__cause__) if e)
+                if print_user_error(SettingsError(f"{what} (--cfg job prints the config with every key and its value)")):
                     raise SystemExit(2) from None
-                raise
+                raise  # HYDRA_FULL_ERROR=1: Hydra's own report
         return report(composed)
 
     run_and_report.one_line = True
