@@ -205,6 +205,37 @@ def test_count_matches_measurement_on_the_tiny_model(tiny_pipe):
     _check_counts(tiny_pipe, 64)
 
 
+def test_counts_sharing_one_meta_lora_unet_equal_counts_on_fresh_builds():
+    """The meta LoRA UNet is built once per adapter and shared by the counts: each count equals the
+    same count on a new build, whichever count ran on it before (the gradients of a backward, the
+    checkpointing of a step must not carry over: the next count would come out lower)."""
+    from kolors_story.tiny.architectures import tiny_predictor_config, tiny_unet_config, tiny_vae_config
+
+    unet, vae, scorer = count.key(tiny_unet_config()), count.key(tiny_vae_config()), count.key(tiny_predictor_config())
+    targets = ("to_q", "to_k", "to_v", "to_out.0")
+    counts = {
+        "step, checkpointing": lambda: count.train_step(unet, 2, 64, 64, "float16", True, 4, targets),
+        "step": lambda: count.train_step(unet, 2, 64, 64, "float16", False, 4, targets),
+        "forward held": lambda: count.train_forward_held(unet, 2, 64, 64, "float16", False, 4, targets),
+        "reward step": lambda: count.reward_step(unet, vae, scorer, 1, 64, "float16", True, 4, targets),
+        "lora params": lambda: count.lora_params(unet, 4, targets),
+    }
+    results = (count.train_step, count.train_forward_held, count.reward_step, count.lora_params)
+
+    def run(name: str, new_build: bool) -> int:
+        for cached in results:
+            cached.cache_clear()
+        if new_build:
+            count._built_lora_unet.cache_clear()
+        return counts[name]()
+
+    alone = {name: run(name, new_build=True) for name in counts}
+    count._built_lora_unet.cache_clear()
+    for order in (list(counts), list(reversed(counts))):
+        assert {name: run(name, new_build=False) for name in order} == alone, order
+    assert count._built_lora_unet.cache_info().misses == 1  # one build served every count
+
+
 @pytest.mark.slow
 def test_count_matches_measurement_on_the_bench_model(tmp_path_factory, offline_env):
     from pathlib import Path

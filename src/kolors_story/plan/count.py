@@ -205,9 +205,8 @@ def unet_call(config_json: str, batch: int, height: int, width: int, dtype: str,
     return mem.peak
 
 
-def meta_lora_unet(config_json: str, dtype: torch.dtype, rank: int, targets: tuple[str, ...],
-                   adapter: tuple = ("lora", None)):
-    """The UNet on the meta device, frozen, with the trainer's adapter (its weights float32, as peft makes them)."""
+@lru_cache(maxsize=4)
+def _built_lora_unet(config_json: str, dtype: torch.dtype, rank: int, targets: tuple[str, ...], adapter: tuple):
     from diffusers import UNet2DConditionModel
 
     from kolors_story.lora.adapter import add_lora
@@ -215,6 +214,20 @@ def meta_lora_unet(config_json: str, dtype: torch.dtype, rank: int, targets: tup
     unet = build_on("meta", lambda: UNet2DConditionModel(**json.loads(config_json)), dtype)
     unet.requires_grad_(False)
     add_lora(unet, rank=rank, alpha=rank, target_modules=list(targets), type=adapter[0], conv_rank=adapter[1])
+    return unet
+
+
+def meta_lora_unet(config_json: str, dtype: torch.dtype, rank: int, targets: tuple[str, ...],
+                   adapter: tuple = ("lora", None)):
+    """The UNet on the meta device, frozen, with the trainer's adapter (its weights float32, as peft makes them).
+
+    Built once per adapter (building and injecting it is a good part of a plan's time) and handed
+    back as a new build would be: in train mode, without gradient checkpointing, without gradients
+    (the gradients of an earlier count would otherwise exist before the next one and not be counted)."""
+    unet = _built_lora_unet(config_json, dtype, rank, targets, tuple(adapter))
+    set_gradient_checkpointing(unet, False)
+    unet.train()
+    unet.zero_grad(set_to_none=True)
     return unet
 
 
