@@ -45,6 +45,7 @@ def probe_story(folder: Path, story: str) -> Path:
     ("character.rounds=0", "character.rounds"), ("character.steps=0", "character.steps"),
     ("character.lr=0", "character.lr"), ("character.rank=0", "character.rank"),
     ("character.scale=-1", "character.scale"), ("character.phrasings=[noslot]", "character.phrasings[0]"),
+    ("character.cluster=best", "character.cluster"),
 ])
 def test_bad_character_settings_fail_in_one_line_before_any_model_loads(override, key):
     from kolors_story.train.checks import check_train
@@ -82,8 +83,65 @@ def test_the_tightest_cluster_across_phrasings_is_chosen():
     assert len(found.members) >= 6 and {looks[i] for i in found.members} == {0}
     assert found.similarity == pytest.approx(pair_similarity(e, labels, found.members))
     assert found.similarity > pair_similarity(e, labels)  # tighter than the renders as a whole
+    assert found.excess > 0.1
     with pytest.raises(Exception, match="min_cluster"):
         choose_cluster(torch.tensor(e[:4]), labels[:4], min_size=6)
+
+
+def test_two_phrasings_with_one_background_do_not_make_a_cluster():
+    """Phrasings 0 and 1 share their background (a white and a light grey one); 2 and 3 have their
+    own. 8 renders of 0 and 1 share a faint look; 8 of 2 and 3 share a strong one. By the plain
+    cosine the faint group is the tighter (its background is shared too, and a cluster of its renders
+    won when the choice ranked by it); by the excess over what the phrasings make alike, the strong."""
+    from kolors_story.train.character_parts import choose_cluster, excess_similarity, pair_similarity
+
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    shared, own = unit(rng.normal(size=64)) * 4, unit(rng.normal(size=(2, 64))) * 4
+    background = [shared, shared, own[0], own[1]]
+    strong, faint = unit(rng.normal(size=64)) * 2.5, unit(rng.normal(size=64)) * 1.5
+    labels = [i % 4 for i in range(40)]
+    strong_group = [i for i in range(40) if labels[i] >= 2][:8]
+    faint_group = [i for i in range(40) if labels[i] < 2][:8]
+
+    def render(i: int, phrasing: int):
+        if i in strong_group:
+            return background[phrasing] + strong + 0.1 * rng.normal(size=64)
+        return background[phrasing] + (faint if i in faint_group else 0) + 2.5 * unit(rng.normal(size=64))
+
+    e = np.stack([render(i, p) for i, p in enumerate(labels)])
+    assert pair_similarity(e, labels, faint_group) > pair_similarity(e, labels, strong_group) + 0.5  # the trap
+    assert excess_similarity(e, labels, strong_group) > excess_similarity(e, labels, faint_group) + 0.1
+    assert sorted(choose_cluster(torch.tensor(e), labels, min_size=6).members) == strong_group
+
+
+def test_the_control_picks_as_many_renders_at_random_and_the_same_ones_for_the_same_seed():
+    from kolors_story.train.character_parts import excess_similarity, pair_similarity, random_group
+
+    rng = np.random.default_rng(2)
+    e, labels = rng.normal(size=(32, 16)), [i % 4 for i in range(32)]
+    group = random_group(e, labels, 8, seed=[0, 1])
+    assert len(set(group.members)) == 8 and group.members == sorted(group.members)
+    assert group.similarity == pytest.approx(pair_similarity(e, labels, group.members))
+    assert group.excess == pytest.approx(excess_similarity(e, labels, group.members))
+    assert random_group(e, labels, 8, seed=[0, 1]).members == group.members
+    assert random_group(e, labels, 8, seed=[0, 2]).members != group.members  # each round its own pick
+
+
+def test_the_model_card_says_when_a_character_lora_is_the_control():
+    from types import SimpleNamespace
+
+    from kolors_story.generate.model_card import _character_section
+    from kolors_story.records import CharacterMade
+
+    def card(cluster: str) -> str:
+        made = CharacterMade(prompt="灰色的小人", candidates=32, min_cluster=6, cluster=cluster, rank=4, steps=200, lr=1e-3)
+        row = SimpleNamespace(file="lora2-lora.safetensors", scale=1.0,
+                              details=SimpleNamespace(metadata={"character": json.dumps(made.to_json())}))
+        return "\n".join(_character_section([row]))
+
+    assert "the tightest cluster of at least 6 renders" in card("tightest") and "control" not in card("tightest")
+    assert "a control run (`character.cluster=random`), not for a submission" in card("random")
 
 
 def test_a_small_tight_cluster_beats_a_large_loose_one():
@@ -150,6 +208,7 @@ def test_the_loop_writes_its_rounds_the_lora_and_their_lines(character_run):
     for record in metrics.character:
         assert record.trained and record.steps == 6 and record.candidates == 12 and record.phrasings == 3
         assert len(record.chosen) == record.cluster_size >= 4 and np.isfinite(record.cluster_similarity)
+        assert record.choice == "tightest" and np.isfinite(record.cluster_excess)
         assert json.loads((folder / f"round-{record.round}" / "round.json").read_text())["chosen"] == record.chosen
         assert all((run / sheet).is_file() for sheet in record.sheets.values())
     assert metrics.character[-1].stopped == "2 rounds done"
@@ -220,24 +279,17 @@ def test_resume_reuses_the_character_lora(character_run, capsys):
 # ------------------------------------------------------------------------------ slow (pre-trained tiny model)
 
 
-def _character(folder: Path, story: str, monkeypatch=None):
-    """The character loop on the probe story (tiny defaults); ``monkeypatch``: the broken variant, which
-    trains on a random cluster of the same size instead of the tightest."""
+def _character(folder: Path, story: str, cluster: str = "tightest"):
+    """The character loop on the probe story (tiny defaults, every round trained); ``cluster=random``:
+    the broken variant (the control), which trains on random renders as many as the tightest cluster."""
     from kolors_story.story.files import apply_story_file
-    from kolors_story.train import character
-    from kolors_story.train.character_parts import Cluster, choose_cluster, pair_similarity
+    from kolors_story.train.character import train_character
     from kolors_story.train.job import run_training
 
-    if monkeypatch is not None:
-        def random_cluster(embeddings, labels, min_size):
-            size = len(choose_cluster(embeddings, labels, min_size).members)
-            members = sorted(np.random.default_rng(len(labels)).choice(len(labels), size, replace=False).tolist())
-            return Cluster(members, pair_similarity(embeddings, labels, members), 0)
-
-        monkeypatch.setattr(character, "choose_cluster", random_cluster)
     job = apply_story_file(settings("train", [*PRETRAINED, f"story.file={probe_story(folder, story)}", "character=auto",
+                                              f"character.cluster={cluster}", "character.min_gain=-1",
                                               f"output_dir={folder}/run"]))
-    return character.train_character(job, folder / "run", run_training)
+    return train_character(job, folder / "run", run_training)
 
 
 def _story(folder: Path, story: str, name: str, lora: Path | None, k: int) -> dict:
@@ -265,17 +317,17 @@ def _story(folder: Path, story: str, name: str, lora: Path | None, k: int) -> di
 @pytest.mark.slow
 @pytest.mark.parametrize("story", ["ink_dream"])  # the three stories' numbers: the compare tool, in the docs
 def test_the_character_lora_on_each_probe_story(story, tmp_path, monkeypatch):
-    """Measured (tiny defaults: 2 rounds of 32 renders, 200 LoRA steps), per seed set; see
-    docs/coherence.md#character-lora-character for the numbers. What holds for every story: the
-    copy-paste score does not rise, CLIP-T stays within its seed-to-seed noise, and the chosen cluster
-    is tighter than a random one. What does not: the panel similarity rises in every set only for
-    warrior_dragon, and a LoRA on a random cluster gains as much or more (the tiny model leaves the
-    object out of half its renders, and empty panels are alike). So those are recorded here, not
-    asserted."""
+    """Measured (tiny defaults: 2 rounds of 32 renders, 200 LoRA steps, both rounds trained), per seed
+    set; docs/coherence.md#character-lora-character has the three stories' numbers. On ink_dream the
+    issue's checks hold: the panel similarity (pixels and CLIP-I) rises in every seed set, the
+    control (character.cluster=random) gains less, the copy-paste score does not rise, CLIP-T stays
+    within its seed-to-seed noise. Recorded, not asserted: the skies and grounds follow their
+    prompts less well (caption distance), and on warrior_dragon and idol_diary the checks fail."""
     monkeypatch.setenv("KOLORS_STORY_TINY_TASTE", "none")
     real = _character(tmp_path / "real", story)
-    with monkeypatch.context() as m:
-        broken = _character(tmp_path / "broken", story, m)
+    broken = _character(tmp_path / "broken", story, cluster="random")
+    assert [r.choice for r in broken.rounds] == ["random"] * len(broken.rounds)
+    assert [len(r.chosen) for r in broken.rounds][:1] == [real.rounds[0].cluster_size]  # as many renders
     numbers = {name: [_story(tmp_path, story, name, lora, k) for k in range(SEED_SETS)]
                for name, lora in (("off", None), ("character", real.lora), ("broken", broken.lora))}
     record = {"story": story, "rounds": [r.to_json() for r in real.rounds],
@@ -287,5 +339,9 @@ def test_the_character_lora_on_each_probe_story(story, tmp_path, monkeypatch):
     assert mean(on, "copy_paste") <= mean(off, "copy_paste"), numbers
     noise = max(s["clip_t"] for s in off) - min(s["clip_t"] for s in off)  # CLIP-T's seed-to-seed spread
     assert mean(on, "clip_t") >= mean(off, "clip_t") - noise, numbers
-    assert real.rounds[0].cluster_similarity > broken.rounds[0].cluster_similarity
+    assert real.rounds[0].cluster_excess > broken.rounds[0].cluster_excess  # the choice beats a random pick
+    for measure in ("pixels", "clip_i"):
+        assert all(on[k][measure] > off[k][measure] for k in range(SEED_SETS)), (measure, numbers)
+        gain = {name: mean(numbers[name], measure) - mean(off, measure) for name in ("character", "broken")}
+        assert gain["character"] > gain["broken"], (measure, gain)  # the teeth: a random pick gains less
     assert all(on[k]["pixels"] != off[k]["pixels"] for k in range(SEED_SETS))  # the LoRA changes the story

@@ -26,6 +26,7 @@ class CharacterSettings:
     negative: Any = field(default_factory=lambda: {"zh": "丑陋，变形，模糊，多个人物", "en": "ugly, deformed, blurry, several people"})  # negative prompt of the candidate renders
     candidates: int = 64  # renders per round (phrasings in turn, each from its own seed), with the job's sampler group
     min_cluster: int = 8  # the chosen cluster holds at least this many renders (the entity LoRA trains on them)
+    cluster: str = "tightest"  # what each round trains on: tightest (the loop) or random (a control: as many renders, picked at random)
     rounds: int = 3  # at most this many rounds of render -> cluster -> train; each renders with the previous round's LoRA
     min_gain: float = 0.0  # stop early when the chosen cluster's similarity improves by no more than this
     steps: int = 500  # entity LoRA optimizer steps per round

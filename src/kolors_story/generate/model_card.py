@@ -109,7 +109,9 @@ def _character_section(lora_rows: list[BundleFile]) -> list[str]:
                   f"SIGGRAPH 2024): in each round the model (from round 2 with the previous round's LoRA) rendered "
                   f"{made.candidates} images of the character from the phrasings below, their CLIP embeddings "
                   f"were clustered, and a rank-{made.rank} LoRA was trained for {made.steps} steps "
-                  f"(lr {made.lr}) on the tightest cluster of at least {made.min_cluster} renders.", "",
+                  f"(lr {made.lr}) on " + (f"the tightest cluster of at least {made.min_cluster} renders." if
+                                           made.cluster == "tightest" else "as many renders picked at random: "
+                                           "a control run (`character.cluster=random`), not for a submission."), "",
                   "| round | renders | chosen | cluster similarity | all renders' similarity | trained |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r.round} | {r.candidates} | {r.cluster_size} | {r.cluster_similarity:.4f} | "

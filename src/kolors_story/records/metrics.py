@@ -92,9 +92,11 @@ class CharacterLine(Record):
     phrasings: int  # prompts they were rendered from
     clusters: int  # clusters the renders were split into
     cluster_size: int  # renders in the chosen cluster
-    cluster_similarity: float  # its mean pairwise CLIP cosine (pairs of different phrasings): what the loop maximises
+    cluster_similarity: float  # its mean pairwise CLIP cosine (pairs of different phrasings): what the rounds raise
+    cluster_excess: float | None = None  # that cosine above the mean of all renders of the same phrasings: what the choice maximises (~0 at random)
     candidates_similarity: float  # the same over all renders: how consistently the model draws the character
     chosen: list[int] = []  # the chosen renders (0-based, in render order)
+    choice: str = "tightest"  # how: the tightest cluster, or random renders as many (character.cluster=random, a control)
     trained: bool = False  # an entity LoRA was trained on them in this round
     steps: int | None = None  # its optimizer steps
     loss: float | None = None  # its last training loss
@@ -113,6 +115,7 @@ class CharacterMade(Record):
     phrasings: list[str] = []  # the candidates' prompts, the character put in
     candidates: int  # renders per round
     min_cluster: int
+    cluster: str = "tightest"  # character.cluster: tightest, or random (a control run)
     rank: int
     steps: int  # LoRA steps per round
     lr: float

@@ -53,6 +53,7 @@ from kolors_story.train.character_parts import (
     encode_phrasings,
     pair_similarity,
     phrasing_scenes,
+    random_group,
     release,
     training_items,
 )
@@ -113,6 +114,8 @@ def _choose(job: TrainSettings, folder: Path, run_dir: Path, embeds: dict, lora:
     try:
         embeddings = AestheticScorer.from_settings(job.scorer).embed(images)
         cluster = choose_cluster(embeddings, labels, c.min_cluster)
+        if c.cluster == "random":  # the control: as many renders as the tightest cluster, any of them
+            cluster = random_group(embeddings, labels, len(cluster.members), seed=[int(c.seed), number])
         items = training_items(pipe.vae, images, labels, embeds, cluster.members, job.sampler.batch_size)
     finally:
         del pipe
@@ -120,12 +123,13 @@ def _choose(job: TrainSettings, folder: Path, run_dir: Path, embeds: dict, lora:
     title = tiny.PANEL_NOTE if tiny.note(job.model) else None
     sheets = {"candidates": folder / "candidates.png", "cluster": folder / "cluster.png"}
     atomic_save_image(candidates_sheet(images, labels, cluster.members, title), sheets["candidates"])
-    label = f"round {number}: {len(cluster.members)} of {len(images)} renders, similarity {cluster.similarity:.4f}"
+    picked = " picked at random (the control)" if c.cluster == "random" else ""
+    label = f"round {number}: {len(cluster.members)} of {len(images)} renders{picked}, similarity {cluster.similarity:.4f}"
     atomic_save_image(cluster_sheet(images, cluster.members, label, title), sheets["cluster"])
     record = CharacterLine(
         round=number, candidates=len(images), phrasings=len(embeds["prompt_embeds"]), clusters=cluster.clusters,
-        cluster_size=len(cluster.members), cluster_similarity=cluster.similarity,
-        candidates_similarity=pair_similarity(embeddings, labels), chosen=cluster.members,
+        cluster_size=len(cluster.members), cluster_similarity=cluster.similarity, cluster_excess=cluster.excess,
+        candidates_similarity=pair_similarity(embeddings, labels), chosen=cluster.members, choice=c.cluster,
         sheets={k: str(v.relative_to(run_dir)) for k, v in sheets.items()}, seconds=time.perf_counter() - t0)
     return _Round(images, labels, items, record)
 
@@ -151,7 +155,8 @@ def _metadata(job: TrainSettings, rounds: list[CharacterLine]) -> dict:
     """What the character LoRA's files say about how it was made (the bundle's model card shows it)."""
     c = job.character
     made = CharacterMade(prompt=character_text(job), method=METHOD, phrasings=[s.prompt for s in phrasing_scenes(job)],
-                         candidates=c.candidates, min_cluster=c.min_cluster, rank=c.rank, steps=c.steps, lr=c.lr,
+                         candidates=c.candidates, min_cluster=c.min_cluster, cluster=c.cluster, rank=c.rank,
+                         steps=c.steps, lr=c.lr,
                          rounds=rounds)
     return {"character": made.to_json()}
 
@@ -213,7 +218,8 @@ def train_character(job: TrainSettings, run_dir: str | Path, fit: Callable, log:
                 found.record.stopped = f"{number} rounds done"
         atomic_write_json(round_dir / "round.json", found.record.to_json())
         rounds.append(found.record)
-        log(f"character round {number}: {found.record.cluster_size} of {found.record.candidates} renders, "
+        picked = " picked at random (the control)" if found.record.choice == "random" else ""
+        log(f"character round {number}: {found.record.cluster_size} of {found.record.candidates} renders{picked}, "
             f"cluster similarity {found.record.cluster_similarity:.4f}, all renders {found.record.candidates_similarity:.4f}"
             + (f" ({found.record.stopped})" if found.record.stopped else ""))
         if found.record.stopped:

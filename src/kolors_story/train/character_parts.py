@@ -10,9 +10,14 @@ Choosing the cluster (why this way):
 - A cluster's similarity is the mean cosine of the plain embeddings over pairs rendered from
   *different* phrasings. Two renders of one phrasing can look alike through their shared pose and
   background alone; two renders of different phrasings look alike through the character.
+- But two phrasings can share a background too (a white and a light grey one), and then any renders
+  of those two look alike. So the choice ranks clusters by their *excess* similarity: each pair's
+  cosine minus the mean cosine of all renders of the same two phrasings. A random group scores about
+  0 whichever phrasings it holds; a group that shares a look scores above it. (Ranked by the plain
+  similarity, a random group of renders was tighter than the chosen cluster on a tiny probe.)
 - Every cluster of the tree (at every cut, from one cluster to one per render) is a candidate: the
-  most similar one of at least ``min_cluster`` renders (spanning two phrasings, when there are
-  several) wins. Not one cut at ``candidates // min_cluster`` clusters, as The Chosen One cuts
+  one of at least ``min_cluster`` renders (spanning two phrasings, when there are several) with the
+  highest excess similarity wins. Not one cut at ``candidates // min_cluster`` clusters, as The Chosen One cuts
   k-means: average linkage splits off small clusters first, and at that cut the only cluster large
   enough can be looser than a random group of renders.
 """
@@ -41,6 +46,7 @@ from kolors_story.models.prompts import check_prompt_tokens, encode_scenes, text
 from kolors_story.story import Scene
 
 CHARACTER_ADAPTER = "character"  # the peft adapter name of the character LoRA beside the style LoRA
+CLUSTER_CHOICES = ("tightest", "random")  # character.cluster: the loop, or its control
 SLOT = "{character}"  # where a phrasing names the character
 
 
@@ -98,6 +104,9 @@ def check_character(job: TrainSettings) -> None:
     _whole("character.steps", c.steps)
     _whole("character.batch_size", c.batch_size)
     _whole("character.min_cluster", c.min_cluster, 2)
+    if c.cluster not in CLUSTER_CHOICES:
+        raise SettingsError(f"character.cluster={c.cluster!r}: use tightest (the loop) or random (a control that "
+                            "trains on as many renders picked at random)")
     if _whole("character.candidates", c.candidates) < c.min_cluster:
         raise SettingsError(f"character.candidates={c.candidates} is below character.min_cluster={c.min_cluster}: "
                             "render at least as many candidates as the cluster needs")
@@ -146,6 +155,7 @@ class Cluster:
     members: list[int]  # indices of the chosen renders
     similarity: float  # their mean cosine over pairs of different phrasings
     clusters: int  # how many clusters the renders were split into
+    excess: float  # that cosine above the mean of all renders of the same phrasings (what the choice maximises)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -163,6 +173,24 @@ def pair_similarity(embeddings, labels, members=None) -> float:
     if not mask.any():
         mask = ~np.eye(len(idx), dtype=bool)
     return float(sim[mask].mean()) if mask.any() else 1.0
+
+
+def excess_similarity(embeddings, labels, members) -> float:
+    """How much more alike ``members`` are than renders of their phrasings in general: the mean, over
+    their pairs of different phrasings (all pairs when they share one), of the pair's cosine minus the
+    mean cosine of every pair of renders of the same two phrasings."""
+    e = _unit(np.asarray(embeddings, dtype=np.float64))
+    _, lab = np.unique(np.asarray(labels), return_inverse=True)
+    sim = e @ e.T
+    other = ~np.eye(len(e), dtype=bool)  # a render is not paired with itself
+    onehot = np.eye(lab.max() + 1)[lab]  # [renders, phrasings]
+    base = (onehot.T @ (sim * other) @ onehot) / np.maximum(onehot.T @ other @ onehot, 1)  # [phrasing, phrasing]
+    idx = np.asarray(members)
+    excess = sim[np.ix_(idx, idx)] - base[np.ix_(lab[idx], lab[idx])]
+    mask = lab[idx][:, None] != lab[idx][None, :]
+    if not mask.any():
+        mask = ~np.eye(len(idx), dtype=bool)
+    return float(excess[mask].mean()) if mask.any() else 0.0
 
 
 def choose_cluster(embeddings, labels, min_size: int) -> Cluster:
@@ -185,8 +213,17 @@ def choose_cluster(embeddings, labels, min_size: int) -> Cluster:
     if not big:
         raise TrainingError(f"no cluster of {min_size} renders among {len(e)}: lower character.min_cluster")
     mixed = [m for m in big if len(np.unique(labels[list(m)])) > 1] if len(np.unique(labels)) > 1 else []
-    similarity, members = max((pair_similarity(e, labels, list(m)), m) for m in (mixed or big))
-    return Cluster(members=list(members), similarity=similarity, clusters=big[members])
+    excess, members = max((excess_similarity(e, labels, list(m)), m) for m in (mixed or big))
+    return Cluster(members=list(members), similarity=pair_similarity(e, labels, list(members)), clusters=big[members],
+                   excess=excess)
+
+
+def random_group(embeddings, labels, size: int, seed) -> Cluster:
+    """``size`` renders picked at random (``character.cluster=random``): the control that shows what
+    choosing the tightest cluster adds over training on any of the loop's renders."""
+    members = sorted(np.random.default_rng(seed).choice(len(labels), size, replace=False).tolist())
+    return Cluster(members=members, similarity=pair_similarity(embeddings, labels, members), clusters=0,
+                   excess=excess_similarity(embeddings, labels, members))
 
 
 # ------------------------------------------------------------------------------ items and sheets

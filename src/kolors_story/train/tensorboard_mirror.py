@@ -45,7 +45,7 @@ class TensorBoardMirror:
 
     def log_character(self, record, run_dir: Path) -> None:
         """A character round's similarities, at the round's number as the step."""
-        self.log({"character/cluster_similarity": record.cluster_similarity,
+        self.log({"character/cluster_similarity": record.cluster_similarity, "character/cluster_excess": record.cluster_excess,
                   "character/candidates_similarity": record.candidates_similarity,
                   "character/cluster_size": record.cluster_size}, record.round)
 

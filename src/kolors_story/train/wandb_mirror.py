@@ -137,10 +137,10 @@ class WandbMirror:
         try:
             wandb = self._wandb
             self._character_rows = [*getattr(self, "_character_rows", []), [
-                record.round, record.candidates, record.cluster_size, record.cluster_similarity,
-                record.candidates_similarity, bool(record.trained), record.loss, record.stopped or ""]]
-            columns = ["round", "candidates", "cluster_size", "cluster_similarity", "candidates_similarity", "trained",
-                       "loss", "stopped"]
+                record.round, record.choice, record.candidates, record.cluster_size, record.cluster_similarity,
+                record.cluster_excess, record.candidates_similarity, bool(record.trained), record.loss, record.stopped or ""]]
+            columns = ["round", "choice", "candidates", "cluster_size", "cluster_similarity", "cluster_excess",
+                       "candidates_similarity", "trained", "loss", "stopped"]
             data: dict[str, Any] = {"character/rounds": wandb.Table(columns=columns, data=self._character_rows)}
             if record.sheets.get("cluster"):
                 data["character/cluster"] = wandb.Image(str(Path(run_dir) / record.sheets["cluster"]),
@@ -148,6 +148,7 @@ class WandbMirror:
             self.run.log(data, step=0)
             self.run.summary.update({"character/round": record.round,
                                      "character/cluster_similarity": record.cluster_similarity,
+                                     "character/cluster_excess": record.cluster_excess,
                                      "character/candidates_similarity": record.candidates_similarity})
         except Exception as exc:  # noqa: BLE001
             self._fail("log", exc)
