@@ -46,6 +46,7 @@ from kolors_story.models.loading import ensure_model, load_pipeline
 from kolors_story.records import CHARACTER_DIR, FILE_NAMES, CharacterLine, CharacterMade, RunMetrics
 from kolors_story.train.character_parts import (
     CHARACTER_ADAPTER,
+    CONTROL_NOTE,
     candidates_sheet,
     character_text,
     choose_cluster,
@@ -123,7 +124,7 @@ def _choose(job: TrainSettings, folder: Path, run_dir: Path, embeds: dict, lora:
     title = tiny.PANEL_NOTE if tiny.note(job.model) else None
     sheets = {"candidates": folder / "candidates.png", "cluster": folder / "cluster.png"}
     atomic_save_image(candidates_sheet(images, labels, cluster.members, title), sheets["candidates"])
-    picked = " picked at random (the control)" if c.cluster == "random" else ""
+    picked = CONTROL_NOTE if c.cluster == "random" else ""
     label = f"round {number}: {len(cluster.members)} of {len(images)} renders{picked}, similarity {cluster.similarity:.4f}"
     atomic_save_image(cluster_sheet(images, cluster.members, label, title), sheets["cluster"])
     record = CharacterLine(
@@ -218,7 +219,7 @@ def train_character(job: TrainSettings, run_dir: str | Path, fit: Callable, log:
                 found.record.stopped = f"{number} rounds done"
         atomic_write_json(round_dir / "round.json", found.record.to_json())
         rounds.append(found.record)
-        picked = " picked at random (the control)" if found.record.choice == "random" else ""
+        picked = CONTROL_NOTE if found.record.choice == "random" else ""
         log(f"character round {number}: {found.record.cluster_size} of {found.record.candidates} renders{picked}, "
             f"cluster similarity {found.record.cluster_similarity:.4f}, all renders {found.record.candidates_similarity:.4f}"
             + (f" ({found.record.stopped})" if found.record.stopped else ""))

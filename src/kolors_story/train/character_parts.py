@@ -17,9 +17,9 @@ Choosing the cluster (why this way):
   similarity, a random group of renders was tighter than the chosen cluster on a tiny probe.)
 - Every cluster of the tree (at every cut, from one cluster to one per render) is a candidate: the
   one of at least ``min_cluster`` renders (spanning two phrasings, when there are several) with the
-  highest excess similarity wins. Not one cut at ``candidates // min_cluster`` clusters, as The Chosen One cuts
-  k-means: average linkage splits off small clusters first, and at that cut the only cluster large
-  enough can be looser than a random group of renders.
+  highest excess similarity wins. Not one cut at ``candidates // min_cluster`` clusters, as The
+  Chosen One cuts k-means: average linkage splits off small clusters first, and at that cut the only
+  cluster large enough can be looser than a random group of renders.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from kolors_story.story import Scene
 
 CHARACTER_ADAPTER = "character"  # the peft adapter name of the character LoRA beside the style LoRA
 CLUSTER_CHOICES = ("tightest", "random")  # character.cluster: the loop, or its control
+CONTROL_NOTE = " picked at random (the control)"  # said after "N of M renders" of a control round
 SLOT = "{character}"  # where a phrasing names the character
 
 
