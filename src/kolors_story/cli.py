@@ -216,14 +216,30 @@ def _progress() -> str:
     return (" during " + ", ".join(f"'{b.desc.rstrip(': ')}' at {b.n} of {b.total}" for b in bars[:2])) if bars else ""
 
 
+RESEND_S = 1.0  # a stop signal whose exception was swallowed is delivered again this much later
+
+
 def stoppable(fn, not_written: str):
     """``fn(cfg)``, ended by SIGTERM/SIGINT with one line saying how far it got and what was not
     written, and the shell's exit code for that signal (143, 130)."""
+    import os
     import signal
+    import threading
 
     from kolors_story.train.stopping import EXIT_CODES, STOP_SIGNALS
 
+    resend: list[threading.Timer] = []
+
     def raise_stop(signum, _frame):  # how far it got is read now: the progress bars close as it unwinds
+        # The handler runs wherever the main thread is; inside a finalizer or a weakref callback Python
+        # prints its exception and goes on with the work. So the signal comes again until it is caught,
+        # and does nothing while a stop is unwinding (a ``finally`` or ``__exit__`` cleaning up).
+        if isinstance(sys.exc_info()[1], StopSignal):
+            return
+        timer = threading.Timer(RESEND_S, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+        resend.append(timer)
         raise StopSignal(signal.Signals(signum).name, _progress())
 
     def run(cfg):
@@ -233,6 +249,10 @@ def stoppable(fn, not_written: str):
         try:
             return fn(cfg)
         except StopSignal as stop:
+            for sig in STOP_SIGNALS:  # caught: no second stop while this one is reported
+                signal.signal(sig, signal.SIG_IGN)
+            for timer in resend:
+                timer.cancel()
             name, where = stop.args
             print(f"stopped by {name}{where}: {not_written}", file=sys.stderr)
             raise SystemExit(EXIT_CODES[name]) from None
