@@ -257,6 +257,8 @@ def stoppable(fn, not_written: str):
             print(f"stopped by {name}{where}: {not_written}", file=sys.stderr)
             raise SystemExit(EXIT_CODES[name]) from None
         finally:
+            for timer in resend:  # also when the work ended before a repeat came: none after it
+                timer.cancel()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
