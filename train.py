@@ -5,12 +5,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from kolors_story.config import register_configs
-from kolors_story.config.compose import config_errors_in_one_line, quote_unicode_overrides
+from kolors_story.config.compose import prepare_entry_point
 
-register_configs()  # the schemas conf/ builds on
-sys.argv[1:] = quote_unicode_overrides(sys.argv[1:])  # trigger=水墨画 works unquoted too
-config_errors_in_one_line()  # trainer.seed=abc: one error line and exit 2, like every user error
+prepare_entry_point(sys.argv)  # schemas, trigger=水墨画 unquoted, config errors in one line
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

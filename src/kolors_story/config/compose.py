@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kolors_story.config.data_settings import DATASET_SCHEMAS
-from kolors_story.config.job_settings import JOB_SCHEMAS
+from kolors_story.config.job_settings import JOB_SCHEMAS, register_configs
 from kolors_story.config.trigger import apply_trigger
 
 
@@ -218,6 +218,15 @@ def config_errors_in_one_line() -> None:
     hydra_utils.run_and_report = run_and_report
 
 
+def prepare_entry_point(argv: list[str]) -> None:
+    """What train.py, generate.py and evaluate.py do before ``hydra.main``: register the schemas conf/
+    builds on, quote a non-ASCII value typed bare (``trigger=水墨画``; ``argv`` is changed in place),
+    and make Hydra's composition errors one ``error:`` line with exit code 2."""
+    register_configs()
+    argv[1:] = quote_unicode_overrides(argv[1:])
+    config_errors_in_one_line()
+
+
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"  # the checkout's conf/ (pip install -e .)
 
 
@@ -225,8 +234,6 @@ def compose_settings(job: str, overrides: list[str]):
     """The typed settings of ``conf/<job>.yaml`` with ``overrides``, composed as the entry points
     do (for library code that renders or plans without an entry point: bench, comparison sheets)."""
     from hydra import compose, initialize_config_dir
-
-    from kolors_story.config.job_settings import register_configs
 
     if not (CONF_DIR / f"{job}.yaml").exists():
         raise FileNotFoundError(f"the config folder {CONF_DIR} is missing: run from a checkout (pip install -e .)")
